@@ -1,0 +1,3 @@
+"""dearli: semi-supervised panoptic segmentation with DEARLi."""
+
+__version__ = "0.1.0"

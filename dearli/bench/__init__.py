@@ -1,0 +1,1 @@
+"""Benchmarks, run as ``dearli bench NAME``: they print numbers; tests never time anything."""

@@ -1,0 +1,66 @@
+"""The ``dearli`` console command.
+
+Each command group lives beside the code it drives, in a module with a ``register(subparsers)``
+function that adds its parser and sets ``handler`` (a function taking the parsed args and returning
+an exit code). Command modules import heavy libraries (torch, ray) inside their handlers, so
+``dearli --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dearli.errors import DearliError
+
+# Modules that register top-level subcommands, in the order --help lists them.
+COMMAND_MODULES = (
+    "dearli.data.synth.commands",  # dearli synth
+    "dearli.data.commands",  # dearli data prepare-ade20k | prepare-coco-objects | check
+    "dearli.evaluation.commands",  # dearli evaluate
+    "dearli.training.commands",  # dearli train
+    "dearli.caches.commands",  # dearli cache sam | clip
+    "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
+    "dearli.bench.commands",  # dearli bench evaluate | step | cache
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dearli",
+        description="Semi-supervised panoptic segmentation with DEARLi: a Mask2Former decoder on a frozen "
+        "OpenCLIP ConvNeXt, warmed up on SAM masks, trained with Mean Teacher. Run "
+        "'dearli COMMAND --help' for the options of a command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a missing dependency inside the module is a real error
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except DearliError as err:
+        print(f"dearli {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dearli {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Configuration: frozen dataclasses, built from YAML presets, overridden from the command line.
+
+A run's configuration is ``Config``. It is built from the defaults below, then a preset shipped in
+``dearli/configs/<name>.yaml`` (or any YAML file), then ``key.sub=value`` overrides, and validated on
+the way: an unknown key, a value of the wrong type or an impossible value raises :class:`ConfigError`
+naming the dotted key. ``save_config`` writes the resolved configuration beside every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dearli.errors import ConfigError
+
+PRESETS_PACKAGE = "dearli.configs"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    clip_model: str = "convnext_base_w"  # open_clip model name whose vision tower is a timm ConvNeXt
+    pretrained: str = "laion2b_s13b_b82k_augreg"  # open_clip pretrained tag or local checkpoint; "" = random
+    input_size: int = 0  # unused by ConvNeXt (fully convolutional); kept 0, reserved for ViT towers
+
+    def validate(self) -> None:
+        _require(bool(self.clip_model), "model.backbone.clip_model", "must name an open_clip model")
+
+
+@dataclass(frozen=True)
+class PixelDecoderConfig:
+    conv_dim: int = 256  # channels of the deformable encoder and FPN
+    mask_dim: int = 256  # channels of the per-pixel mask features
+    num_layers: int = 6  # deformable-attention encoder layers over res3-res5
+    num_heads: int = 8  # attention heads in the deformable encoder
+    num_points: int = 4  # sampling points per head and level
+    dim_feedforward: int = 1024  # FFN width of the encoder layers
+    dropout: float = 0.0  # dropout inside the encoder layers
+
+    def validate(self) -> None:
+        _require(self.conv_dim % self.num_heads == 0, "model.pixel_decoder.conv_dim",
+                 f"must be divisible by num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class TransformerDecoderConfig:
+    hidden_dim: int = 256  # query width
+    num_queries: int = 200  # object queries (DEARLi uses 200)
+    num_heads: int = 8  # attention heads
+    dim_feedforward: int = 2048  # FFN width
+    num_layers: int = 9  # decoder layers, round-robin over the three scales
+    pre_norm: bool = False  # LayerNorm before (True) or after (False) each block
+
+    def validate(self) -> None:
+        _require(self.hidden_dim % self.num_heads == 0, "model.transformer_decoder.hidden_dim",
+                 f"must be divisible by num_heads={self.num_heads}")
+        _require(self.num_queries > 0, "model.transformer_decoder.num_queries", "must be positive")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    logit_scale_init: float = math.log(1 / 0.07)  # learnable log temperature of the M2F-Lang classifier
+    logit_scale_max: float = 100.0  # clamp on exp(logit_scale)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    alpha_clip: float = 0.4  # weight of the zero-shot CLIP branch in the geometric ensemble
+    schedule: str = "constant"  # constant | linear | budget (see dearli.ensemble.alpha_schedule)
+    alpha_clip_end: float = 0.4  # final weight for the linear schedule
+
+    def validate(self) -> None:
+        for name in ("alpha_clip", "alpha_clip_end"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"model.ensemble.{name}", f"must lie in [0, 1], got {value}")
+        _require(self.schedule in ("constant", "linear", "budget"), "model.ensemble.schedule",
+                 f"must be constant, linear or budget, got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    class_weight: float = 2.0  # weight of the classification CE; 0 makes training class-agnostic
+    mask_weight: float = 5.0  # weight of the point-sampled mask BCE
+    dice_weight: float = 5.0  # weight of the point-sampled dice loss
+    no_object_weight: float = 0.1  # CE weight of the void ("no object") class
+    num_points: int = 12544  # points sampled per mask for matching and losses (112²)
+    oversample_ratio: float = 3.0  # uncertainty sampling: candidates per kept point
+    importance_sample_ratio: float = 0.75  # share of points chosen by uncertainty
+    deep_supervision: bool = True  # the same losses on every auxiliary prediction
+
+    def validate(self) -> None:
+        for name in ("class_weight", "mask_weight", "dice_weight", "no_object_weight"):
+            _require(getattr(self, name) >= 0, f"model.loss.{name}", "must be >= 0")
+        _require(0.0 <= self.importance_sample_ratio <= 1.0, "model.loss.importance_sample_ratio",
+                 "must lie in [0, 1]")
+        _require(self.oversample_ratio >= 1.0, "model.loss.oversample_ratio", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    object_mask_threshold: float = 0.8  # minimum class score of a kept query
+    overlap_threshold: float = 0.8  # minimum visible share of a kept mask
+    test_short_side: int = 512  # test-time resize of the shortest edge
+    test_max_size: int = 2048  # cap on the longest edge after resizing
+    size_divisibility: int = 32  # pad the input to a multiple of this
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    transformer_decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = ""  # dataset directory holding dataset.yaml; "" = the synthetic world under the run dir
+    partition: str = ""  # partition name under the dataset's partition dir, e.g. "1_8"; "" = all labeled
+    train_split: str = "train"  # split the partition selects from
+    val_split: str = "val"  # split used for evaluation
+    crop_size: int = 512  # square training crop
+    min_scale: float = 0.5  # random resize of the short side, as a factor of crop_size
+    max_scale: float = 2.0
+    flip: bool = True  # random horizontal flip
+    color_jitter: float = 0.4  # brightness/contrast/saturation jitter strength; 0 disables
+    num_workers: int = 0  # DataLoader worker processes
+
+    def validate(self) -> None:
+        _require(self.crop_size % 32 == 0, "data.crop_size", f"must be a multiple of 32, got {self.crop_size}")
+        _require(0 < self.min_scale <= self.max_scale, "data.min_scale",
+                 "must be positive and <= data.max_scale")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.05  # AdamW weight decay (none on norms and embeddings)
+    poly_power: float = 0.9  # poly learning-rate schedule exponent
+    clip_grad: float = 0.01  # full-model gradient-norm clip; 0 disables
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 20000  # optimizer steps
+    batch_size: int = 16  # images per step (across all workers)
+    seed: int = 0  # seeds data order, augmentation and initialisation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision where a GPU exists (ignored on CPU)
+    log_every: int = 20  # steps between log lines
+    checkpoint_every: int = 1000  # steps between checkpoints
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+
+    def validate(self) -> None:
+        _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(self.batch_size > 0, "train.batch_size", "must be positive")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "train.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field type, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, key)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is type(None) and value is None:
+        return None
+    if isinstance(annotation, type) and not (isinstance(value, annotation) and
+                                             not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict, validating every field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    instance = cls(**kwargs)
+    if hasattr(instance, "validate"):
+        instance.validate()
+    return instance
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-dict (YAML-ready) form of a config dataclass."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: malformed key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path_or_preset: str) -> dict[str, Any]:
+    path = Path(path_or_preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        source = str(path)
+    else:
+        preset = resources.files(PRESETS_PACKAGE) / f"{path_or_preset}.yaml"
+        if not preset.is_file():
+            raise ConfigError(f"unknown preset {path_or_preset!r}; shipped presets: {', '.join(list_presets())}")
+        text = preset.read_text()
+        source = f"preset {path_or_preset}"
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return values
+
+
+def load_config(preset: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- preset (shipped name or YAML path) <- ``key=value`` overrides, validated."""
+    values = _read_yaml(preset)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return from_dict(Config, values)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML (refuses to overwrite a different existing one)."""
+    path = Path(path)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        raise ConfigError(f"{path}: a different configuration is already saved here; use a new run dir")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,1 @@
+"""Datasets: COCO panoptic reading, partitions, class names, dataset preparation, the synthetic world."""

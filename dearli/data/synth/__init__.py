@@ -1,0 +1,1 @@
+"""The synthetic panoptic world: CPU-sized, deterministic, the default dataset of every stage."""

@@ -1,0 +1,1 @@
+"""Evaluation: panoptic quality (panopticapi rules) and semantic-segmentation metrics (detectron2 rules)."""

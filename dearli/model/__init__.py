@@ -1,0 +1,1 @@
+"""The M2F-Lang model: frozen OpenCLIP ConvNeXt backbone, Mask2Former decoder, CLIP text classifier."""

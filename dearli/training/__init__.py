@@ -1,0 +1,1 @@
+"""Training: augmentations, optimisation, checkpoints, the supervised loop (Ray stages come later)."""
