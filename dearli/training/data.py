@@ -36,7 +36,7 @@ class PanopticTrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = torch.from_numpy(np.ascontiguousarray(self.split.load_image(record))).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(self.split.load_image(record))).permute(2, 0, 1)
         target = self.split.load_target(record)
         keep = ~np.asarray(target.iscrowd, dtype=bool)
         masks = torch.from_numpy(np.ascontiguousarray(target.masks[keep]))

@@ -1,0 +1,99 @@
+"""Supervised training of M2F-Lang on the labeled partition of a dataset (single process).
+
+The loop the Ray Train stages reuse piece by piece: data, step, checkpointing and evaluation each
+live in their own module; this file only wires them together for one process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dearli.config import Config, save_config
+from dearli.data.dataset import load_dataset
+from dearli.errors import DataError
+from dearli.losses.criterion import build_criterion
+from dearli.model.m2f_lang import build_m2f_lang
+from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
+from dearli.training.optim import build_optimizer, build_poly_scheduler
+from dearli.training.step import make_grad_scaler, resolve_device, train_step
+
+
+def prepare_run_dir(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
+    """Create the run directory and save the config; refuse to reuse a finished or foreign one."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise DataError(run_dir, "run directory is not empty; pass --resume to continue it or choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def labeled_stems(info: Any, cfg: Config) -> list[str]:
+    """The training images with labels: the partition's list, or the whole train split."""
+    split = info.split(cfg.data.train_split)
+    if not cfg.data.partition:
+        return [r.stem for r in split.records]
+    return list(info.partition(cfg.data.partition).labeled)
+
+
+def _log(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, evaluate: bool = True,
+                     echo=print) -> dict[str, Any]:
+    """Train on the labeled images of ``cfg.data`` and evaluate on its validation split.
+
+    Returns:
+        {"step": last step, "checkpoint": path, "metrics": evaluation dict or None}
+    """
+    run_dir = prepare_run_dir(run_dir, cfg, resume)
+    torch.manual_seed(cfg.train.seed)
+    info = load_dataset(cfg.data.dataset)
+    split = info.split(cfg.data.train_split)
+    stems = labeled_stems(info, cfg)
+    device = resolve_device(cfg.train.device)
+    model = build_m2f_lang(cfg.model, info.categories.synonyms).to(device)
+    criterion = build_criterion(cfg.model.loss, info.categories.num_classes).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_poly_scheduler(optimizer, cfg.train.max_steps, cfg.optim.poly_power)
+    step = 0
+    if resume and (last := latest_checkpoint(run_dir)) is not None:
+        step = restore(model, load_checkpoint(last, device), optimizer, scheduler)
+        echo(f"resumed from {last} at step {step}")
+    dataset = PanopticTrainDataset(split, stems, cfg.data, seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True, drop_last=True,
+                        collate_fn=collate, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    scaler = make_grad_scaler(device, cfg.train.amp)
+    echo(f"training on {len(stems)} labeled images of {cfg.data.dataset} ({info.categories.num_classes} classes), "
+         f"device {device}, {cfg.train.max_steps} steps")
+    batches = infinite_batches(loader, dataset)
+    started = time.perf_counter()
+    last_path = latest_checkpoint(run_dir)
+    while step < cfg.train.max_steps:
+        logged = train_step(model, criterion, optimizer, next(batches), cfg, scaler, device)
+        scheduler.step()
+        step += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            logged.update(step=step, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+            _log(run_dir, logged)
+            echo(f"step {step}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            last_path = save_checkpoint(run_dir, step, model, cfg, optimizer, scheduler)
+    metrics = None
+    if evaluate:
+        from dearli.evaluation.predict import evaluate_model
+
+        metrics = evaluate_model(model, cfg.model, info, cfg.data.val_split, run_dir / "eval" / f"step_{step:07d}")
+        _log(run_dir, {"step": step, "eval": metrics["summary"]})
+        echo(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["summary"].items()))
+    return {"step": step, "checkpoint": str(last_path) if last_path else None, "metrics": metrics}
