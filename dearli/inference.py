@@ -1,0 +1,128 @@
+"""Mask-classification inference (panoptic and semantic, as Mask2Former) and test-time resizing.
+
+Inputs are one image's query predictions: ``mask_cls`` Q×(K+1) class logits (void last) or, with
+``probs=True``, class probabilities (the geometric ensemble's output), and ``mask_pred`` Q×H×W mask logits.
+
+Test-time geometry: resize the shortest edge (:func:`resize_shortest_edge`), pad right/bottom to a
+multiple of 32 (:func:`pad_to_multiple`), run the model, then :func:`postprocess_masks` undoes both.
+Mask2Former pads AFTER normalising the image, with 0; ``FrozenClipBackbone`` normalises inside its forward,
+so pad the raw [0, 255] image with the backbone's ``pixel_mean`` instead: it normalises to exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _class_probs(mask_cls: torch.Tensor, probs: bool) -> torch.Tensor:
+    return mask_cls if probs else F.softmax(mask_cls, dim=-1)
+
+
+def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_ids: Iterable[int],
+                       object_mask_threshold: float, overlap_threshold: float,
+                       probs: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """Q×(K+1) class scores + Q×H×W mask logits -> (panoptic_seg H×W int32, segments).
+
+    Queries predicting void or scoring <= ``object_mask_threshold`` are dropped; each pixel goes to the
+    kept query with the highest score·sigmoid(mask); a query keeps its pixels where its own mask is >= 0.5
+    only if that visible area is >= ``overlap_threshold`` of its full (>= 0.5) mask. Segment ids count
+    from 1 in query order; 0 is unassigned. Stuff queries of an already-placed stuff class paint into that
+    class's existing segment (one segment per stuff class) without a new entry; things are never merged.
+    ``segments``: list of {"id", "isthing", "category_id"} (contiguous class ids).
+    """
+    thing_set = {int(t) for t in thing_ids}
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = _class_probs(mask_cls, probs).max(-1)
+    masks = mask_pred.sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
+    panoptic_seg = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
+    segments: list[dict] = []
+    if cur_masks.shape[0] == 0:
+        return panoptic_seg, segments
+    owner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    stuff_segment: dict[int, int] = {}
+    for k in range(cur_classes.shape[0]):
+        category = int(cur_classes[k])
+        isthing = category in thing_set
+        own = cur_masks[k] >= 0.5
+        won = owner == k
+        visible = won & own
+        won_area, own_area, visible_area = int(won.sum()), int(own.sum()), int(visible.sum())
+        if won_area == 0 or own_area == 0 or visible_area == 0:
+            continue
+        # Mask2Former compares the argmax-won area (not the visible one) to the full mask area.
+        if won_area / own_area < overlap_threshold:
+            continue
+        if not isthing and category in stuff_segment:
+            panoptic_seg[visible] = stuff_segment[category]
+            continue
+        segment_id = len(segments) + 1
+        if not isthing:
+            stuff_segment[category] = segment_id
+        panoptic_seg[visible] = segment_id
+        segments.append({"id": segment_id, "isthing": isthing, "category_id": category})
+    return panoptic_seg, segments
+
+
+def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, probs: bool = False) -> torch.Tensor:
+    """Q×(K+1) class scores + Q×H×W mask logits -> K×H×W per-class scores (void dropped, not renormalised)."""
+    class_probs = _class_probs(mask_cls, probs)[..., :-1]
+    return torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid())
+
+
+def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """Output (h, w) scaling the shorter side to ``short``, then capping the longer side at ``max_size``."""
+    scale = short / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_shortest_edge(image: torch.Tensor, short: int, max_size: int) -> torch.Tensor:
+    """Resize a ...×C×H×W float image (bilinear, antialiased when shrinking) by :func:`shortest_edge_size`."""
+    size = shortest_edge_size(image.shape[-2], image.shape[-1], short, max_size)
+    if size == tuple(image.shape[-2:]):
+        return image
+    flat = image.reshape(-1, *image.shape[-3:]).float()
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.reshape(*image.shape[:-2], *size).to(image.dtype)
+
+
+def pad_to_multiple(image: torch.Tensor, divisor: int = 32,
+                    value: float | Sequence[float] = 0.0) -> torch.Tensor:
+    """Pad ...×C×H×W on the right/bottom to multiples of ``divisor`` with ``value`` (scalar or per channel).
+
+    For raw images going into ``FrozenClipBackbone`` pass ``backbone.pixel_mean``: after its normalisation
+    the padding is 0, as Mask2Former's pad-after-normalise.
+    """
+    height, width = image.shape[-2:]
+    pad_h, pad_w = (-height) % divisor, (-width) % divisor
+    if pad_h == 0 and pad_w == 0:
+        return image
+    out = image.new_empty(*image.shape[:-2], height + pad_h, width + pad_w)
+    fill = torch.as_tensor(value, dtype=image.dtype, device=image.device)
+    out[...] = fill.view(-1, 1, 1) if fill.dim() == 1 else fill
+    out[..., :height, :width] = image
+    return out
+
+
+def postprocess_masks(mask_pred: torch.Tensor, padded_hw: tuple[int, int], resized_hw: tuple[int, int],
+                      orig_hw: tuple[int, int]) -> torch.Tensor:
+    """Mask logits ...×h×w (any stride of the padded input) -> ...×H_orig×W_orig logits.
+
+    Upsample to the padded input size, crop the valid (un-padded) region, resize to the original size;
+    all bilinear with align_corners=False, as Mask2Former's sem_seg_postprocess.
+    """
+    lead = mask_pred.shape[:-2]
+    x = mask_pred.reshape(1, -1, *mask_pred.shape[-2:])
+    if tuple(x.shape[-2:]) != tuple(padded_hw):
+        x = F.interpolate(x, size=tuple(padded_hw), mode="bilinear", align_corners=False)
+    x = x[..., : resized_hw[0], : resized_hw[1]]
+    x = F.interpolate(x, size=tuple(orig_hw), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *orig_hw)

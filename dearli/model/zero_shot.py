@@ -1,0 +1,58 @@
+"""Zero-shot CLIP branch: pool dense CLIP features inside each predicted mask and classify the pooled
+vector with CLIP's own head and text embeddings (FC-CLIP's out-of-vocabulary classifier).
+
+Mask resizing follows FC-CLIP: the mask LOGITS are resized bilinearly (align_corners=False) to the dense
+feature size and then binarised with ``> 0``. Resizing logits before thresholding keeps the mask boundary
+where the logit crosses zero; thresholding first and then resizing would round it to the coarse grid.
+No antialiasing is applied (as upstream), so a mask much smaller than one stride-32 cell can come out
+empty; its pooled vector is then zero and its CLIP logits are all 0 (a uniform CLIP opinion).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dearli.model.text_classifier import TextEmbeddings, reduce_synonyms, synonym_table
+
+POOL_EPS = 1e-8  # keeps the average defined for empty masks
+
+
+def mask_pool(dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Average ``dense`` B×C×h×w inside each binarised mask of ``mask_logits`` B×Q×H×W -> B×Q×C.
+
+    Masks are detached (no gradient flows into the mask predictions through pooling).
+    """
+    if dense.dim() != 4 or mask_logits.dim() != 4 or dense.shape[0] != mask_logits.shape[0]:
+        raise ValueError(f"expected dense B×C×h×w and masks B×Q×H×W, got {tuple(dense.shape)} and "
+                         f"{tuple(mask_logits.shape)}")
+    with torch.no_grad():
+        masks = mask_logits.detach().to(dense.dtype)
+        if masks.shape[-2:] != dense.shape[-2:]:
+            masks = F.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
+        masks = (masks > 0).to(dense.dtype)
+        masks = masks / (masks.sum(dim=(-2, -1), keepdim=True) + POOL_EPS)
+    return torch.einsum("bchw,bqhw->bqc", dense, masks)
+
+
+def zero_shot_logits(backbone: torch.nn.Module, dense: torch.Tensor, mask_logits: torch.Tensor,
+                     text: TextEmbeddings, append_void: bool = True) -> torch.Tensor:
+    """CLIP's classification of each predicted mask: B×Q×K, or B×Q×(K+1) with a dummy void column.
+
+    dense: ``clip_vis_dense`` B×C5×h×w from the backbone; mask_logits: B×Q×H×W decoder mask logits;
+    text: class text embeddings (S×D normalised + synonym index). Logits are CLIP's exp'd logit scale
+    times the cosine between the CLIP-projected pooled feature and the text, max over synonyms. The void
+    column (CLIP has no notion of void) holds the most negative finite value, so a softmax gives it
+    zero probability; :func:`dearli.ensemble.geometric_ensemble` drops it anyway.
+    """
+    with torch.no_grad():
+        pooled = mask_pool(dense, mask_logits)
+        image = F.normalize(backbone.visual_prediction(pooled).float(), dim=-1)
+        cos = image @ text.embeddings.to(image).t()
+        num_classes = int(text.synonym_to_class.max()) + 1
+        logits = backbone.logit_scale.to(image) * reduce_synonyms(
+            cos, synonym_table(text.synonym_to_class.to(image.device), num_classes))
+        if append_void:
+            void = torch.full_like(logits[..., :1], torch.finfo(logits.dtype).min)
+            logits = torch.cat([logits, void], dim=-1)
+    return logits

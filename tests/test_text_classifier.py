@@ -1,0 +1,170 @@
+"""Class text embeddings (ViLD templates, synonyms, caching) and the M2F-Lang TextClassifier."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dearli.config import ClassifierConfig, load_config
+from dearli.errors import DataError
+from dearli.model import text_classifier as tc
+from dearli.model.backbone import build_backbone
+from dearli.model.text_classifier import (
+    VILD_TEMPLATES,
+    TextClassifier,
+    class_text_embeddings,
+    reduce_synonyms,
+    synonym_table,
+)
+
+CLASSES = [["person", "man"], ["sky"], ["tree", "plant", "bush"]]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone(load_config("tiny").model.backbone)
+
+
+class CountingEncoder:
+    """Wraps backbone.encode_text to count calls."""
+
+    def __init__(self, backbone, monkeypatch):
+        self.calls = 0
+        self.inner = backbone.encode_text
+        monkeypatch.setattr(backbone, "encode_text", self)
+
+    def __call__(self, texts):
+        self.calls += 1
+        return self.inner(texts)
+
+
+def test_vild_templates():
+    assert len(VILD_TEMPLATES) == 14 and len(set(VILD_TEMPLATES)) == 14
+    assert all(t.count("{}") == 1 for t in VILD_TEMPLATES)
+
+
+def test_embeddings_are_template_means_normalised(backbone):
+    tc._MEMORY_CACHE.clear()
+    text = class_text_embeddings(backbone, CLASSES)
+    assert text.embeddings.shape == (6, backbone.embed_dim)
+    assert text.synonym_to_class.tolist() == [0, 0, 1, 2, 2, 2]
+    assert torch.allclose(text.embeddings.norm(dim=-1), torch.ones(6), atol=1e-5)
+    prompts = F.normalize(backbone.encode_text([t.format("plant") for t in VILD_TEMPLATES]), dim=-1)
+    assert torch.allclose(text.embeddings[4], F.normalize(prompts.mean(0), dim=0), atol=1e-5)
+    # Deterministic: a fresh encoding gives the same rows.
+    tc._MEMORY_CACHE.clear()
+    assert torch.equal(class_text_embeddings(backbone, CLASSES).embeddings, text.embeddings)
+
+
+def test_embeddings_are_cached_in_memory(backbone, monkeypatch):
+    tc._MEMORY_CACHE.clear()
+    counter = CountingEncoder(backbone, monkeypatch)
+    first = class_text_embeddings(backbone, CLASSES)
+    assert counter.calls == 1
+    second = class_text_embeddings(backbone, [list(c) for c in CLASSES])
+    assert counter.calls == 1
+    assert torch.equal(first.embeddings, second.embeddings)
+    class_text_embeddings(backbone, [["sky"], ["road"]])
+    assert counter.calls == 2
+    # New text-tower weights (e.g. a checkpoint loaded into this instance) invalidate the entry.
+    weight = backbone.clip.ln_final.bias
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.5)
+    try:
+        changed = class_text_embeddings(backbone, CLASSES)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert counter.calls == 3
+    assert not torch.allclose(changed.embeddings, first.embeddings)
+    class_text_embeddings(backbone, CLASSES)
+    assert counter.calls == 3
+
+
+def test_disk_cache_for_pretrained_backbones(backbone, monkeypatch, tmp_path):
+    tc._MEMORY_CACHE.clear()
+    monkeypatch.setattr(backbone, "pretrained", "some-tag")
+    first = class_text_embeddings(backbone, CLASSES, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    tc._MEMORY_CACHE.clear()
+    counter = CountingEncoder(backbone, monkeypatch)
+    again = class_text_embeddings(backbone, CLASSES, cache_dir=tmp_path)
+    assert counter.calls == 0
+    assert torch.equal(first.embeddings, again.embeddings)
+    assert torch.equal(first.synonym_to_class, again.synonym_to_class)
+
+
+def test_bad_class_lists(backbone):
+    with pytest.raises(DataError):
+        class_text_embeddings(backbone, [])
+    with pytest.raises(DataError, match="class 1"):
+        class_text_embeddings(backbone, [["sky"], []])
+
+
+def test_synonym_table_and_max():
+    index = torch.tensor([1, 0, 2, 0, 2, 2])
+    table = synonym_table(index, 3)
+    assert table.tolist() == [[1, 3, -1], [0, -1, -1], [2, 4, 5]]
+    logits = torch.tensor([[0.5, 0.1, -1.0, 0.7, 2.0, -3.0]])
+    assert torch.allclose(reduce_synonyms(logits, table), torch.tensor([[0.7, 0.5, 2.0]]))
+    with pytest.raises(ValueError, match="synonym"):
+        synonym_table(torch.tensor([0, 2]), 3)
+
+
+def make_classifier(embed_dim=8, num_text=5, index=(0, 0, 1, 2, 2)):
+    torch.manual_seed(1)
+    clf = TextClassifier(16, embed_dim, ClassifierConfig())
+    clf.set_text_embeddings(torch.randn(num_text, embed_dim), torch.tensor(index))
+    return clf
+
+
+def test_classifier_logits_synonym_max_and_void():
+    clf = make_classifier()
+    queries = torch.randn(2, 7, 16)
+    logits = clf(queries)
+    assert logits.shape == (2, 7, 4)
+    x = F.normalize(clf.class_embed(queries), dim=-1)
+    cos = x @ F.normalize(clf.text_embeddings, dim=-1).t()
+    scale = 1 / 0.07
+    expected = torch.stack([cos[..., :2].amax(-1), cos[..., 2], cos[..., 3:].amax(-1)], dim=-1) * scale
+    void = x @ F.normalize(clf.void_embedding, dim=-1).t() * scale
+    assert torch.allclose(logits[..., :3], expected, atol=1e-5)
+    assert torch.allclose(logits[..., 3:], void, atol=1e-5)
+    assert clf.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_logit_scale_clamp_and_gradients():
+    clf = make_classifier()
+    with torch.no_grad():
+        clf.logit_scale.fill_(math.log(1000.0))
+    assert clf.scale().item() == pytest.approx(100.0)
+    logits = clf(torch.randn(1, 3, 16))
+    assert logits.abs().max() <= 100.0 + 1e-4
+    logits.sum().backward()
+    assert clf.void_embedding.grad is not None and clf.class_embed[0].weight.grad is not None
+    assert clf.logit_scale.grad.item() == 0.0  # clamped: no gradient past the cap
+    assert not clf.text_embeddings.requires_grad
+
+
+def test_text_embeddings_are_swappable_and_not_in_checkpoint():
+    clf = make_classifier()
+    assert "text_embeddings" not in clf.state_dict()
+    assert "logit_scale" in clf.state_dict() and "void_embedding" in clf.state_dict()
+    clf.set_text_embeddings(torch.randn(6, 8))
+    assert clf.num_classes == 6 and clf(torch.randn(1, 2, 16)).shape == (1, 2, 7)
+    with pytest.raises(ValueError):
+        clf.set_text_embeddings(torch.randn(6, 5))
+    empty = TextClassifier(16, 8, ClassifierConfig())
+    with pytest.raises(RuntimeError, match="set_text_embeddings"):
+        empty(torch.randn(1, 2, 16))
+
+
+def test_classifier_with_real_text_embeddings(backbone):
+    text = class_text_embeddings(backbone, CLASSES)
+    clf = TextClassifier(16, backbone.embed_dim, ClassifierConfig())
+    clf.set_text_embeddings(*text)
+    assert clf(torch.randn(2, 4, 16)).shape == (2, 4, len(CLASSES) + 1)
