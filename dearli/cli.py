@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
 from dearli.errors import DearliError
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override: key.sub=value
 
 # Modules that register top-level subcommands, in the order --help lists them.
 COMMAND_MODULES = (
@@ -48,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come anywhere after the command, also after options (argparse alone
+    # stops collecting positionals at the first option).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all(OVERRIDE.match(token) for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -174,11 +174,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    sam_cache: str = ""  # URI (path or s3://...) of a SAM mask cache from `dearli cache sam`; "" = none
+    clip_cache: str = ""  # URI of a CLIP feature cache from `dearli cache clip`; "" = none
+    sam_type: str = "vit_h"  # segment_anything model: vit_b | vit_l | vit_h (tiny: random, tests only)
+    sam_checkpoint: str = ""  # local path of the SAM weights
+    points_per_side: int = 32  # SAM automatic-mask-generator point grid
+    points_per_batch: int = 256  # prompts per SAM decoder call (memory only, same output)
+    pred_iou_thresh: float = 0.88  # drop masks whose predicted IoU is lower
+    stability_score_thresh: float = 0.95  # drop masks whose stability score is lower
+    images_per_part: int = 8  # images per committed Parquet part (work lost on a crash is < one part)
+
+    def validate(self) -> None:
+        _require(self.points_per_side > 0, "cache.points_per_side", "must be positive")
+        _require(self.points_per_batch > 0, "cache.points_per_batch", "must be positive")
+        _require(self.images_per_part > 0, "cache.images_per_part", "must be positive")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -207,6 +226,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept any spelling Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got str {value!r}") from None
     if annotation is type(None) and value is None:
         return None
     if isinstance(annotation, type) and not (isinstance(value, annotation) and

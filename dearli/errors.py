@@ -22,6 +22,10 @@ class DataError(DearliError):
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
 
+    def __reduce__(self):
+        # Pickle by constructor arguments so errors raised in worker processes arrive intact.
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(DearliError):
     """Bad configuration: unknown key, wrong type or impossible value."""

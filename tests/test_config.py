@@ -26,6 +26,7 @@ def test_presets_differ_where_the_paper_says():
 
 
 def test_overrides_apply_and_parse_types():
+    assert load_config("tiny", ["optim.lr=1e-4"]).optim.lr == 1e-4
     cfg = load_config("tiny", ["optim.lr=0.001", "train.max_steps=7", "model.ensemble.alpha_clip=0.25",
                                "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 0.001 and cfg.train.max_steps == 7
@@ -37,6 +38,7 @@ def test_overrides_apply_and_parse_types():
     ("train.max_steps=abc", "train.max_steps: expected int"),
     ("train.max_steps=1.5", "train.max_steps: expected int"),
     ("train.amp=3", "train.amp: expected bool"),
+    ("optim.lr=fast", "optim.lr: expected float, got str 'fast'"),
     ("model.ensemble.alpha_clip=1.5", "model.ensemble.alpha_clip: must lie in [0, 1]"),
     ("data.crop_size=100", "data.crop_size: must be a multiple of 32"),
     ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),

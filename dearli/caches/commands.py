@@ -1,0 +1,166 @@
+"""``dearli cache sam | clip``: build the foundation-model caches on Ray Data."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dearli.config import CacheConfig, InferenceConfig
+
+_CACHE = CacheConfig()
+_INFERENCE = InferenceConfig()
+
+RESUME_NOTE = (
+    "Resumable: a rerun processes only the images missing from OUT (images that failed before are retried); "
+    "committed parts survive an interruption and half-written files are never read. Failures are recorded in "
+    "OUT/errors/ with their reason and the job goes on. Runs on the Ray cluster in RAY_ADDRESS, or a local one."
+)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, metavar="DIR", help="dataset directory (with dataset.yaml)")
+    parser.add_argument("--split", default="train", help="split whose images are cached (default: train)")
+    parser.add_argument("--out", required=True, metavar="URI",
+                        help="cache location: a local directory or a filesystem URI such as s3://bucket/path")
+    parser.add_argument("--actors", type=int, default=1, metavar="N",
+                        help="actors in the pool, each holding one copy of the model (default: 1)")
+    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
+    parser.add_argument("--images-per-part", type=int, default=_CACHE.images_per_part, metavar="K",
+                        help=f"images per committed part (default: {_CACHE.images_per_part})")
+    parser.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="process at most N missing images in this run (default: all)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="P",
+                        help="images with more pixels are recorded as failures (default: 64M)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache", help="precompute SAM masks or CLIP features into a Parquet cache",
+        description="Precompute foundation-model outputs once, in parallel on Ray: class-agnostic SAM masks "
+        "(for the warm-up and the SAM+CLIP baseline) and dense CLIP features (for the zero-shot baselines).",
+    )
+    sub = parser.add_subparsers(dest="cache", metavar="CACHE")
+    sam = sub.add_parser(
+        "sam", help="class-agnostic masks per image (SAM or Felzenszwalb)",
+        description="Run SAM's automatic mask generator (or the Felzenszwalb stand-in) on every image of a "
+        "split and store each mask as COCO RLE with area, box, predicted IoU and stability score. "
+        + RESUME_NOTE,
+    )
+    _add_common(sam)
+    sam.add_argument("--generator", choices=("sam", "felzenszwalb"), default="sam",
+                     help="sam (needs --sam-checkpoint) or felzenszwalb (classical, CPU, no weights)")
+    sam.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h", "tiny"), default=_CACHE.sam_type,
+                     help="SAM size matching the checkpoint; 'tiny' is a random toy model for tests")
+    sam.add_argument("--sam-checkpoint", default=_CACHE.sam_checkpoint, metavar="PATH",
+                     help="SAM weights file (e.g. sam_vit_h_4b8939.pth)")
+    sam.add_argument("--points-per-side", type=int, default=_CACHE.points_per_side, metavar="N",
+                     help=f"point-prompt grid is N×N (default: {_CACHE.points_per_side})")
+    sam.add_argument("--points-per-batch", type=int, default=_CACHE.points_per_batch, metavar="B",
+                     help=f"prompts per decoder call; memory only (default: {_CACHE.points_per_batch})")
+    sam.add_argument("--pred-iou-thresh", type=float, default=_CACHE.pred_iou_thresh, metavar="T",
+                     help=f"drop masks with a lower predicted IoU (default: {_CACHE.pred_iou_thresh})")
+    sam.add_argument("--stability-score-thresh", type=float, default=_CACHE.stability_score_thresh, metavar="T",
+                     help=f"drop masks with a lower stability score (default: {_CACHE.stability_score_thresh})")
+    sam.set_defaults(handler=run_sam)
+
+    clip = sub.add_parser(
+        "clip", help="dense CLIP features per image + class text embeddings",
+        description="Run the frozen CLIP ConvNeXt on every image of a split at the test-time scale and store "
+        "its dense feature map (clip_vis_dense, before CLIP's head, float16) with the resize scale and padding, "
+        "plus the text embeddings of the dataset's class names (OUT/text.parquet). " + RESUME_NOTE,
+    )
+    _add_common(clip)
+    clip.add_argument("--preset", default=None, metavar="NAME",
+                      help="take model, weights and test scale from a config preset (e.g. tiny)")
+    clip.add_argument("--model", default=None, metavar="NAME", help="open_clip model name (e.g. convnext_large_d_320)")
+    clip.add_argument("--pretrained", default=None, metavar="TAG_OR_PATH",
+                      help="open_clip pretrained tag or local checkpoint; '' = random weights")
+    clip.add_argument("--short-side", type=int, default=None, metavar="S",
+                      help=f"test-time shortest edge (default: the preset's, else {_INFERENCE.test_short_side})")
+    clip.add_argument("--max-size", type=int, default=None, metavar="M",
+                      help=f"cap on the longest edge (default: the preset's, else {_INFERENCE.test_max_size})")
+    clip.set_defaults(handler=run_clip)
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+
+def image_rows(dataset: str, split: str) -> tuple[Any, list[dict[str, Any]]]:
+    """(DatasetInfo, rows {image_id, stem, image_path, height, width}) of one split."""
+    from dearli.data.dataset import load_dataset
+
+    info = load_dataset(dataset)
+    rows = [{"image_id": str(r.image_id), "stem": r.stem, "image_path": str(r.image_path),
+             "height": int(r.height), "width": int(r.width)} for r in info.split(split).records]
+    return info, rows
+
+
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    from dearli.errors import ConfigError
+
+    if args.actors < 1 or args.images_per_part < 1 or args.limit < 0:
+        raise ConfigError("--actors and --images-per-part must be positive, --limit >= 0")
+    return {"actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
+            "images_per_part": args.images_per_part, "limit": args.limit}
+
+
+def _worker_extra(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+
+
+def _report(kind: str, uri: str, summary: Any) -> int:
+    print(f"{kind} cache {summary.line(uri)}")
+    for stem, reason in summary.failures[:20]:
+        print(f"  failed {stem}: {reason}")
+    if summary.failed:
+        print(f"  all failures: {uri.rstrip('/')}/errors/ (dearli.caches.readers.CacheReader.errors())")
+    return 0
+
+
+def run_sam(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dearli.caches.generators import GeneratorSpec
+    from dearli.caches.job import run_cache_job
+    from dearli.caches.workers import SamWorker
+
+    spec = GeneratorSpec(kind=args.generator, sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint,
+                         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
+    spec.validate()
+    _, rows = image_rows(args.dataset, args.split)
+    worker_kwargs = {"spec": dataclasses.asdict(spec), **_worker_extra(args)}
+    summary = run_cache_job(args.out, "sam", spec.settings(), rows, SamWorker, worker_kwargs, **_job_options(args))
+    return _report("sam", args.out, summary)
+
+
+def clip_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Model and test scale from --preset, overridden by --model/--pretrained/--short-side/--max-size."""
+    from dearli.caches.clip_features import clip_settings
+    from dearli.config import load_config
+    from dearli.errors import ConfigError
+
+    model = load_config(args.preset).model if args.preset else None
+    name = args.model or (model.backbone.clip_model if model else None)
+    pretrained = args.pretrained if args.pretrained is not None else (model.backbone.pretrained if model else None)
+    if not name or pretrained is None:
+        raise ConfigError("dearli cache clip: give --model and --pretrained, or --preset")
+    inference = model.inference if model else _INFERENCE
+    return clip_settings(name, pretrained, args.short_side or inference.test_short_side,
+                         args.max_size or inference.test_max_size, inference.size_divisibility)
+
+
+def run_clip(args: argparse.Namespace) -> int:
+    from dearli.caches.clip_features import write_text_table
+    from dearli.caches.job import run_cache_job
+    from dearli.caches.store import CacheStore
+    from dearli.caches.workers import ClipWorker
+
+    settings = clip_settings_from_args(args)
+    info, rows = image_rows(args.dataset, args.split)
+    options = _job_options(args)
+    # Check the location and the class list before spending any compute on images.
+    CacheStore(args.out).open_for_writing("clip", settings)
+    write_text_table(args.out, settings, info.categories)
+    worker_kwargs = {"settings": settings, **_worker_extra(args)}
+    summary = run_cache_job(args.out, "clip", settings, rows, ClipWorker, worker_kwargs, **options)
+    return _report("clip", args.out, summary)

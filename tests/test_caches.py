@@ -1,0 +1,205 @@
+"""SAM / CLIP caches: commit protocol, resume after interruption, error table, readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from dearli.caches.clip_features import build_cache_backbone, dense_feature, expected_geometry
+from dearli.caches.generators import GeneratorSpec, build_generator
+from dearli.caches.readers import decode_feature, decode_masks, read_clip_cache, read_sam_cache
+from dearli.caches.records import SAM_SCHEMA, decode_rles, encode_masks, load_rgb, sam_row
+from dearli.caches.store import CacheStore
+from dearli.cli import main
+from dearli.data.coco_format import id2rgb
+from dearli.errors import ConfigError, DataError
+
+CATEGORIES = [{"id": 1, "name": "sky", "isthing": 0}, {"id": 2, "name": "grass, lawn", "isthing": 0},
+              {"id": 5, "name": "car", "isthing": 1}, {"id": 7, "name": "dog", "isthing": 1}]
+COLOURS = {1: (90, 150, 230), 2: (60, 170, 60), 5: (200, 30, 30), 7: (150, 100, 50)}
+TINY_SAM_ARGS = ["--generator", "sam", "--sam-type", "tiny", "--points-per-side", "4", "--points-per-batch", "16",
+                 "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--actors", "2",
+                 "--images-per-part", "2"]
+
+
+def make_dataset(root: Path, num_images: int = 8, split: str = "train", seed: int = 0) -> Path:
+    """A small panoptic dataset: sky/grass stuff split by a horizon, a car and a dog box per image."""
+    rng = np.random.default_rng(seed)
+    img_dir, pan_dir = root / "images" / split, root / "annotations" / f"panoptic_{split}"
+    img_dir.mkdir(parents=True)
+    pan_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = int(rng.integers(64, 97)), int(rng.integers(64, 97))
+        seg = np.where(np.arange(h)[:, None] < int(rng.integers(h // 3, 2 * h // 3)), 1, 2) * np.ones((1, w), int)
+        cats = {1: 1, 2: 2}
+        for sid, cat in ((3, 5), (4, 7)):
+            y, x = int(rng.integers(0, h - 20)), int(rng.integers(0, w - 20))
+            seg[y:y + int(rng.integers(12, 20)), x:x + int(rng.integers(12, 20))] = sid
+            cats[sid] = cat
+        image, infos = np.zeros((h, w, 3)), []
+        for sid, cat in cats.items():
+            mask = seg == sid
+            if mask.any():
+                image[mask] = COLOURS[cat]
+                ys, xs = np.nonzero(mask)
+                infos.append({"id": sid, "category_id": cat, "area": int(mask.sum()), "iscrowd": 0,
+                              "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]})
+        image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(img_dir / f"img{i:03d}.png")
+        Image.fromarray(id2rgb(seg)).save(pan_dir / f"img{i:03d}.png")
+        images.append({"id": i, "file_name": f"img{i:03d}.png", "height": h, "width": w})
+        annotations.append({"image_id": i, "file_name": f"img{i:03d}.png", "segments_info": infos})
+    (root / "annotations" / f"panoptic_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    (root / "dataset.yaml").write_text(
+        f"name: fab\nsplits:\n  {split}:\n    image_dir: images/{split}\n"
+        f"    panoptic_json: annotations/panoptic_{split}.json\n    panoptic_dir: annotations/panoptic_{split}\n")
+    return root
+
+
+def corrupt(path: Path) -> bytes:
+    """Truncate an image file (header readable, pixels not); returns the original bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[:80])
+    return data
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    # More logical CPUs than cores: the read stage and two actors must not starve each other.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_rle_roundtrip_and_sam_row():
+    rng = np.random.default_rng(1)
+    masks = rng.random((3, 17, 23)) > 0.6
+    assert np.array_equal(decode_rles(encode_masks(masks), 17, 23), masks)
+    assert decode_rles([], 5, 6).shape == (0, 5, 6)
+    table = pa.Table.from_pylist([sam_row("3", "a", 5, 6, [])], schema=SAM_SCHEMA)
+    assert table.column("rle_counts").to_pylist() == [[]]
+
+
+def test_load_rgb_errors(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(path)
+    assert load_rgb(str(path), 10, 12).shape == (10, 12, 3)
+    with pytest.raises(DataError, match="annotations say"):
+        load_rgb(str(path), 11, 12)
+    with pytest.raises(DataError, match="too large"):
+        load_rgb(str(path), max_pixels=100)
+    corrupt(path)
+    with pytest.raises(DataError, match="cannot read"):
+        load_rgb(str(path))
+
+
+def test_store_ignores_uncommitted_and_dedupes(tmp_path):
+    store = CacheStore(str(tmp_path / "c"))
+    store.open_for_writing("sam", {"a": 1})
+    rows = [sam_row(str(i), f"s{i}", 4, 4, []) for i in range(3)]
+    store.commit(pa.Table.from_pylist(rows[:2], schema=SAM_SCHEMA), "r1")
+    store.commit(pa.Table.from_pylist(rows[1:], schema=SAM_SCHEMA), "r2")  # s1 again
+    store.commit(pa.Table.from_pylist(rows[1:], schema=SAM_SCHEMA), "r2")  # a retried batch replaces its part
+    assert len(store.part_files()) == 2
+    (tmp_path / "c" / "_tmp" / "part-r3-x.parquet").write_bytes(b"PAR1 half written")
+    reader = read_sam_cache(str(tmp_path / "c"))
+    assert sorted(reader) == ["s0", "s1", "s2"]
+    assert reader["s2"]["image_id"] == "2"
+    with pytest.raises(ConfigError, match="different settings"):
+        CacheStore(str(tmp_path / "c")).open_for_writing("sam", {"a": 2})
+    with pytest.raises(DataError, match="expected a 'clip' cache"):
+        read_clip_cache(str(tmp_path / "c"))
+
+
+def test_tiny_sam_generator_is_deterministic_and_yields_masks():
+    spec = GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=4, points_per_batch=16,
+                         pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    first, second = build_generator(spec).generate(image), build_generator(spec).generate(image)
+    assert len(first) > 0 and len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.segmentation.shape == (70, 90) and a.area == int(a.segmentation.sum()) > 0
+        assert np.array_equal(a.segmentation, b.segmentation)
+    with pytest.raises(ConfigError, match="sam_checkpoint"):
+        build_generator(GeneratorSpec(kind="sam", sam_type="vit_b"))
+
+
+def _sam_rows(uri: str) -> dict[str, dict]:
+    reader = read_sam_cache(uri)
+    return {stem: reader[stem] for stem in reader}
+
+
+def test_sam_cache_resume_equals_uninterrupted(ray_local, tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds")
+    bad = data / "images" / "train" / "img005.png"
+    good_bytes = corrupt(bad)
+    base = ["cache", "sam", "--dataset", str(data)] + TINY_SAM_ARGS
+    assert main(base + ["--out", str(tmp_path / "full")]) == 0
+    assert "7 done, 0 skipped (already cached), 1 failed" in capsys.readouterr().out
+
+    # An interrupted run: 3 images committed, then a crash that leaves a half-written temp part.
+    out = tmp_path / "resumed"
+    assert main(base + ["--out", str(out), "--limit", "3"]) == 0
+    (out / "_tmp").mkdir(exist_ok=True)
+    (out / "_tmp" / "part-crashed-0.parquet").write_bytes(b"PAR1\x00\x00 truncated")
+    assert main(base + ["--out", str(out)]) == 0
+    assert "8 images: 4 done, 3 skipped" in capsys.readouterr().out
+
+    full, resumed = _sam_rows(str(tmp_path / "full")), _sam_rows(str(out))
+    stems = [f"img{i:03d}" for i in range(8) if i != 5]
+    assert sorted(full) == sorted(resumed) == stems
+    total = sum(len(pa.parquet.read_table(p).column("stem")) for p in (out / "parts").glob("part-*.parquet"))
+    assert total == len(stems)  # each image exactly once on storage, not just after reader dedupe
+    for stem in stems:
+        assert full[stem] == resumed[stem]
+        masks = decode_masks(resumed[stem])
+        assert masks.shape[1:] == (resumed[stem]["height"], resumed[stem]["width"]) and len(masks) > 0
+        assert masks.sum((1, 2)).tolist() == resumed[stem]["area"]
+    errors = read_sam_cache(str(out)).errors().to_pylist()
+    assert [e["stem"] for e in errors] == ["img005"] and "cannot read" in errors[0]["reason"]
+
+    bad.write_bytes(good_bytes)  # fixed: the next run retries the failed image only
+    assert main(base + ["--out", str(out)]) == 0
+    assert "1 done, 7 skipped (already cached), 0 failed (1 retried" in capsys.readouterr().out
+    reader = read_sam_cache(str(out))
+    assert len(reader) == 8 and reader.errors().num_rows == 0 and reader.complete
+    assert not list((out / "errors").glob("part-*.parquet"))
+
+
+def test_clip_cache_resume_and_features(ray_local, tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds", num_images=6, seed=3)
+    out = tmp_path / "clip"
+    base = ["cache", "clip", "--dataset", str(data), "--out", str(out), "--preset", "tiny", "--actors", "2",
+            "--images-per-part", "2", "--short-side", "64"]
+    assert main(base + ["--limit", "2"]) == 0
+    assert main(base) == 0
+    assert "4 done, 2 skipped" in capsys.readouterr().out.splitlines()[-1]
+    reader = read_clip_cache(str(out))
+    assert sorted(reader) == [f"img{i:03d}" for i in range(6)] and reader.complete
+    backbone = build_cache_backbone("dearli-convnext-atto", "")
+    for stem in ("img000", "img004"):
+        row = reader[stem]
+        image = load_rgb(str(data / "images" / "train" / f"{stem}.png"))
+        direct, scale, resized, padded = dense_feature(backbone, image, reader.settings)
+        cached = decode_feature(row)
+        assert cached.dtype == np.float16 and cached.shape == direct.shape
+        # Same seeded weights in every actor; only float summation order (thread count) may differ.
+        np.testing.assert_allclose(cached.astype(np.float32), direct.astype(np.float32), rtol=4e-3, atol=4e-3)
+        assert (tuple(row["resized_hw"]), tuple(row["padded_hw"])) == expected_geometry(
+            row["height"], row["width"], reader.settings) == (resized, padded)
+        assert min(resized) == 64 and row["scale"] == pytest.approx(scale)
+        assert cached.shape[1:] == (padded[0] // 32, padded[1] // 32)
+    text = pa.parquet.read_table(out / "text.parquet")
+    assert text.column("synonym").to_pylist() == ["sky", "grass", "lawn", "car", "dog"]
+    assert text.column("class_index").to_pylist() == [0, 1, 1, 2, 3]
+    emb = torch.tensor(text.column("embedding").to_pylist())
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
