@@ -66,3 +66,25 @@ def test_resume_continues_from_the_last_checkpoint(synth, tmp_path, capsys):
 def test_bad_dataset_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_checkpoint_restores_identical_predictions(tmp_path):
+    """A restored random-weight model predicts exactly what the saved one did (text embeddings included)."""
+    import torch
+
+    from dearli.config import load_config
+    from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.training.checkpoint import restore, save_checkpoint
+
+    cfg = load_config("tiny")
+    names = [["red circle"], ["grass", "lawn"], ["sky"]]
+    torch.manual_seed(0)
+    saved = build_m2f_lang(cfg.model, names).eval()
+    torch.manual_seed(1)
+    fresh = build_m2f_lang(cfg.model, names).eval()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        expected = saved(images)["pred_logits"]
+        assert not torch.allclose(fresh(images)["pred_logits"], expected)
+        restore(fresh, load_checkpoint(save_checkpoint(tmp_path, 1, saved, cfg)))
+        torch.testing.assert_close(fresh(images)["pred_logits"], expected)

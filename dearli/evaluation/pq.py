@@ -16,9 +16,12 @@ Rules (per image, then summed over the data set per category):
 One deliberate difference: a group (Things or Stuff) with no counted class reports pq = sq = rq = 0
 and n = 0 where panopticapi divides by zero.
 
-The per-image work is a joint histogram of (GT slot, prediction slot) pixel pairs, built with one
-``np.bincount`` after mapping segment ids to compact slots; everything after that is on tiny
-matrices. Images are spread over a process pool.
+The per-image work is a joint histogram of (GT slot, prediction slot) pixel pairs. Each PNG is
+reduced to runs of equal ids right after decoding (a byte-wise compare, no per-pixel id map), the
+two run maps are split at each other's boundaries, and one weighted ``np.bincount`` over the few
+thousand joint runs gives the histogram; everything after that is on tiny matrices. PNG decoding
+is therefore nearly all of the cost. Images are spread over a process pool, and decoded GT maps
+can be kept in a cache folder for repeated evaluation of the same ground truth.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import math
 import multiprocessing
 import os
 import sys
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +39,14 @@ import numpy as np
 
 from dearli.errors import DataError
 from dearli.evaluation.panoptic_io import (
+    GTRunCache,
+    IdTable,
     ImageTask,
+    joint_runs,
     load_categories,
     load_json,
     pair_annotations,
-    read_panoptic_ids,
+    read_panoptic_runs,
     segment_table,
 )
 
@@ -108,6 +113,7 @@ class _Context:
     cat_index: dict  # category id -> position in the GT categories list
     pred_json: str | None
     semseg_index: dict | None  # category id -> contiguous class, or None when semseg is off
+    gt_cache_dir: str | None = None  # folder of decoded GT run maps, or None to decode every time
 
 
 def _image_counts(task: ImageTask, ctx: _Context) -> tuple[np.ndarray, np.ndarray | None]:
@@ -119,24 +125,7 @@ def _image_counts(task: ImageTask, ctx: _Context) -> tuple[np.ndarray, np.ndarra
         if seg["category_id"] not in ctx.cat_index:
             raise DataError(ctx.pred_json, f"image {task.image_id!r}: segment {seg_id} has unknown "
                             f"category_id {seg['category_id']!r}")
-    bufs = _buffers(0)
-    gt_ids = read_panoptic_ids(task.gt_png, bufs["gt_ids"])
-    bufs = _buffers(gt_ids.size)
-    pred_ids = read_panoptic_ids(task.pred_png, bufs["pred_ids"])
-    if gt_ids.shape != pred_ids.shape:
-        raise DataError(task.pred_png, f"size {pred_ids.shape[::-1]} differs from the ground truth "
-                        f"{task.gt_png} {gt_ids.shape[::-1]} (W×H)")
-    # GT ids missing from the JSON share the "other" slot
-    g_slots, _ = gt_table.lookup(gt_ids, bufs["gt_slots"], bufs["scratch"], bufs["known"])
-    p_slots, p_known = pred_table.lookup(pred_ids, bufs["pred_slots"], bufs["scratch"], bufs["known"])
-    if not p_known.all():
-        extra = np.unique(pred_ids.reshape(-1)[~p_known])
-        raise DataError(task.pred_png, f"segment ids {extra[:10].tolist()} are in the PNG but not in the "
-                        f"segments_info of image {task.image_id!r} in {ctx.pred_json or 'the prediction JSON'}")
-    n_g, n_p = gt_table.other + 1, pred_table.other + 1
-    g_slots *= n_p
-    g_slots += p_slots
-    hist = np.bincount(g_slots, minlength=n_g * n_p).reshape(n_g, n_p)  # pixels per (GT slot, pred slot)
+    hist = _pair_histogram(task, ctx, gt_table, pred_table)  # pixels per (GT slot, pred slot)
 
     p_area = hist.sum(axis=0)
     pred_slot_ids = pred_table.ids.tolist()
@@ -154,22 +143,31 @@ def _image_counts(task: ImageTask, ctx: _Context) -> tuple[np.ndarray, np.ndarra
     return counts, conf
 
 
-_local = threading.local()
+def _pair_histogram(task: ImageTask, ctx: _Context, gt_table: IdTable, pred_table: IdTable) -> np.ndarray:
+    """(G+1)×(P+1) int64 pixel counts of (GT slot, prediction slot) pairs; the last slots = other ids.
 
-
-def _buffers(n: int) -> dict[str, np.ndarray]:
-    """Per-thread image-sized work arrays with room for ``n`` pixels, reused across images.
-
-    Allocating fresh multi-megabyte arrays for every image costs more than the arithmetic on them
-    (each new page is faulted in), so the per-image pipeline writes into these instead.
+    Both PNGs are reduced to runs of equal ids, so every step after decoding works on a few thousand
+    runs rather than on every pixel.
     """
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None or bufs["gt_ids"].size < n:
-        dtypes = {"gt_ids": np.uint32, "pred_ids": np.uint32, "scratch": np.uint32,
-                  "gt_slots": np.intp, "pred_slots": np.intp, "known": bool}
-        bufs = {name: np.empty(n, dtype) for name, dtype in dtypes.items()}
-        _local.bufs = bufs
-    return bufs
+    if ctx.gt_cache_dir is None:
+        gt_runs = read_panoptic_runs(task.gt_png)
+    else:
+        gt_runs = GTRunCache(ctx.gt_cache_dir).read(task.gt_png)
+    pred_runs = read_panoptic_runs(task.pred_png)
+    if gt_runs.shape != pred_runs.shape:
+        raise DataError(task.pred_png, f"size {pred_runs.shape[::-1]} differs from the ground truth "
+                        f"{task.gt_png} {gt_runs.shape[::-1]} (W×H)")
+    g_ids, p_ids, lengths = joint_runs(gt_runs, pred_runs)
+    g_slots, _ = gt_table.lookup(g_ids)  # GT ids missing from the JSON share the "other" slot
+    p_slots, p_known = pred_table.lookup(p_ids)
+    if not p_known.all():
+        extra = np.unique(p_ids[~p_known])
+        raise DataError(task.pred_png, f"segment ids {extra[:10].tolist()} are in the PNG but not in the "
+                        f"segments_info of image {task.image_id!r} in {ctx.pred_json or 'the prediction JSON'}")
+    n_g, n_p = gt_table.other + 1, pred_table.other + 1
+    # float weights are exact here (counts < 2**53) and bincount beats np.add.at several times over
+    hist = np.bincount(g_slots * n_p + p_slots, weights=lengths, minlength=n_g * n_p)
+    return hist.astype(np.int64).reshape(n_g, n_p)
 
 
 def _slot_categories(slot_ids: np.ndarray, segs: dict, cat_index: dict, unknown: int) -> np.ndarray:
@@ -271,6 +269,7 @@ def _run_chunk(ctx: _Context, chunk: list[ImageTask]):
 def collect_stats(
     gt_json: str | Path | Mapping, gt_dir: str | Path, pred_json: str | Path | Mapping, pred_dir: str | Path,
     *, workers: int | None = None, progress: bool = True, semseg_index: dict | None = None,
+    gt_cache_dir: str | Path | None = None,
 ) -> tuple[PQStats, np.ndarray | None]:
     """Evaluate every GT image against its prediction.
 
@@ -281,6 +280,8 @@ def collect_stats(
         progress: show a progress bar on stderr.
         semseg_index: category id -> contiguous class; when given, also return the
             (K+1)×(K+1) semantic confusion matrix of the panoptic maps (rows = prediction).
+        gt_cache_dir: optional folder keeping decoded GT maps between calls (see ``GTRunCache``);
+            worth it when the same ground truth is evaluated repeatedly, e.g. during training.
     Returns:
         (PQ sums per category, confusion matrix or None).
     """
@@ -297,7 +298,9 @@ def collect_stats(
         if not os.path.isdir(folder):
             raise DataError(folder, "folder of panoptic PNG files not found")
     tasks = pair_annotations(gt, gt_path, gt_dir, pred, pred_path, pred_dir)
-    ctx = _Context(cat_index, pred_path, semseg_index)
+    if gt_cache_dir is not None:
+        GTRunCache(gt_cache_dir)  # create the folder (or fail) once, before any worker starts
+    ctx = _Context(cat_index, pred_path, semseg_index, None if gt_cache_dir is None else str(gt_cache_dir))
     conf = [np.zeros((len(semseg_index) + 1,) * 2, dtype=np.int64)] if semseg_index is not None else [None]
 
     def consume(out) -> None:
@@ -342,7 +345,7 @@ def _evaluate_chunks(
 
 def pq_compute(
     gt_json: str | Path | Mapping, gt_dir: str | Path, pred_json: str | Path | Mapping, pred_dir: str | Path,
-    *, workers: int | None = None, progress: bool = True,
+    *, workers: int | None = None, progress: bool = True, gt_cache_dir: str | Path | None = None,
 ) -> dict:
     """Panoptic quality of a prediction set, as panopticapi's ``pq_compute`` returns it.
 
@@ -350,5 +353,6 @@ def pq_compute(
         ``{"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"}, "per_class": {category_id: {"pq", "sq", "rq"}}}``
         with fractions in [0, 1].
     """
-    stats, _ = collect_stats(gt_json, gt_dir, pred_json, pred_dir, workers=workers, progress=progress)
+    stats, _ = collect_stats(gt_json, gt_dir, pred_json, pred_dir, workers=workers, progress=progress,
+                             gt_cache_dir=gt_cache_dir)
     return pq_from_stats(stats)

@@ -37,6 +37,7 @@ class M2FLang(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.text: TextEmbeddings | None = None
+        self.class_names: list[list[str]] | None = None
 
     @property
     def classifier(self) -> TextClassifier:
@@ -49,8 +50,16 @@ class M2FLang(nn.Module):
     def set_classes(self, class_names: Sequence[Sequence[str]]) -> None:
         """Install the vocabulary: one list of synonyms per class (K classes)."""
         names = [[s] if isinstance(s, str) else list(s) for s in class_names]
+        self.class_names = names
         self.text = class_text_embeddings(self.backbone, names)
         self.classifier.set_text_embeddings(self.text.embeddings, self.text.synonym_to_class)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # The text embeddings are derived from the (possibly just replaced) text tower, not stored.
+        if self.class_names is not None:
+            self.set_classes(self.class_names)
+        return result
 
     def forward(self, images: torch.Tensor) -> dict:
         features = self.backbone(images)
