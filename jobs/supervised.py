@@ -14,11 +14,11 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs", help="where the dataset and run directories go")
-    parser.add_argument("--num-images", type=int, default=240, help="synthetic training images")
-    parser.add_argument("--val-images", type=int, default=60, help="synthetic validation images")
+    parser.add_argument("--num-images", type=int, default=400, help="synthetic training images")
+    parser.add_argument("--val-images", type=int, default=100, help="synthetic validation images")
     parser.add_argument("--partition", default="1_8", help="labeled partition of the synthetic world")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=400, help="training steps")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 

@@ -62,6 +62,17 @@ def test_resume_continues_from_the_last_checkpoint(synth, tmp_path, capsys):
         assert np.array_equal(value.numpy(), again["model"][key].numpy()), key
     assert first["config"].train.max_steps == 4
 
+    # the checkpoint predicts and scores a split on its own, and never writes over earlier predictions
+    pred = ["predict", "--checkpoint", str(run / "checkpoints" / "step_0000004.pt"), "--dataset", str(synth),
+            "--out", str(tmp_path / "pred"), "--alpha-clip", "0.4", "--json"]
+    capsys.readouterr()
+    assert main(pred) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) == {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"}
+    assert all(0.0 <= v <= 100.0 for v in summary.values())
+    assert main(pred) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+
 
 def test_bad_dataset_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 1

@@ -72,6 +72,7 @@ def test_no_weight_decay_on_norms_and_embeddings():
 
 def test_poly_schedule_and_clipping():
     net = _Net()
+    lr = load_config("tiny").optim.lr
     opt = build_optimizer(net, load_config("tiny").optim)
     sched = build_poly_scheduler(opt, 10, 0.9)
     lrs = []
@@ -79,7 +80,7 @@ def test_poly_schedule_and_clipping():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert lrs[0] == pytest.approx(lr) and lrs[5] == pytest.approx(lr * 0.5 ** 0.9)
     assert opt.param_groups[0]["lr"] == 0.0
     net.linear.weight.grad = torch.full_like(net.linear.weight, 10.0)
     before = clip_gradients(net.parameters(), 0.01)
