@@ -12,7 +12,7 @@ from PIL import Image
 from dearli.cli import main
 from dearli.data.coco_format import id2rgb
 from dearli.errors import DataError
-from dearli.evaluation.panoptic_io import IdTable, read_panoptic_ids
+from dearli.evaluation.panoptic_io import IdTable, read_panoptic_ids, read_panoptic_runs
 from dearli.evaluation.pq import PQStats, collect_stats, pq_compute, pq_from_stats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pq"
@@ -265,6 +265,8 @@ def test_rgba_png_uses_rgb_and_gray_png_is_rejected(tmp_path):
     rgba = np.concatenate([id2rgb(ids), np.full((2, 2, 1), 255, np.uint8)], axis=2)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     np.testing.assert_array_equal(read_panoptic_ids(str(tmp_path / "a.png")), ids)
+    runs = read_panoptic_runs(str(tmp_path / "a.png"))
+    np.testing.assert_array_equal(np.repeat(runs.ids, np.diff(runs.starts, append=4)).reshape(2, 2), ids)
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "g.png")
     with pytest.raises(DataError, match="expected an RGB panoptic PNG"):
         read_panoptic_ids(str(tmp_path / "g.png"))

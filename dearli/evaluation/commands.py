@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(classes = GT categories by increasing id; VOID = ignore)")
     parser.add_argument("--per-class", action="store_true", help="list every class in the table")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    parser.add_argument("--gt-cache-dir", default=None,
+                        help="keep decoded ground truth here to speed up repeated evaluations of the same GT "
+                        "(entries are keyed by file path, size and mtime)")
     parser.set_defaults(handler=run)
 
 
@@ -45,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     files = (args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
     semseg = None
     if args.semseg:
-        semseg = evaluate_semseg_panoptic(*files, workers=args.workers, progress=progress)
+        semseg = evaluate_semseg_panoptic(*files, workers=args.workers, progress=progress,
+                                          gt_cache_dir=args.gt_cache_dir)
         pq = semseg.pop("pq")
         classes = contiguous_category_ids(list(gt["categories"]))
     else:
-        pq = pq_compute(*files, workers=args.workers, progress=progress)
+        pq = pq_compute(*files, workers=args.workers, progress=progress, gt_cache_dir=args.gt_cache_dir)
     if args.json:
         out = {group: pq[group] for group in ("All", "Things", "Stuff")}
         out["per_class"] = {str(cid): {"name": names[cid], **vals} for cid, vals in pq["per_class"].items()}

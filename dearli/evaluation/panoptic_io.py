@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,25 +113,72 @@ def _check_annotation(ann: Any, path: str | None, need_area: bool = False) -> No
             raise DataError(path, f"image {ann['image_id']!r}: segment {seg['id']!r} has no 'area'")
 
 
+@contextlib.contextmanager
+def _open_png(path: str) -> Iterator[Image.Image]:
+    """The decoded RGB or RGBA image of a panoptic PNG, with read errors naming the file."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("RGB", "RGBA"):
+                raise DataError(path, f"expected an RGB panoptic PNG, got image mode {im.mode!r}")
+            im.load()
+            yield im
+    except FileNotFoundError:
+        raise DataError(path, "PNG file not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(path, f"cannot read PNG: {err}") from None
+
+
+def _rgb_of(im: Image.Image) -> np.ndarray:
+    if im.mode == "RGB":
+        # plain RGB export is a fast copy; Pillow's RGBX packing costs several times more
+        return np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(im.height, im.width, 3)
+    return np.ascontiguousarray(np.asarray(im)[..., :3])
+
+
+def _pixel_words(im: Image.Image) -> np.ndarray | None:
+    """The loaded RGB image's own memory as H·W uint32 words R + 2⁸G + 2¹⁶B + 2²⁴·pad, without a copy.
+
+    Pillow stores RGB as 4 bytes a pixel and exports that memory through the Arrow C interface
+    (Pillow ≥ 11.2); copying it out with ``tobytes`` costs about half as much as decoding the PNG.
+    Returns None when the export is unavailable (older Pillow, no pyarrow, memory in several blocks).
+    """
+    if not hasattr(im, "__arrow_c_array__"):
+        return None
+    try:
+        import pyarrow as pa
+
+        pixels = pa.array(im)  # H·W fixed-size lists of 4 bytes over Pillow's memory
+        values = pixels.values
+        if pixels.offset or values.type != pa.uint8() or len(values) != 4 * im.width * im.height:
+            return None
+        # the raw buffer, not values.to_numpy(): that first call imports ~0.3 s of pyarrow modules
+        data = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=len(values), offset=values.offset)
+    except (ImportError, ValueError, TypeError, AttributeError, NotImplementedError):
+        return None
+    return data.view("<u4")
+
+
+def preload_decoder() -> None:
+    """Decode a tiny PNG, so that everything decoding imports lazily is loaded in this process.
+
+    Pillow's PNG plugin and pyarrow take ~0.1 s to import; done once in the parent, forked worker
+    processes inherit them, and repeated evaluations (e.g. one per epoch) no longer pay that in
+    every new worker.
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 1)).save(buf, format="PNG")
+    buf.seek(0)
+    read_panoptic_runs(buf)
+
+
 def read_panoptic_rgb(path: str) -> np.ndarray:
     """Decode a panoptic PNG into its colours.
 
     Returns:
         H×W×3 uint8 (R, G, B); RGBA files lose their alpha channel.
     """
-    try:
-        with Image.open(path) as im:
-            if im.mode == "RGB":
-                # plain RGB export is a fast copy; Pillow's RGBX/array paths repack and cost ~10× more
-                return np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(im.height, im.width, 3)
-            if im.mode == "RGBA":
-                return np.ascontiguousarray(np.asarray(im)[..., :3])
-            mode = im.mode
-    except FileNotFoundError:
-        raise DataError(path, "PNG file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(path, f"cannot read PNG: {err}") from None
-    raise DataError(path, f"expected an RGB panoptic PNG, got image mode {mode!r}")
+    with _open_png(path) as im:
+        return _rgb_of(im)
 
 
 def read_panoptic_ids(path: str) -> np.ndarray:
@@ -180,7 +228,15 @@ def runs_from_rgb(rgb: np.ndarray) -> PanopticRuns:
 
 def read_panoptic_runs(path: str) -> PanopticRuns:
     """Decode a panoptic PNG into runs (see :class:`PanopticRuns`)."""
-    return runs_from_rgb(read_panoptic_rgb(path))
+    with _open_png(path) as im:
+        words = _pixel_words(im) if im.mode == "RGB" else None
+        if words is None:
+            return runs_from_rgb(_rgb_of(im))
+        # runs are found on whole words: a pad byte that varied would only split runs, never merge them
+        starts = np.flatnonzero(words[1:] != words[:-1]).astype(np.int64)
+        starts += 1
+        starts = np.concatenate(([0], starts))
+        return PanopticRuns((im.height, im.width), starts, words[starts] & _ID_MASK)
 
 
 def joint_runs(a: PanopticRuns, b: PanopticRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

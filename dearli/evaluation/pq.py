@@ -46,6 +46,7 @@ from dearli.evaluation.panoptic_io import (
     load_categories,
     load_json,
     pair_annotations,
+    preload_decoder,
     read_panoptic_runs,
     segment_table,
 )
@@ -327,7 +328,8 @@ def _evaluate_chunks(
     from tqdm import tqdm
 
     workers = (os.cpu_count() or 1) if workers is None else workers
-    chunk_size = max(1, min(16, math.ceil(len(tasks) / (max(workers, 1) * 8))))
+    # ≥ 8 chunks per worker balance the tail; ≤ 8 images per chunk keeps the last chunk short
+    chunk_size = max(1, min(8, math.ceil(len(tasks) / (max(workers, 1) * 8))))
     chunks = [tasks[i:i + chunk_size] for i in range(0, len(tasks), chunk_size)]
     run = functools.partial(_run_chunk, ctx)
     with tqdm(total=len(tasks), desc="PQ", unit="img", file=sys.stderr, disable=not progress) as bar:
@@ -337,6 +339,7 @@ def _evaluate_chunks(
                 consume(out)
                 bar.update(n)
             return
+        preload_decoder()
         with multiprocessing.get_context().Pool(min(workers, len(chunks))) as pool:
             for n, out in pool.imap_unordered(run, chunks):
                 consume(out)
@@ -348,6 +351,8 @@ def pq_compute(
     *, workers: int | None = None, progress: bool = True, gt_cache_dir: str | Path | None = None,
 ) -> dict:
     """Panoptic quality of a prediction set, as panopticapi's ``pq_compute`` returns it.
+
+    Arguments are those of :func:`collect_stats`; ``gt_cache_dir`` never changes the result.
 
     Returns:
         ``{"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"}, "per_class": {category_id: {"pq", "sq", "rq"}}}``

@@ -181,7 +181,7 @@ def _read_label_png(path: str) -> np.ndarray:
 
 def evaluate_semseg_panoptic(
     gt_json: str | Path | Mapping, gt_dir: str | Path, pred_json: str | Path | Mapping, pred_dir: str | Path,
-    *, workers: int | None = None, progress: bool = True,
+    *, workers: int | None = None, progress: bool = True, gt_cache_dir: str | Path | None = None,
 ) -> dict:
     """Semantic metrics of panoptic predictions against panoptic GT (both turned into semantic maps).
 
@@ -194,5 +194,6 @@ def evaluate_semseg_panoptic(
     gt, gt_path = load_json(gt_json, "ground-truth")
     classes = contiguous_category_ids(load_categories(gt, gt_path))
     stats, conf = collect_stats(gt_json if gt_path is None else gt_path, gt_dir, pred_json, pred_dir,
-                                workers=workers, progress=progress, semseg_index=classes)
+                                workers=workers, progress=progress, semseg_index=classes,
+                                gt_cache_dir=gt_cache_dir)
     return metrics_from_confusion(conf) | {"pq": pq_from_stats(stats)}
