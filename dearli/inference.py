@@ -57,15 +57,25 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
         # Mask2Former compares the argmax-won area (not the visible one) to the full mask area.
         if won_area / own_area < overlap_threshold:
             continue
-        if not isthing and category in stuff_segment:
-            panoptic_seg[visible] = stuff_segment[category]
-            continue
-        segment_id = len(segments) + 1
-        if not isthing:
-            stuff_segment[category] = segment_id
-        panoptic_seg[visible] = segment_id
-        segments.append({"id": segment_id, "isthing": isthing, "category_id": category})
+        paint_segment(panoptic_seg, visible, category, isthing, segments, stuff_segment)
     return panoptic_seg, segments
+
+
+def paint_segment(panoptic_seg, region, category: int, isthing: bool, segments: list[dict],
+                  stuff_segment: dict[int, int]) -> None:
+    """Paint ``region`` (H×W bool, torch or numpy) of ``panoptic_seg`` as a new segment of ``category``.
+
+    Panoptic format allows one segment per stuff class: a stuff region of a class already placed joins
+    that class's segment. Things always get a new id; ids count from 1 in painting order.
+    """
+    if not isthing and category in stuff_segment:
+        panoptic_seg[region] = stuff_segment[category]
+        return
+    segment_id = len(segments) + 1
+    if not isthing:
+        stuff_segment[category] = segment_id
+    panoptic_seg[region] = segment_id
+    segments.append({"id": segment_id, "isthing": isthing, "category_id": category})
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, probs: bool = False) -> torch.Tensor:

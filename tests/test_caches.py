@@ -71,14 +71,6 @@ def corrupt(path: Path) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # More logical CPUs than cores: the read stage and two actors must not starve each other.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def test_rle_roundtrip_and_sam_row():
     rng = np.random.default_rng(1)

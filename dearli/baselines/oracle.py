@@ -15,6 +15,7 @@ import numpy as np
 
 from dearli.baselines.cached_clip import CachedClipClassifier
 from dearli.baselines.prediction_set import PredictionSet
+from dearli.inference import paint_segment
 
 
 def oracle_panoptic(segment_masks: np.ndarray, predicted: list[int], thing_ids: tuple[int, ...]
@@ -24,15 +25,7 @@ def oracle_panoptic(segment_masks: np.ndarray, predicted: list[int], thing_ids: 
     segments: list[dict] = []
     stuff_segment: dict[int, int] = {}
     for mask, label in zip(segment_masks, predicted):
-        isthing = label in thing_ids
-        if not isthing and label in stuff_segment:
-            panoptic[mask] = stuff_segment[label]
-            continue
-        segment_id = len(segments) + 1
-        if not isthing:
-            stuff_segment[label] = segment_id
-        panoptic[mask] = segment_id
-        segments.append({"id": segment_id, "category_id": int(label), "isthing": isthing})
+        paint_segment(panoptic, mask, int(label), label in thing_ids, segments, stuff_segment)
     return panoptic, segments
 
 

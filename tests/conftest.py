@@ -1,0 +1,14 @@
+"""Shared fixtures. Ray is started once per test session: a start costs seconds, and a stale head breaks
+later ``ray.init()`` calls."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    # More logical CPUs than the 2 cores of a small machine: a Ray Data read stage and two actors (or
+    # train workers) must not starve each other.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
