@@ -71,7 +71,7 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
         echo(f"resumed from {last} at step {step}")
     dataset = PanopticTrainDataset(split, stems, cfg.data, seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True, drop_last=True,
-                        collate_fn=collate, num_workers=cfg.data.num_workers,
+                        collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     scaler = make_grad_scaler(device, cfg.train.amp)
     echo(f"training on {len(stems)} labeled images of {cfg.data.dataset} ({info.categories.num_classes} classes), "
