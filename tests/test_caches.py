@@ -195,3 +195,42 @@ def test_clip_cache_resume_and_features(ray_local, tmp_path, capsys):
     assert text.column("class_index").to_pylist() == [0, 1, 1, 2, 3]
     emb = torch.tensor(text.column("embedding").to_pylist())
     assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+def test_sam_cache_survives_a_killed_job(ray_local, tmp_path, capsys):
+    """A real crash: the job's whole process group (driver, its Ray instance, the actors) is SIGKILLed once
+    some parts are committed; a rerun completes the cache with every image exactly once, as an
+    uninterrupted run has it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_dataset(tmp_path / "ds", num_images=16, seed=5)
+    args = ["cache", "sam", "--dataset", str(data)] + TINY_SAM_ARGS[:-1] + ["1"]  # one image per part
+    out = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *args, "--out", str(out)], env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "parts").glob("part-*.parquet"))) < 2:
+            assert job.poll() is None, "the job ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the job committed nothing in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    committed = len(list((out / "parts").glob("part-*.parquet")))
+    assert 2 <= committed < 16 and not (out / "_SUCCESS").exists()
+
+    assert main(args + ["--out", str(out)]) == 0
+    assert f"{16 - committed} done, {committed} skipped" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    resumed, full = _sam_rows(str(out)), _sam_rows(str(tmp_path / "full"))
+    assert sorted(resumed) == sorted(full) == [f"img{i:03d}" for i in range(16)]
+    total = sum(len(pa.parquet.read_table(p).column("stem")) for p in (out / "parts").glob("part-*.parquet"))
+    assert total == 16
+    for stem in full:
+        assert resumed[stem] == full[stem]
