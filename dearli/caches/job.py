@@ -86,6 +86,7 @@ def run_cache_job(uri: str, kind: str, settings: dict[str, Any], rows: list[dict
         summary.remaining = max(0, len(todo) - limit)
         todo = todo[:limit]
     run_id = new_run_id()
+    store.take_lease(run_id)
     if todo:
         ensure_ray()
         gpus = default_gpus_per_actor() if gpus_per_actor is None else float(gpus_per_actor)
@@ -103,6 +104,8 @@ def run_cache_job(uri: str, kind: str, settings: dict[str, Any], rows: list[dict
             elif status["status"] == STATUS_FAILED:
                 summary.failed += 1
                 summary.failures.append((status["stem"], status["reason"]))
+    # A worker of an earlier, killed run may have committed an image this run also did: keep one copy.
+    store.drop_duplicate_rows()
     attempted = {r["stem"] for r in todo}
     summary.retried = len(previous_errors & attempted)
     store.drop_retried_errors(run_id, attempted)

@@ -7,14 +7,20 @@ A cache is a directory::
     errors/part-<run>-<id>.parquet  images that failed (stem, path, reason), same commit protocol
     _tmp/                      files being written; never read
     _SUCCESS                   JSON counts of the last run, written when it attempted every missing image
+    _WRITER                    the run allowed to commit (a newer run takes it over)
     text.parquet               (clip caches) the class-name text embeddings
 
 Commit protocol: a part is written completely under ``_tmp/`` and then moved into ``parts/`` (an atomic
 rename on local and HDFS filesystems; on object stores the upload itself only becomes visible when
 complete). Readers list ``parts/part-*.parquet`` only, so an interrupted write is never mistaken for a
-finished one. Rows are keyed by image stem; readers keep the first occurrence in part-name order, so
-even two overlapping writers cannot produce a duplicate row. One writer at a time per cache: a new run
-deletes whatever an earlier, interrupted run left in ``_tmp/``.
+finished one. Rows are keyed by image stem.
+
+One writer at a time: a run takes the ``_WRITER`` lease when it starts, and a worker commits only while
+its run holds it. A worker of a killed driver that lives on for a moment (Ray tears actors down
+asynchronously) finds the lease taken by the rerun and discards its batch instead of committing a
+second copy of an image. The lease check and the rename are not one atomic step, so every run ends by
+dropping rows whose stem an earlier part already holds (:meth:`CacheStore.drop_duplicate_rows`), and
+readers keep the first occurrence in part-name order as a last guard.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ PARTS_DIR = "parts"
 ERRORS_DIR = "errors"
 TMP_DIR = "_tmp"
 SUCCESS = "_SUCCESS"
+WRITER = "_WRITER"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("stem", pa.string()), ("image_path", pa.string()),
                           ("reason", pa.string()), ("run_id", pa.string())])
+
+
+class StaleWriterError(RuntimeError):
+    """A worker of a superseded run tried to commit."""
 
 
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -125,6 +136,14 @@ class CacheStore:
         if self.has_success():  # the cache is being extended: no longer known to be complete
             self.fs.delete_file(self.path(SUCCESS))
 
+    def take_lease(self, run_id: str) -> None:
+        """Make ``run_id`` the only run whose workers may commit (earlier runs' workers are superseded)."""
+        _write_json(self.fs, self.path(WRITER), {"run_id": run_id})
+
+    def holds_lease(self, run_id: str) -> bool:
+        lease = _read_json(self.fs, self.path(WRITER))
+        return lease is None or lease.get("run_id") == run_id
+
     def has_success(self) -> bool:
         return self.fs.get_file_info(self.path(SUCCESS)).type == pafs.FileType.File
 
@@ -151,8 +170,31 @@ class CacheStore:
         self.fs.create_dir(self.path(TMP_DIR), recursive=True)
         self.fs.create_dir(self.path(folder), recursive=True)
         pq.write_table(table, tmp, filesystem=self.fs)
+        if not self.holds_lease(run_id):
+            self.fs.delete_file(tmp)
+            raise StaleWriterError(f"{self.uri}: run {run_id} was superseded by a newer run; batch discarded")
         self.fs.move(tmp, final)
         return final
+
+    def drop_duplicate_rows(self) -> int:
+        """Remove rows whose stem an earlier part (in name order) already holds; returns how many."""
+        seen: set[str] = set()
+        removed = 0
+        for path in self.part_files():
+            stems = pq.read_table(path, columns=["stem"], filesystem=self.fs).column("stem").to_pylist()
+            keep = [stem not in seen for stem in stems]
+            seen.update(stems)
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            if not any(keep):
+                self.fs.delete_file(path)
+                continue
+            table = pq.read_table(path, filesystem=self.fs).filter(pa.array(keep))
+            tmp = self.path(TMP_DIR, path.rsplit("/", 1)[-1])
+            pq.write_table(table, tmp, filesystem=self.fs)
+            self.fs.move(tmp, path)
+        return removed
 
     def read_errors(self) -> pa.Table:
         """The latest error of every image that is still missing from the cache."""
