@@ -24,11 +24,13 @@ def synth(tmp_path_factory):
 def test_train_checkpoints_evaluates_and_resumes(synth, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--dataset", str(synth), "--partition", "1_4", "--out", str(run), *FAST]
-    assert main([*args, "train.max_steps=4"]) == 0
+    assert main([*args, "train.max_steps=4", "train.eval_every=2"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["gt_cache", "step_0000002", "step_0000004"]
     assert "data:" in (run / "config.yaml").read_text()
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3, 4]
+    assert [s["step"] for s in steps if "eval" in s] == [2, 4]
     assert all(np.isfinite(s["loss"]) for s in steps if "loss" in s)
 
     # evaluation wrote one valid panoptic PNG per validation image, with ids matching the JSON
@@ -47,6 +49,9 @@ def test_train_checkpoints_evaluates_and_resumes(synth, tmp_path, capsys):
     # a config that differs from the saved one is refused too, even with --resume
     assert main([*args, "--resume", "train.max_steps=6", "optim.lr=0.5"]) == 1
     assert "different configuration" in capsys.readouterr().err
+    # resuming the finished run keeps its evaluation instead of failing on the existing predictions
+    assert main([*args, "--resume", "train.max_steps=4", "train.eval_every=2"]) == 0
+    assert "was evaluated before" in capsys.readouterr().out
 
 
 def test_resume_continues_from_the_last_checkpoint(synth, tmp_path, capsys):

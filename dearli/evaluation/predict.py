@@ -84,8 +84,12 @@ def semantic_ground_truth(split: Any, record: Any) -> np.ndarray:
 
 
 def evaluate_model(model: torch.nn.Module, cfg: ModelConfig, info: Any, split_name: str, out_dir: str | Path,
-                   alpha_clip: float | None = None, progress: bool = True) -> dict[str, Any]:
+                   alpha_clip: float | None = None, progress: bool = True,
+                   gt_cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Predict every image of a split into ``out_dir`` (COCO panoptic) and compute PQ and mIoU.
+
+    ``gt_cache_dir`` keeps the decoded ground truth between evaluations of the same split (a run
+    evaluates at every ``train.eval_every`` steps).
 
     Returns:
         {"summary": {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"} in percent, "pq": full PQ dict,
@@ -111,7 +115,7 @@ def evaluate_model(model: torch.nn.Module, cfg: ModelConfig, info: Any, split_na
     pred_json.write_text(json.dumps({"annotations": annotations,
                                      "categories": [c.to_dict() for c in categories.categories]}))
     gt_dir = split.records[0].panoptic_path.parent
-    pq = pq_compute(split.json_path, gt_dir, pred_json, pan_dir, progress=False)
+    pq = pq_compute(split.json_path, gt_dir, pred_json, pan_dir, progress=False, gt_cache_dir=gt_cache_dir)
     sem = semseg.compute()
     summary = {"PQ": 100 * pq["All"]["pq"], "SQ": 100 * pq["All"]["sq"], "RQ": 100 * pq["All"]["rq"],
                "PQ_th": 100 * pq["Things"]["pq"], "PQ_st": 100 * pq["Stuff"]["pq"], "mIoU": 100 * sem["miou"]}

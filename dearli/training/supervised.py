@@ -48,6 +48,22 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def evaluate_and_log(model: torch.nn.Module, cfg: Config, info: Any, run_dir: Path, step: int,
+                     echo=print) -> dict[str, Any]:
+    """Evaluate on the validation split into ``eval/step_N/`` and append the summary to metrics.jsonl."""
+    from dearli.evaluation.predict import evaluate_model
+
+    out_dir = run_dir / "eval" / f"step_{step:07d}"
+    if (out_dir / "metrics.json").is_file():  # a resumed, finished run: keep the evaluation it has
+        echo(f"step {step} was evaluated before: {out_dir / 'metrics.json'}")
+        return json.loads((out_dir / "metrics.json").read_text())
+    metrics = evaluate_model(model, cfg.model, info, cfg.data.val_split, out_dir,
+                             gt_cache_dir=run_dir / "eval" / "gt_cache")
+    _log(run_dir, {"step": step, "eval": metrics["summary"]})
+    echo(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["summary"].items()))
+    return metrics
+
+
 def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, evaluate: bool = True,
                      echo=print) -> dict[str, Any]:
     """Train on the labeled images of ``cfg.data`` and evaluate on its validation split.
@@ -89,11 +105,7 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
             echo(f"step {step}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
             last_path = save_checkpoint(run_dir, step, model, cfg, optimizer, scheduler)
-    metrics = None
-    if evaluate:
-        from dearli.evaluation.predict import evaluate_model
-
-        metrics = evaluate_model(model, cfg.model, info, cfg.data.val_split, run_dir / "eval" / f"step_{step:07d}")
-        _log(run_dir, {"step": step, "eval": metrics["summary"]})
-        echo(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["summary"].items()))
+        if evaluate and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            evaluate_and_log(model, cfg, info, run_dir, step, echo)
+    metrics = evaluate_and_log(model, cfg, info, run_dir, step, echo) if evaluate else None
     return {"step": step, "checkpoint": str(last_path) if last_path else None, "metrics": metrics}
