@@ -24,7 +24,7 @@ COMMAND_MODULES = (
     "dearli.data.commands",  # dearli data prepare-ade20k | prepare-coco-objects | check
     "dearli.evaluation.commands",  # dearli evaluate
     "dearli.training.commands",  # dearli train
-    "dearli.evaluation.predict_command",  # dearli predict
+    "dearli.predict.commands",  # dearli predict
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.bench.commands",  # dearli bench evaluate | step | cache

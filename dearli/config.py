@@ -73,7 +73,7 @@ class ClassifierConfig:
 @dataclass(frozen=True)
 class EnsembleConfig:
     alpha_clip: float = 0.4  # weight of the zero-shot CLIP branch in the geometric ensemble
-    schedule: str = "constant"  # constant | linear | budget (see dearli.ensemble.alpha_schedule)
+    schedule: str = "constant"  # constant | linear | budget (see dearli.model.ensemble.alpha_schedule)
     alpha_clip_end: float = 0.4  # final weight for the linear schedule
 
     def validate(self) -> None:
@@ -165,12 +165,69 @@ class TrainConfig:
     log_every: int = 20  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    # Ray Train stages (warm-up, Mean Teacher); the single-process supervised loop ignores these.
+    num_workers: int = 1  # Train workers (DDP ranks); train.batch_size is split across them
+    use_gpu: str = "auto"  # auto (GPU workers when the cluster has GPUs) | yes | no
+    cpus_per_worker: float = 1.0  # logical CPUs each Train worker reserves
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
+    max_failures: int = 3  # worker failures a stage survives (restart from its last checkpoint)
+    keep_checkpoints: int = 2  # Ray Train checkpoints kept per stage (the newest ones)
+    storage_path: str = ""  # Ray Train storage (path or pyarrow URI); "" = <run dir>/ray
 
     def validate(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(self.num_workers > 0, "train.num_workers", "must be positive")
+        _require(self.use_gpu in ("auto", "yes", "no"), "train.use_gpu",
+                 f"must be auto, yes or no, got {self.use_gpu!r}")
+        _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+        _require(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
         _require(self.batch_size > 0, "train.batch_size", "must be positive")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "train.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """DeWa: class-agnostic decoder warm-up on the SAM masks of every training image."""
+
+    max_steps: int = 80000  # optimizer steps (paper: 80k on ADE20K, 160k on COCO)
+    batch_size: int = 16  # images per step across all workers (paper: 16)
+    max_masks: int = 100  # SAM masks kept per image as targets, largest first (overlaps allowed)
+    min_mask_area: int = 16  # SAM masks smaller than this (pixels, after augmentation) are dropped
+
+    def validate(self) -> None:
+        _require(self.max_steps > 0, "warmup.max_steps", "must be positive")
+        _require(self.batch_size > 0, "warmup.batch_size", "must be positive")
+        _require(self.max_masks > 0, "warmup.max_masks", "must be positive")
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """Mean Teacher: student on labeled + strongly perturbed unlabeled images, EMA teacher as a Ray actor pool."""
+
+    labeled_batch_size: int = 8  # labeled images per step across all workers (paper: 8)
+    unlabeled_batch_size: int = 8  # unlabeled images per step across all workers (paper: 8)
+    unlabeled_weight: float = 1.0  # weight of the loss on pseudo-labels (paper: 1)
+    ema_decay: float = 0.999  # teacher = EMA of the student (parameters and buffers)
+    cutmix_prob: float = 0.5  # probability that an unlabeled pair is mixed by CutMix
+    teacher_actors: int = 1  # actors in the teacher pool
+    teacher_gpus: float = -1.0  # GPUs per teacher actor; -1 = 1 when the cluster has GPUs, else 0
+    teacher_cpus: float = 1.0  # logical CPUs per teacher actor
+    teacher_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per teacher actor
+    teacher_batch_size: int = 2  # weak views per teacher call
+    publish_every: int = 10  # student steps between publications of the EMA weights to the teacher pool
+    max_staleness: int = 10  # pseudo-labels made by weights older than this many steps are never used
+    min_confidence: float = 0.0  # pseudo-label segments whose class probability is lower are left unlabeled
+
+    def validate(self) -> None:
+        for name in ("labeled_batch_size", "unlabeled_batch_size", "teacher_actors", "teacher_batch_size",
+                     "publish_every"):
+            _require(getattr(self, name) > 0, f"ssl.{name}", "must be positive")
+        _require(0.0 <= self.ema_decay < 1.0, "ssl.ema_decay", "must lie in [0, 1)")
+        _require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
+        _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
+        _require(self.max_staleness >= self.publish_every, "ssl.max_staleness",
+                 f"must be >= ssl.publish_every ({self.publish_every}): fresher labels cannot exist")
 
 
 @dataclass(frozen=True)
@@ -197,6 +254,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
@@ -212,6 +271,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return from_dict(annotation, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dearli.config import EnsembleConfig, load_config
-from dearli.ensemble import BUDGET_MIN_FRACTION, alpha_schedule, geometric_ensemble
 from dearli.errors import ConfigError
 from dearli.model.backbone import build_backbone
+from dearli.model.ensemble import BUDGET_MIN_FRACTION, alpha_schedule, geometric_ensemble
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings
 from dearli.model.zero_shot import mask_pool, zero_shot_logits
 

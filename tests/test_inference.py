@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dearli.inference import (
+from dearli.model.inference import (
     pad_to_multiple,
     panoptic_inference,
     postprocess_masks,
@@ -61,7 +61,11 @@ def test_probability_input_gives_the_same_result(case):
     # Log-probabilities through the default softmax path are the same distribution.
     seg_log, segments_log = run_panoptic(case, probs.log())
     np.testing.assert_array_equal(seg_log.numpy(), case["panoptic_seg"])
-    assert segments_log == segments
+    assert [{k: v for k, v in s.items() if k != "score"} for s in segments_log] == \
+        [{k: v for k, v in s.items() if k != "score"} for s in segments]
+    # Each segment carries the class probability of the query that made it.
+    np.testing.assert_allclose([s["score"] for s in segments_log], [s["score"] for s in segments], atol=1e-6)
+    assert all(0.0 < s["score"] <= 1.0 for s in segments)
     semseg = semantic_inference(probs, torch.from_numpy(case["mask_pred"]), probs=True)
     np.testing.assert_allclose(semseg.numpy(), case["semseg"], rtol=0, atol=1e-6)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from dearli.baselines.cached_clip import CachedClipClassifier
 from dearli.baselines.prediction_set import PredictionSet
-from dearli.inference import paint_segment
+from dearli.model.inference import paint_segment
 
 
 def oracle_panoptic(segment_masks: np.ndarray, predicted: list[int], thing_ids: tuple[int, ...]

@@ -2,7 +2,7 @@
 
 Every cached SAM mask is classified by mask pooling of the cached CLIP features; its score is the top
 class probability times SAM's predicted IoU (mask quality). The masks are then merged into a panoptic
-map by Mask2Former's rule (:func:`dearli.inference.panoptic_inference`): each pixel goes to the
+map by Mask2Former's rule (:func:`dearli.model.inference.panoptic_inference`): each pixel goes to the
 highest-scoring mask covering it, a mask is kept only if it keeps at least ``overlap_threshold`` of its
 area, and masks of the same stuff class share one segment.
 """
@@ -18,7 +18,7 @@ from dearli.baselines.cached_clip import CachedClipClassifier
 from dearli.baselines.prediction_set import PredictionSet
 from dearli.caches.readers import decode_masks, read_sam_cache
 from dearli.errors import DataError
-from dearli.inference import panoptic_inference
+from dearli.model.inference import panoptic_inference
 
 MASK_LOGIT = 20.0  # binary masks as logits: sigmoid(±20) is 0/1 to float precision
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from dearli.caches.records import TEXT_SCHEMA
 from dearli.config import BackboneConfig
-from dearli.inference import pad_to_multiple, resize_shortest_edge, shortest_edge_size
 from dearli.model.backbone import DENSE_FEATURE, FrozenClipBackbone, build_backbone
+from dearli.model.inference import pad_to_multiple, resize_shortest_edge, shortest_edge_size
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings
 
 RANDOM_INIT_SEED = 0  # random-weight backbones are seeded so every worker (and the reader) builds the same

@@ -16,6 +16,7 @@ import yaml
 
 from dearli.data.classes import read_classes_json
 from dearli.data.panoptic import CategoryMap, PanopticSplit
+from dearli.data.panoptic_json import read_split
 from dearli.data.partitions import Partition, partition_names, read_partition
 from dearli.errors import DataError
 
@@ -83,7 +84,7 @@ class DatasetInfo:
         spec = self.splits[name]
         # Every split shares one category map: classes.json, else the first split parsed.
         cats = self.categories if self.classes_file is not None else self._categories
-        split = PanopticSplit.from_json(
+        split = read_split(
             self.root / spec.panoptic_json, self.root / spec.image_dir, self.root / spec.panoptic_dir,
             None if spec.semantic_dir is None else self.root / spec.semantic_dir,
             categories=cats, name=name, problems=problems)

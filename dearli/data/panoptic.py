@@ -312,31 +312,3 @@ class PanopticSplit:
                                   f"{semantic.dtype}")
         _check_size(path, semantic, record, "semantic PNG")
         return semantic
-
-    @classmethod
-    def from_json(cls, json_path: str | Path, image_dir: str | Path, panoptic_dir: str | Path,
-                  semantic_dir: str | Path | None = None, categories: CategoryMap | None = None,
-                  name: str = "", problems: list[DataError] | None = None) -> PanopticSplit:
-        """Parse a COCO panoptic JSON.
-
-        ``categories`` defaults to the JSON's own categories. With ``problems`` given, per-image
-        problems (unknown category, duplicate segment id, ...) are appended there and the offending
-        image is dropped instead of raising, so a checker can report them all.
-        """
-        from dearli.data.panoptic_json import parse_records, read_json
-
-        json_path = Path(json_path)
-        data = read_json(json_path)
-        # A JSON without categories is fine when the dataset defines them (classes.json).
-        has_own = categories is None or bool(data.get("categories"))
-        own = CategoryMap.from_dicts(data.get("categories"), json_path) if has_own else None
-        cats = own if categories is None else categories
-        for cat in [] if own is None else own.categories:
-            # A shared map (classes.json, or another split's) must agree with this file's categories.
-            if cat.id not in cats or cats.category(cat.id).isthing != cat.isthing:
-                raise DataError(json_path, f"category {cat.id} ('{cat.name}') is missing from the dataset's "
-                                           "classes or disagrees with them on 'isthing'")
-        records = parse_records(data, json_path, Path(image_dir), Path(panoptic_dir),
-                                      None if semantic_dir is None else Path(semantic_dir), cats, problems)
-        return cls(name or json_path.stem, json_path, cats, records)
-

@@ -1,4 +1,4 @@
-"""Parsing and validation of COCO panoptic JSON files into :class:`~dearli.data.panoptic.PanopticRecord`."""
+"""Parsing and validation of COCO panoptic JSON files into :class:`~dearli.data.panoptic.PanopticSplit`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dearli.data.panoptic import CategoryMap, PanopticRecord, SegmentInfo
+from dearli.data.panoptic import CategoryMap, PanopticRecord, PanopticSplit, SegmentInfo
 from dearli.errors import DataError
 
 
@@ -102,3 +102,28 @@ def _parse_segment(seg: Any, cats: CategoryMap, json_path: Path, where: str) -> 
     return SegmentInfo(id=seg_id, category_id=int(cat_id), label=cats.to_contiguous(cat_id),
                        iscrowd=bool(seg.get("iscrowd", 0)), area=int(seg.get("area", 0)),
                        bbox=tuple(float(v) for v in bbox))
+
+
+def read_split(json_path: str | Path, image_dir: str | Path, panoptic_dir: str | Path,
+               semantic_dir: str | Path | None = None, categories: CategoryMap | None = None,
+               name: str = "", problems: list[DataError] | None = None) -> PanopticSplit:
+    """Parse a COCO panoptic JSON.
+
+    ``categories`` defaults to the JSON's own categories. With ``problems`` given, per-image
+    problems (unknown category, duplicate segment id, ...) are appended there and the offending
+    image is dropped instead of raising, so a checker can report them all.
+    """
+    json_path = Path(json_path)
+    data = read_json(json_path)
+    # A JSON without categories is fine when the dataset defines them (classes.json).
+    has_own = categories is None or bool(data.get("categories"))
+    own = CategoryMap.from_dicts(data.get("categories"), json_path) if has_own else None
+    cats = own if categories is None else categories
+    for cat in [] if own is None else own.categories:
+        # A shared map (classes.json, or another split's) must agree with this file's categories.
+        if cat.id not in cats or cats.category(cat.id).isthing != cat.isthing:
+            raise DataError(json_path, f"category {cat.id} ('{cat.name}') is missing from the dataset's "
+                                       "classes or disagrees with them on 'isthing'")
+    records = parse_records(data, json_path, Path(image_dir), Path(panoptic_dir),
+                            None if semantic_dir is None else Path(semantic_dir), cats, problems)
+    return PanopticSplit(name or json_path.stem, json_path, cats, records)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -197,3 +198,14 @@ def evaluate_semseg_panoptic(
                                 workers=workers, progress=progress, semseg_index=classes,
                                 gt_cache_dir=gt_cache_dir)
     return metrics_from_confusion(conf) | {"pq": pq_from_stats(stats)}
+
+
+def semantic_ground_truth(split: Any, record: Any) -> np.ndarray:
+    """The H×W uint8 semantic map of a record: its semantic PNG, or derived from the panoptic GT."""
+    if record.semantic_path is not None:
+        return split.load_semantic(record)
+    target = split.load_target(record)
+    semantic = np.full(target.segment_map.shape, IGNORE_LABEL, dtype=np.uint8)
+    for seg_id, label in zip(target.segment_ids, target.labels):
+        semantic[target.segment_map == seg_id] = label
+    return semantic

@@ -70,7 +70,7 @@ class FrozenClipBackbone(nn.Module):
 
     ``forward(images B×3×H×W, RGB in [0, 255])`` returns ``res2..res5`` (strides 4, 8, 16, 32) and
     ``clip_vis_dense`` (B×C5×H/32×W/32, the last stage after the trunk's pre-head norm, the feature FC-CLIP
-    mask-pools for ConvNeXt). H and W should be multiples of 32 (see ``dearli.inference.pad_to_multiple``).
+    mask-pools for ConvNeXt). H and W should be multiples of 32 (see ``dearli.model.inference.pad_to_multiple``).
     """
 
     def __init__(self, clip_model: nn.Module, model_name: str, pretrained: str = "") -> None:

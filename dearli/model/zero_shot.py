@@ -43,7 +43,7 @@ def zero_shot_logits(backbone: torch.nn.Module, dense: torch.Tensor, mask_logits
     text: class text embeddings (S×D normalised + synonym index). Logits are CLIP's exp'd logit scale
     times the cosine between the CLIP-projected pooled feature and the text, max over synonyms. The void
     column (CLIP has no notion of void) holds the most negative finite value, so a softmax gives it
-    zero probability; :func:`dearli.ensemble.geometric_ensemble` drops it anyway.
+    zero probability; :func:`dearli.model.ensemble.geometric_ensemble` drops it anyway.
     """
     with torch.no_grad():
         pooled = mask_pool(dense, mask_logits)

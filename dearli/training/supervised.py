@@ -21,6 +21,7 @@ from dearli.losses.criterion import build_criterion
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
+from dearli.training.evaluate import evaluate_model
 from dearli.training.optim import build_optimizer, build_poly_scheduler
 from dearli.training.step import make_grad_scaler, resolve_device, train_step
 
@@ -51,8 +52,6 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
 def evaluate_and_log(model: torch.nn.Module, cfg: Config, info: Any, run_dir: Path, step: int,
                      echo=print) -> dict[str, Any]:
     """Evaluate on the validation split into ``eval/step_N/`` and append the summary to metrics.jsonl."""
-    from dearli.evaluation.predict import evaluate_model
-
     out_dir = run_dir / "eval" / f"step_{step:07d}"
     if (out_dir / "metrics.json").is_file():  # a resumed, finished run: keep the evaluation it has
         echo(f"step {step} was evaluated before: {out_dir / 'metrics.json'}")

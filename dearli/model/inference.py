@@ -31,7 +31,8 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     only if that visible area is >= ``overlap_threshold`` of its full (>= 0.5) mask. Segment ids count
     from 1 in query order; 0 is unassigned. Stuff queries of an already-placed stuff class paint into that
     class's existing segment (one segment per stuff class) without a new entry; things are never merged.
-    ``segments``: list of {"id", "isthing", "category_id"} (contiguous class ids).
+    ``segments``: list of {"id", "isthing", "category_id" (contiguous class id), "score" (the kept query's
+    class score)}.
     """
     thing_set = {int(t) for t in thing_ids}
     num_classes = mask_cls.shape[-1] - 1
@@ -57,7 +58,11 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
         # Mask2Former compares the argmax-won area (not the visible one) to the full mask area.
         if won_area / own_area < overlap_threshold:
             continue
+        before = len(segments)
         paint_segment(panoptic_seg, visible, category, isthing, segments, stuff_segment)
+        # The class score of the query that made the segment (the best one for a merged stuff segment).
+        seg = segments[-1] if len(segments) > before else segments[stuff_segment[category] - 1]
+        seg["score"] = max(seg.get("score", 0.0), float(cur_scores[k]))
     return panoptic_seg, segments
 
 

@@ -1,0 +1,94 @@
+"""The test-time path of M2F-Lang: from an RGB image to a panoptic and a semantic prediction.
+
+Used alike by evaluation, ``dearli predict``, batch pseudo-labelling and the Mean-Teacher teacher:
+
+1. resize the shortest edge and pad to a multiple of 32 with the CLIP pixel mean (it normalises to 0,
+   as Mask2Former pads after normalising);
+2. backbone + pixel decoder + transformer decoder;
+3. optionally the geometric ensemble of the decoder's classes with zero-shot CLIP on mask-pooled dense
+   features (DEARLi's "ensemble in the teacher" when the teacher runs it);
+4. mask upsampling to the wanted size, Mask2Former panoptic and semantic inference.
+
+:func:`predict_image` does all four for one image of any size; :func:`predict_batch` runs 2-4 on a batch
+that is already at its working size (the teacher's weak views), keeping per-segment confidences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dearli.config import ModelConfig
+from dearli.model.ensemble import geometric_ensemble
+from dearli.model.inference import (
+    pad_to_multiple,
+    panoptic_inference,
+    postprocess_masks,
+    resize_shortest_edge,
+    semantic_inference,
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    panoptic: np.ndarray  # H×W int32 segment ids, 0 = unassigned
+    segments: list[dict]  # {"id", "isthing", "category_id" (contiguous), "score" (class probability)}
+    semantic: np.ndarray  # H×W uint8 contiguous class ids
+    extra: dict = field(default_factory=dict)
+
+
+def class_scores(model: torch.nn.Module, outputs: dict, alpha_clip: float) -> tuple[torch.Tensor, bool]:
+    """Per-query class scores B×Q×(K+1): decoder logits (``probs`` False) or ensembled probabilities (True)."""
+    if alpha_clip > 0:
+        return geometric_ensemble(outputs["pred_logits"], model.zero_shot_logits(outputs), alpha_clip), True
+    return outputs["pred_logits"], False
+
+
+@torch.no_grad()
+def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, thing_ids: tuple[int, ...],
+                  alpha_clip: float | None = None) -> Prediction:
+    """Panoptic and semantic prediction of one H×W×3 uint8 RGB image, at the image's own size.
+
+    ``alpha_clip`` is the CLIP weight of the geometric ensemble (default ``cfg.ensemble.alpha_clip``);
+    0 uses the decoder's classifier alone.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    alpha = cfg.ensemble.alpha_clip if alpha_clip is None else alpha_clip
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
+    resized = resize_shortest_edge(x, cfg.inference.test_short_side, cfg.inference.test_max_size)
+    padded = pad_to_multiple(resized, cfg.inference.size_divisibility, model.backbone.pixel_mean)
+    outputs = model(padded)
+    scores, probs = class_scores(model, outputs, alpha)
+    masks = postprocess_masks(outputs["pred_masks"][0], padded.shape[-2:], resized.shape[-2:], image.shape[:2])
+    return _infer(scores[0], probs, masks, cfg, thing_ids)
+
+
+@torch.no_grad()
+def predict_batch(model: torch.nn.Module, images: torch.Tensor, cfg: ModelConfig, thing_ids: tuple[int, ...],
+                  alpha_clip: float) -> list[Prediction]:
+    """Predictions of a batch of same-sized images at their own resolution (no test-time resize).
+
+    Args:
+        images: B×3×H×W RGB in [0, 255]; H and W multiples of ``cfg.inference.size_divisibility``.
+    Returns:
+        B predictions of size H×W; each segment carries its class probability as ``score``.
+    """
+    model.eval()
+    outputs = model(images.float())
+    scores, probs = class_scores(model, outputs, alpha_clip)
+    size = tuple(images.shape[-2:])
+    masks = F.interpolate(outputs["pred_masks"].float(), size=size, mode="bilinear", align_corners=False)
+    return [_infer(scores[b], probs, masks[b], cfg, thing_ids) for b in range(images.shape[0])]
+
+
+def _infer(scores: torch.Tensor, probs: bool, masks: torch.Tensor, cfg: ModelConfig,
+           thing_ids: tuple[int, ...]) -> Prediction:
+    """Q×(K+1) scores + Q×H×W mask logits -> :class:`Prediction`."""
+    panoptic, segments = panoptic_inference(scores, masks, thing_ids, cfg.inference.object_mask_threshold,
+                                            cfg.inference.overlap_threshold, probs=probs)
+    semantic = semantic_inference(scores, masks, probs=probs).argmax(0)
+    return Prediction(panoptic.cpu().numpy(), segments, semantic.to(torch.uint8).cpu().numpy())
