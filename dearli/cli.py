@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from collections.abc import Sequence
 
+from dearli.config import OVERRIDE
 from dearli.errors import DearliError
-
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override: key.sub=value
 
 # Modules that register top-level subcommands, in the order --help lists them.
 COMMAND_MODULES = (
     "dearli.data.synth.commands",  # dearli synth
     "dearli.data.commands",  # dearli data prepare-ade20k | prepare-coco-objects | check
     "dearli.evaluation.commands",  # dearli evaluate
-    "dearli.training.commands",  # dearli train
+    "dearli.stages.commands",  # dearli train [supervised] | warmup | ssl
     "dearli.predict.commands",  # dearli predict
+    "dearli.predict.pseudo_label_command",  # dearli pseudo-label
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
+    "dearli.pretrain.commands",  # dearli pretrain-clip
     "dearli.bench.commands",  # dearli bench evaluate | step | cache
 )
 
@@ -50,8 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare_argv(argv: Sequence[str]) -> list[str]:
+    """The arguments as the parser takes them: ``dearli train --dataset ...`` names its default stage."""
+    argv = list(argv)
+    if argv[:1] == ["train"]:
+        from dearli.stages.commands import default_stage
+
+        argv = default_stage(argv)
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = prepare_argv(sys.argv[1:] if argv is None else argv)
     # KEY=VALUE overrides may come anywhere after the command, also after options (argparse alone
     # stops collecting positionals at the first option).
     args, extra = parser.parse_known_args(argv)

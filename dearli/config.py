@@ -1,7 +1,8 @@
 """Configuration: frozen dataclasses, built from YAML presets, overridden from the command line.
 
 A run's configuration is ``Config``. It is built from the defaults below, then a preset shipped in
-``dearli/configs/<name>.yaml`` (or any YAML file), then ``key.sub=value`` overrides, and validated on
+``dearli/configs/<name>.yaml`` (or any YAML file; ``extends: <preset or file>`` merges it over another
+one), then ``key.sub=value`` overrides, and validated on
 the way: an unknown key, a value of the wrong type or an impossible value raises :class:`ConfigError`
 naming the dotted key. ``save_config`` writes the resolved configuration beside every run.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,12 +24,19 @@ import yaml
 from dearli.errors import ConfigError
 
 PRESETS_PACKAGE = "dearli.configs"
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override on a command line: key.sub=value
+PRESET_PARENT_KEY = "extends"  # a preset file may name the preset (or YAML file) it is merged over
+# COCO's training short sides (DEARLi/Mask2Former: int(0.1·k·512) for k = 5..20).
+COCO_SHORT_SIDES = (256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024)
+PRECISIONS = ("fp32", "amp")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    clip_model: str = "convnext_base_w"  # open_clip model name whose vision tower is a timm ConvNeXt
-    pretrained: str = "laion2b_s13b_b82k_augreg"  # open_clip pretrained tag or local checkpoint; "" = random
+    # The official DEARLi weights: ConvNeXt-B at 320 px, LAION-Aesthetic (the same architecture as convnext_base_w).
+    clip_model: str = "convnext_base_w_320"  # open_clip model name whose vision tower is a timm ConvNeXt
+    pretrained: str = "laion_aesthetic_s13b_b82k_augreg"  # open_clip pretrained tag or local checkpoint; "" = random
     input_size: int = 0  # unused by ConvNeXt (fully convolutional); kept 0, reserved for ViT towers
 
     def validate(self) -> None:
@@ -105,7 +114,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    object_mask_threshold: float = 0.8  # minimum class score of a kept query
+    # DEARLi's configs and its teacher keep every query whose best class is not void (0.0). Mask2Former's
+    # supervised 0.8 drops correct segments, whose ensembled (geometric mean) probability is rarely that high.
+    object_mask_threshold: float = 0.0  # minimum class score of a kept query
     overlap_threshold: float = 0.8  # minimum visible share of a kept mask
     test_short_side: int = 512  # test-time resize of the shortest edge
     test_max_size: int = 2048  # cap on the longest edge after resizing
@@ -129,17 +140,23 @@ class DataConfig:
     partition: str = ""  # partition name under the dataset's partition dir, e.g. "1_8"; "" = all labeled
     train_split: str = "train"  # split the partition selects from
     val_split: str = "val"  # split used for evaluation
-    crop_size: int = 512  # square training crop
-    min_scale: float = 0.5  # random resize of the short side, as a factor of crop_size
-    max_scale: float = 2.0
+    # Training resize as detectron2's ResizeShortestEdge("choice"): the short side is drawn uniformly from
+    # short_sides, then the long side is capped at max_size. Defaults are COCO's (int(0.1·k·512), k = 5..20).
+    crop_size: int = 512  # square training crop (images smaller than it are padded)
+    short_sides: tuple[int, ...] = COCO_SHORT_SIDES  # candidate short sides of the training resize
+    max_size: int = 2048  # cap on the long side after the training resize
     flip: bool = True  # random horizontal flip
-    color_jitter: float = 0.4  # brightness/contrast/saturation jitter strength; 0 disables
+    color_aug: bool = True  # SSD photometric distortion of labeled and warm-up images (upstream COLOR_AUG_SSD)
+    hue_delta: int = 18  # SSD hue shift bound in OpenCV units of 2 degrees (18 = ±36°); 0 keeps hues
     num_workers: int = 0  # DataLoader worker processes
 
     def validate(self) -> None:
         _require(self.crop_size % 32 == 0, "data.crop_size", f"must be a multiple of 32, got {self.crop_size}")
-        _require(0 < self.min_scale <= self.max_scale, "data.min_scale",
-                 "must be positive and <= data.max_scale")
+        _require(len(self.short_sides) > 0 and min(self.short_sides) > 0, "data.short_sides",
+                 f"must be a non-empty list of positive sizes, got {list(self.short_sides)}")
+        _require(self.max_size >= max(self.short_sides), "data.max_size",
+                 f"must be >= the largest of data.short_sides ({max(self.short_sides)}), got {self.max_size}")
+        _require(0 <= self.hue_delta <= 90, "data.hue_delta", f"must lie in [0, 90], got {self.hue_delta}")
 
 
 @dataclass(frozen=True)
@@ -157,11 +174,14 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 20000  # optimizer steps
-    batch_size: int = 16  # images per step (across all workers)
+    max_steps: int = 20000  # optimizer steps of the main stage (Mean Teacher) and of `dearli train`
+    batch_size: int = 16  # images per step (across all workers) of the supervised-only loop (`dearli train`)
+    # `dearli train` on a named partition runs this many steps instead of max_steps (the paper's supervised
+    # baselines: 10k at the smallest partition plus 10k for each larger one). {} = always max_steps.
+    supervised_steps: dict[str, int] = field(default_factory=dict)
     seed: int = 0  # seeds data order, augmentation and initialisation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision where a GPU exists (ignored on CPU)
+    amp: bool = True  # mixed precision where a GPU exists (ignored on CPU); Mean Teacher: ssl.precision
     log_every: int = 20  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
@@ -170,6 +190,9 @@ class TrainConfig:
     use_gpu: str = "auto"  # auto (GPU workers when the cluster has GPUs) | yes | no
     cpus_per_worker: float = 1.0  # logical CPUs each Train worker reserves
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
+    # How the workers' placement group uses the nodes: PACK (fewest nodes, the fastest DDP) | SPREAD (over the
+    # nodes, best effort: a restart after a lost node still fits on the others) | STRICT_PACK | STRICT_SPREAD.
+    placement_strategy: str = "PACK"
     max_failures: int = 3  # worker failures a stage survives (restart from its last checkpoint)
     keep_checkpoints: int = 2  # Ray Train checkpoints kept per stage (the newest ones)
     storage_path: str = ""  # Ray Train storage (path or pyarrow URI); "" = <run dir>/ray
@@ -180,8 +203,12 @@ class TrainConfig:
         _require(self.use_gpu in ("auto", "yes", "no"), "train.use_gpu",
                  f"must be auto, yes or no, got {self.use_gpu!r}")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
+                 f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
         _require(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
         _require(self.batch_size > 0, "train.batch_size", "must be positive")
+        for name, steps in self.supervised_steps.items():
+            _require(steps > 0, f"train.supervised_steps.{name}", f"must be positive, got {steps}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "train.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -214,20 +241,28 @@ class SSLConfig:
     teacher_gpus: float = -1.0  # GPUs per teacher actor; -1 = 1 when the cluster has GPUs, else 0
     teacher_cpus: float = 1.0  # logical CPUs per teacher actor
     teacher_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per teacher actor
-    teacher_batch_size: int = 2  # weak views per teacher call
-    publish_every: int = 10  # student steps between publications of the EMA weights to the teacher pool
+    publish_every: int = 5  # student steps between publications of the EMA weights to the teacher pool
+    prefetch: int = 2  # pseudo-label requests each Train worker keeps in flight (hides the teacher's latency)
     max_staleness: int = 10  # pseudo-labels made by weights older than this many steps are never used
     min_confidence: float = 0.0  # pseudo-label segments whose class probability is lower are left unlabeled
+    # Student and teacher arithmetic: fp32 | amp (bf16/fp16 autocast on GPUs). Upstream trains this stage in
+    # fp32 (a plain trainer, unlike its AMP warm-up and supervised runs): pseudo-labels come from softmaxes of
+    # cosine logits ×100, where bf16 rounding (~2⁻⁸ per cosine, ~0.4 logit) flips close class decisions.
+    precision: str = "fp32"
 
     def validate(self) -> None:
-        for name in ("labeled_batch_size", "unlabeled_batch_size", "teacher_actors", "teacher_batch_size",
-                     "publish_every"):
+        for name in ("labeled_batch_size", "unlabeled_batch_size", "teacher_actors", "publish_every"):
             _require(getattr(self, name) > 0, f"ssl.{name}", "must be positive")
+        _require(self.precision in PRECISIONS, "ssl.precision",
+                 f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(0.0 <= self.ema_decay < 1.0, "ssl.ema_decay", "must lie in [0, 1)")
         _require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
         _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
-        _require(self.max_staleness >= self.publish_every, "ssl.max_staleness",
-                 f"must be >= ssl.publish_every ({self.publish_every}): fresher labels cannot exist")
+        _require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
+        # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller
+        # bound would make the feed relabel nearly every batch (correct, but the student would wait for it).
+        _require(self.max_staleness >= self.publish_every + self.prefetch, "ssl.max_staleness",
+                 f"must be >= ssl.publish_every + ssl.prefetch ({self.publish_every + self.prefetch})")
 
 
 @dataclass(frozen=True)
@@ -278,6 +313,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -300,7 +339,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return None
     if isinstance(annotation, type) and not (isinstance(value, annotation) and
                                              not (annotation is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        # YAML reads 1_8 (a partition name) as the number 18: say how to keep it a string.
+        hint = " (quote it: YAML reads 1_8 as a number)" if annotation is str and isinstance(value, int) else ""
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}{hint}")
     return value
 
 
@@ -354,6 +395,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    if isinstance(value, (int, float)) and "_" in raw:
+        value = raw  # YAML 1.1 reads 1_8 as 18: a partition name such as 1_8 stays the text it is
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -364,34 +407,56 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path_or_preset: str) -> dict[str, Any]:
+def _preset_text(path_or_preset: str, relative_to: Path | None) -> tuple[str, str, Path | None]:
+    """(YAML text, name for errors, directory of the file or None for a shipped preset)."""
     path = Path(path_or_preset)
+    if relative_to is not None and not path.is_absolute() and path.suffix in (".yaml", ".yml"):
+        path = relative_to / path
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        text = path.read_text()
-        source = str(path)
-    else:
-        preset = resources.files(PRESETS_PACKAGE) / f"{path_or_preset}.yaml"
-        if not preset.is_file():
-            raise ConfigError(f"unknown preset {path_or_preset!r}; shipped presets: {', '.join(list_presets())}")
-        text = preset.read_text()
-        source = f"preset {path_or_preset}"
+        return path.read_text(), str(path), path.parent
+    preset = resources.files(PRESETS_PACKAGE) / f"{path_or_preset}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {path_or_preset!r}; shipped presets: {', '.join(list_presets())}")
+    return preset.read_text(), f"preset {path_or_preset}", None
+
+
+def _read_yaml(path_or_preset: str, relative_to: Path | None = None, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of a preset or YAML file, merged over those of the preset it ``extends`` (if any)."""
+    text, source, folder = _preset_text(path_or_preset, relative_to)
+    if source in chain:
+        raise ConfigError(f"{source}: '{PRESET_PARENT_KEY}' forms a cycle ({' -> '.join(chain + (source,))})")
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML ({err})") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    return values
+    parent = values.pop(PRESET_PARENT_KEY, None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{source}: '{PRESET_PARENT_KEY}' must name a preset or a YAML file, got {parent!r}")
+    return _merge(_read_yaml(parent, folder, chain + (source,)), values)
 
 
 def load_config(preset: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- preset (shipped name or YAML path) <- ``key=value`` overrides, validated."""
+    """Defaults <- preset (shipped name or YAML path, after the presets it extends) <- ``key=value``
+    overrides, validated."""
     values = _read_yaml(preset)
     for text in overrides:
         values = _merge(values, parse_override(text))
     return from_dict(Config, values)
+
+
+def supervised_config(cfg: Config) -> Config:
+    """``cfg`` for the supervised-only loop: ``train.max_steps`` from ``train.supervised_steps`` when that
+    table lists ``data.partition`` (the paper's baseline schedule), else unchanged."""
+    steps = cfg.train.supervised_steps.get(cfg.data.partition)
+    if steps is None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -1,19 +1,30 @@
-"""Main job on the embedded default: synthetic world -> supervised M2F-Lang (tiny) -> PQ / mIoU.
+"""Supervised baseline: synthetic world -> M2F-Lang (tiny) trained on the labeled partition only -> PQ / mIoU.
 
-Runs as a plain script or as a Ray job (``ray job submit -- python jobs/supervised.py``). Arguments
-after the options are configuration overrides, e.g. ``train.max_steps=2000``.
+Runs as a plain script or as a Ray job (``ray job submit -- python jobs/supervised.py``). Everything goes
+to an absolute workdir (default ``~/ray_results/dearli``, shared with ``jobs/ssl.py``: the same synthetic
+world is reused), never to the job's temporary working directory. Arguments after the options are
+configuration overrides, e.g. ``train.max_steps=2000``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
-from pathlib import Path
+
+# jobs/ holds ssl.py, named like the standard library's ssl: with jobs/ first on sys.path (as
+# ``python jobs/supervised.py`` puts it) every later ``import ssl`` would import that job file instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dearli.stages.workspace import DEFAULT_WORKDIR, next_run_name, resolve_workdir, synth_dataset
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="runs", help="where the dataset and run directories go")
+    parser.add_argument("--workdir", default=None,
+                        help=f"where the dataset and run directories go (default: {DEFAULT_WORKDIR})")
     parser.add_argument("--num-images", type=int, default=400, help="synthetic training images")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic validation images")
     parser.add_argument("--partition", default="1_8", help="labeled partition of the synthetic world")
@@ -24,19 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from dearli.cli import main as dearli
 
-    workdir = Path(args.workdir)
-    dataset = workdir / f"synth_{args.num_images}_{args.val_images}"
-    if not (dataset / "dataset.yaml").exists():
-        code = dearli(["synth", "--out", str(dataset), "--num-images", str(args.num_images),
-                       "--val-images", str(args.val_images), "--seed", "0"])
-        if code:
-            return code
-    run = workdir / "supervised"
-    index = 0
-    while (run_dir := Path(f"{run}_{index:03d}")).exists():  # never reuse a finished run
-        index += 1
-    return dearli(["train", "--dataset", str(dataset), "--partition", args.partition, "--out", str(run_dir),
+    echo = functools.partial(print, flush=True)  # a Ray job's stdout is a pipe
+    workdir = resolve_workdir(args.workdir)
+    echo(f"workdir: {workdir}")
+    dataset = synth_dataset(workdir, args.num_images, args.val_images, echo)
+    run_dir = workdir / "runs" / next_run_name(workdir / "runs", "supervised")  # never reuse a finished run
+    echo(f"run directory: {run_dir}")
+    code = dearli(["train", "--dataset", str(dataset), "--partition", args.partition, "--out", str(run_dir),
                    "--preset", args.preset, f"train.max_steps={args.steps}", *args.overrides])
+    if code == 0:
+        echo(f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, eval/)")
+    return code
 
 
 if __name__ == "__main__":

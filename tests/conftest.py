@@ -12,3 +12,13 @@ def ray_local():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store, artifacts in a temp dir), stopped at the end."""
+    pytest.importorskip("mlflow")
+    from _services import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url

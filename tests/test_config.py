@@ -8,7 +8,7 @@ from dearli.config import Config, from_dict, list_presets, load_config, save_con
 from dearli.errors import ConfigError
 
 
-@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
+@pytest.mark.parametrize("preset", list_presets())
 def test_presets_load_and_round_trip(preset, tmp_path):
     cfg = load_config(preset)
     assert isinstance(cfg, Config)
@@ -19,7 +19,7 @@ def test_presets_load_and_round_trip(preset, tmp_path):
 
 def test_presets_differ_where_the_paper_says():
     assert set(list_presets()) >= {"tiny", "base", "large"}
-    assert load_config("base").model.backbone.clip_model == "convnext_base_w"
+    assert load_config("base").model.backbone.clip_model == "convnext_base_w_320"
     assert load_config("large").model.backbone.clip_model == "convnext_large_d_320"
     assert load_config("base").model.transformer_decoder.num_queries == 200
     assert load_config("tiny").model.backbone.pretrained == ""
@@ -42,6 +42,14 @@ def test_overrides_apply_and_parse_types():
     ("model.ensemble.alpha_clip=1.5", "model.ensemble.alpha_clip: must lie in [0, 1]"),
     ("data.crop_size=100", "data.crop_size: must be a multiple of 32"),
     ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),
+    ("data.short_sides=[]", "data.short_sides: must be a non-empty list"),
+    ("data.short_sides=[512, x]", "data.short_sides[1]: expected int"),
+    ("data.short_sides=640", "data.short_sides: expected a list"),
+    ("data.max_size=100", "data.max_size: must be >= the largest of data.short_sides (160)"),
+    ("data.hue_delta=91", "data.hue_delta: must lie in [0, 90]"),
+    ("ssl.precision=bf16", "ssl.precision: must be one of fp32, amp"),
+    ("train.supervised_steps={1_8: 100}", "train.supervised_steps: expected str, got int 18 (quote it"),
+    ("train.supervised_steps.1_8=0", "train.supervised_steps.1_8: must be positive"),
     ("nonsense", "expected key.sub=value"),
 ])
 def test_bad_config_is_named(override, message):
@@ -69,3 +77,23 @@ def test_save_config_never_replaces_a_different_one(tmp_path):
 def test_cli_without_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage: dearli" in capsys.readouterr().out
+
+
+def test_preset_files_extend_presets_and_files(tmp_path):
+    (tmp_path / "parent.yaml").write_text("extends: tiny\noptim:\n  lr: 0.5\ntrain:\n  max_steps: 9\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\ntrain:\n  max_steps: 3\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    # child over parent (relative to the child's folder) over the shipped tiny preset over the defaults
+    assert cfg.train.max_steps == 3 and cfg.optim.lr == 0.5
+    assert cfg.model.backbone.clip_model == load_config("tiny").model.backbone.clip_model
+    (tmp_path / "loop_a.yaml").write_text("extends: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("extends: loop_a.yaml\n")
+    with pytest.raises(ConfigError, match="forms a cycle"):
+        load_config(str(tmp_path / "loop_a.yaml"))
+    (tmp_path / "orphan.yaml").write_text("extends: nope\n")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(str(tmp_path / "orphan.yaml"))
+    (tmp_path / "bad.yaml").write_text("extends: [tiny]\n")
+    with pytest.raises(ConfigError, match="'extends' must name a preset or a YAML file"):
+        load_config(str(tmp_path / "bad.yaml"))
+    assert "extends" not in to_dict(cfg)

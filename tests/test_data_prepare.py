@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 from _panoptic_factory import random_image, write_partition, write_split
 from PIL import Image
 
 from dearli.cli import main
-from dearli.data.classes import ade20k_instance_to_category
+from dearli.data.classes import ade20k_instance_to_category, load_vocabulary
 from dearli.data.dataset import load_dataset
 from dearli.data.prepare_ade20k import prepare_ade20k
 from dearli.data.prepare_coco_objects import prepare_coco_objects
@@ -82,6 +83,11 @@ def test_prepare_ade20k(ade_root, tmp_path):
     assert segs[2]["area"] == 15 and segs[2]["bbox"] == [1, 2, 3, 5]
 
     info = load_dataset(out)
+    # The classes are named by the official ADE20K-150 vocabulary; the JSON keeps the benchmark's names.
+    assert yaml.safe_load((out / "dataset.yaml").read_text())["vocabulary"] == "ade20k_150"
+    assert info.categories.synonyms[0] == ("wall", "walls", "brick wall", "stone wall", "interior wall")
+    assert info.categories.synonyms == [load_vocabulary("ade20k_150")[k] for k in range(150)]
+    assert data["categories"][0]["name"] == "wall" and info.categories.names[0] == "wall"
     split = info.split("train")
     rec = split.record("ADE_train_00000001")
     assert rec.image_id == "ADE_train_00000001"
@@ -97,6 +103,19 @@ def test_prepare_ade20k(ade_root, tmp_path):
     val = info.split("val")
     assert [s.category_id for s in val.records[0].segments_info] == [0, 2, 3]  # no instance: bed pixels VOID
     assert val.load_image(val.records[0]).shape == (10, 12, 3)
+
+
+def test_prepare_ade20k_keeps_a_users_classes_json(ade_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    names = [{"id": k, "name": f"class {k},thing {k}", "isthing": int(k in (7, 12))} for k in range(150)]
+    (out / "classes.json").write_text(json.dumps(names))
+    before = (out / "classes.json").read_bytes()
+    prepare_ade20k(ade_root, out, progress=False)
+    assert (out / "classes.json").read_bytes() == before  # never rewritten
+    info = load_dataset(out)
+    assert info.classes_file == out / "classes.json"
+    assert info.categories.synonyms[3] == ("class 3", "thing 3")  # the user's names win over the vocabulary
 
 
 def test_prepare_ade20k_refuses_to_overwrite(ade_root, tmp_path, capsys):
@@ -151,6 +170,12 @@ def test_prepare_coco_objects(coco_root):
     cats = info.categories
     assert cats.dataset_ids == (0, 1, 3) and cats.names == ["background", "person", "car"]
     assert cats.thing_ids == (1, 2)
+    # COCO's classes: the source is named by the COCO panoptic vocabulary, the output by COCO-Objects'.
+    assert source.categories.synonyms[0] == load_vocabulary("coco_panoptic")[1]
+    assert yaml.safe_load((out / "dataset.yaml").read_text())["vocabulary"] == "coco_objects"
+    assert cats.synonyms == [load_vocabulary("coco_objects")[k] for k in (0, 1, 3)]
+    written = json.loads((out / "annotations" / "panoptic_train.json").read_text())["categories"]
+    assert [c["name"] for c in written] == ["background", "person", "car"]  # no synonyms in the JSON
     for name in ("train", "val"):
         src_split, split = source.split(name), info.split(name)
         assert [r.image_id for r in split.records] == [r.image_id for r in src_split.records]

@@ -1,5 +1,6 @@
 """Geometric ensemble (fixture parity), alpha schedules, mask pooling and the zero-shot CLIP branch."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -128,3 +129,48 @@ def test_zero_shot_logits(backbone):
     assert torch.equal(no_void, logits[..., :-1])
     probs = geometric_ensemble(torch.randn(1, 3, 3), logits, 0.4)
     assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(1, 3))
+
+
+def test_ensemble_runs_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    mask_cls = (torch.randn(2, 10, 6) * 20).bfloat16()
+    clip_cls = (torch.randn(2, 10, 6) * 20).bfloat16()
+    reference = geometric_ensemble(mask_cls.float(), clip_cls.float(), 0.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = geometric_ensemble(mask_cls, clip_cls, torch.full((2, 10, 1), 0.4))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-6)
+
+
+def test_zero_shot_logits_run_in_fp32_under_autocast(backbone):
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        dense = backbone(images)["clip_vis_dense"]
+    masks = torch.randn(1, 5, 16, 16)
+    text = class_text_embeddings(backbone, [["cat", "kitten"], ["sky"], ["road"]])
+    reference = zero_shot_logits(backbone, dense, masks, text, append_void=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = zero_shot_logits(backbone, dense.bfloat16().float(), masks, text, append_void=False)
+    assert mixed.dtype == torch.float32
+    # dense went through bf16 once (as a bf16 backbone would give it); everything after is fp32.
+    torch.testing.assert_close(mixed, zero_shot_logits(backbone, dense.bfloat16().float(), masks, text,
+                                                       append_void=False), rtol=0, atol=1e-5)
+    assert (mixed - reference).abs().max() < 0.5
+
+
+def test_empty_mask_gets_the_logits_of_a_zero_pooled_vector(backbone):
+    """An empty mask pools to zero, but CLIP's head (LayerNorm first) maps zero to a fixed, non-zero vector."""
+    backbone = copy.deepcopy(backbone)
+    with torch.no_grad():  # a trained LayerNorm has a bias; the random tiny CLIP's is still 0
+        backbone.clip.visual.trunk.head.norm.bias.normal_()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        dense = backbone(images)["clip_vis_dense"]
+    masks = torch.full((1, 2, 16, 16), -1.0)  # nothing above 0: empty at every resolution
+    text = class_text_embeddings(backbone, [["cat"], ["sky"], ["road"]])
+    logits = zero_shot_logits(backbone, dense, masks, text, append_void=False)
+    with torch.no_grad():
+        zero = F.normalize(backbone.visual_prediction(torch.zeros(1, dense.shape[1])), dim=-1)
+        expected = backbone.logit_scale * zero @ text.embeddings.t()
+    torch.testing.assert_close(logits[0], expected.expand(2, -1), rtol=0, atol=1e-4)
+    assert logits.abs().max() > 1e-3  # not the all-zero "uniform opinion"

@@ -135,7 +135,7 @@ def test_cli_semseg_json(capsys):
     result = json.loads(capsys.readouterr().out)
     expected = evaluate_semseg_panoptic(root / "gt.json", root / "gt", root / "pred.json", root / "pred",
                                         workers=1, progress=False)
-    assert result["semseg"]["miou"] == pytest.approx(expected["miou"])
-    assert set(result["semseg"]["per_class"]) == {str(c["id"]) for c in
+    assert result["semseg_pan"]["miou"] == pytest.approx(expected["miou"])
+    assert set(result["semseg_pan"]["per_class"]) == {str(c["id"]) for c in
                                                    json.loads((root / "gt.json").read_text())["categories"]}
     assert result["All"]["pq"] == pytest.approx(expected["pq"]["All"]["pq"])

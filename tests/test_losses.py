@@ -191,7 +191,7 @@ def test_gradients_reach_logits_and_masks():
     assert outputs["pred_masks"].grad.abs().sum() > 0
 
 
-def test_class_agnostic_mode_gives_no_class_gradient():
+def test_class_agnostic_mode_multiplies_the_class_loss_by_zero():
     torch.manual_seed(0)
     targets, _ = two_images()
     for t in targets:
@@ -201,10 +201,44 @@ def test_class_agnostic_mode_gives_no_class_gradient():
     criterion = build_criterion(small_cfg(class_weight=0.0), NUM_CLASSES)
     assert criterion.matcher.cost_class == 0
     losses = criterion(outputs, targets)
-    assert set(losses) == {"loss_mask", "loss_dice", "loss_mask_0", "loss_dice_0"}
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"}
+    assert losses["loss_ce"].item() == 0.0 and losses["loss_ce_0"].item() == 0.0
     total_loss(losses).backward()
-    assert outputs["pred_logits"].grad is None and outputs["aux_outputs"][0]["pred_logits"].grad is None
+    # Zero gradients, not missing ones: the optimizer still sees (and decays) the class head.
+    for logits in (outputs["pred_logits"], outputs["aux_outputs"][0]["pred_logits"]):
+        assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
     assert outputs["pred_masks"].grad.abs().sum() > 0
+    # A class head of another size than the criterion's K (e.g. the vocabulary of the warm-up dataset).
+    wide = {k: v.detach() for k, v in random_outputs(2).items()}
+    wide["pred_logits"] = torch.randn(2, NUM_QUERIES, NUM_CLASSES + 4)
+    assert criterion(wide, targets)["loss_ce"].item() == 0.0
+
+
+def test_warmup_step_changes_the_class_head_by_weight_decay_only():
+    """DeWa (class weight 0): after a step, the class head equals an AdamW step with zero gradients."""
+    from dearli.bench.step import synthetic_batch
+    from dearli.config import load_config
+    from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.training.optim import build_optimizer
+    from dearli.training.step import make_grad_scaler, train_step
+
+    cfg = load_config("tiny", ["model.loss.num_points=256", "model.loss.class_weight=0", "optim.lr=0.01",
+                               "optim.weight_decay=0.5"])
+    torch.manual_seed(0)
+    model = build_m2f_lang(cfg.model, [["red"], ["blue"], ["sky"]])
+    head = model.transformer_decoder.class_head
+    before = {name: p.detach().clone() for name, p in head.named_parameters()}
+    optimizer = build_optimizer(model, cfg.optim)
+    criterion = build_criterion(cfg.model.loss, 3)
+    train_step(model, criterion, optimizer, synthetic_batch(2, 64), cfg, make_grad_scaler(torch.device("cpu"), False),
+               torch.device("cpu"))
+    decayed = 1 - cfg.optim.lr * cfg.optim.weight_decay  # AdamW with zero gradients: p <- p (1 - lr wd)
+    for name, param in head.named_parameters():
+        expected = before[name] if name == "void_embedding" else before[name] * decayed
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(head.logit_scale.detach(), before["logit_scale"])  # decayed, as upstream
+    moved = model.transformer_decoder.mask_embed.layers[0].weight
+    assert moved.grad is not None and moved.grad.abs().sum() > 0  # the mask branch did learn
 
 
 def test_aux_losses_present_with_same_weights():

@@ -168,3 +168,22 @@ def test_classifier_with_real_text_embeddings(backbone):
     clf = TextClassifier(16, backbone.embed_dim, ClassifierConfig())
     clf.set_text_embeddings(*text)
     assert clf(torch.randn(2, 4, 16)).shape == (2, 4, len(CLASSES) + 1)
+
+
+def test_classifier_runs_in_fp32_under_autocast():
+    """bf16 autocast (the student under AMP) must not reach the cosine logits: they are scaled by up to 100."""
+    clf = make_classifier(embed_dim=64, num_text=40, index=tuple(range(20)) * 2)
+    with torch.no_grad():
+        clf.logit_scale.fill_(math.log(100.0))
+    queries = torch.randn(2, 50, 16).bfloat16().float()  # values a bf16 decoder could hand over
+    with torch.no_grad():
+        reference = clf(queries)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = clf(queries)
+            # What the head would give if autocast reached it: off by far more than the tolerance below.
+            x = F.normalize(clf.class_embed(queries), dim=-1)
+            bf16_cos = (x @ clf.text_embeddings.t()).float() * 100
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-4)
+    x = F.normalize(clf.class_embed(queries), dim=-1)
+    assert (bf16_cos - (x @ clf.text_embeddings.t()) * 100).abs().max() > 1e-2

@@ -8,6 +8,7 @@ from PIL import Image
 
 from dearli.cli import main
 from dearli.data.coco_format import rgb2id
+from dearli.data.dataset import load_dataset
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.training.checkpoint import load_checkpoint
 
@@ -36,12 +37,21 @@ def test_train_checkpoints_evaluates_and_resumes(synth, tmp_path, capsys):
     # evaluation wrote one valid panoptic PNG per validation image, with ids matching the JSON
     eval_dir = run / "eval" / "step_0000004"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert set(metrics["summary"]) == {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"}
+    assert set(metrics["summary"]) == {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "mIoU_pan"}
     pred = json.loads((eval_dir / "panoptic.json").read_text())
     assert len(pred["annotations"]) == 4
     for ann in pred["annotations"]:
         ids = set(np.unique(rgb2id(np.asarray(Image.open(eval_dir / "panoptic" / ann["file_name"])))).tolist())
         assert ids - {0} == {s["id"] for s in ann["segments_info"]}
+    # mIoU_pan is the number `dearli evaluate --semseg` gives for the same predictions (printed as mIoU_pan)
+    val = load_dataset(synth).split("val")
+    capsys.readouterr()
+    assert main(["evaluate", "--gt-json", str(val.json_path), "--gt-dir", str(val.records[0].panoptic_path.parent),
+                 "--pred-json", str(eval_dir / "panoptic.json"), "--pred-dir", str(eval_dir / "panoptic"),
+                 "--semseg", "--json", "--workers", "1", "--no-progress"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert 100 * scored["semseg_pan"]["miou"] == pytest.approx(metrics["summary"]["mIoU_pan"])
+    assert 100 * scored["All"]["pq"] == pytest.approx(metrics["summary"]["PQ"])
 
     # a used run directory is never silently reused
     assert main([*args, "train.max_steps=6"]) == 1
@@ -73,7 +83,7 @@ def test_resume_continues_from_the_last_checkpoint(synth, tmp_path, capsys):
     capsys.readouterr()
     assert main(pred) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary) == {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"}
+    assert set(summary) == {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "mIoU_pan"}
     assert all(0.0 <= v <= 100.0 for v in summary.values())
     assert main(pred) == 1
     assert "refusing to overwrite" in capsys.readouterr().err

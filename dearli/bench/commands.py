@@ -10,6 +10,7 @@ BENCH_MODULES = (
     "dearli.bench.evaluate",  # dearli bench evaluate
     "dearli.bench.step",  # dearli bench step
     "dearli.bench.cache",  # dearli bench cache
+    "dearli.bench.ssl",  # dearli bench ssl
 )
 
 

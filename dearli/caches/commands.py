@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from dearli.config import CacheConfig, InferenceConfig
@@ -26,12 +27,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="actors in the pool, each holding one copy of the model (default: 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                         help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
+    parser.add_argument("--resources", default=None, metavar="JSON",
+                        help="custom Ray resources per actor, e.g. '{\"dearli_cache\": 1}': the actors run only on "
+                        "nodes that offer them (default: any node)")
     parser.add_argument("--images-per-part", type=int, default=_CACHE.images_per_part, metavar="K",
                         help=f"images per committed part (default: {_CACHE.images_per_part})")
     parser.add_argument("--limit", type=int, default=0, metavar="N",
                         help="process at most N missing images in this run (default: all)")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="P",
                         help="images with more pixels are recorded as failures (default: 64M)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and progress bars (default: warnings and our progress only)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,7 +94,8 @@ def image_rows(dataset: str, split: str) -> tuple[Any, list[dict[str, Any]]]:
     """(DatasetInfo, rows {image_id, stem, image_path, height, width}) of one split."""
     from dearli.data.dataset import load_dataset
 
-    info = load_dataset(dataset)
+    # Absolute paths: the actors of a cluster run in other working directories.
+    info = load_dataset(Path(dataset).expanduser().resolve())
     rows = [{"image_id": str(r.image_id), "stem": r.stem, "image_path": str(r.image_path),
              "height": int(r.height), "width": int(r.width)} for r in info.split(split).records]
     return info, rows
@@ -99,8 +106,26 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.actors < 1 or args.images_per_part < 1 or args.limit < 0:
         raise ConfigError("--actors and --images-per-part must be positive, --limit >= 0")
-    return {"actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-            "images_per_part": args.images_per_part, "limit": args.limit}
+    return {"actors": args.actors, "gpus_per_actor": args.gpus_per_actor, "resources": parse_resources(args.resources),
+            "images_per_part": args.images_per_part, "limit": args.limit, "verbose": args.verbose, "echo": print}
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``--resources`` JSON -> {resource name: amount}; anything else is a one-line ConfigError."""
+    import json
+
+    from dearli.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"--resources: not JSON ({err}); give e.g. '{{\"dearli_cache\": 1}}'") from err
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                              for k, v in value.items()):
+        raise ConfigError(f"--resources: must map resource names to positive numbers, got {text}")
+    return {k: float(v) for k, v in value.items()}
 
 
 def _worker_extra(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +148,9 @@ def run_sam(args: argparse.Namespace) -> int:
     from dearli.caches.job import run_cache_job
     from dearli.caches.workers import SamWorker
 
-    spec = GeneratorSpec(kind=args.generator, sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint,
+    # The actors load the weights: on a cluster that is another node, in another working directory.
+    checkpoint = str(Path(args.sam_checkpoint).expanduser().resolve()) if args.sam_checkpoint else ""
+    spec = GeneratorSpec(kind=args.generator, sam_type=args.sam_type, sam_checkpoint=checkpoint,
                          points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                          pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
     spec.validate()

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from dearli.caches.generators import GeneratorSpec, build_generator
 from dearli.caches.records import CLIP_SCHEMA, DEFAULT_MAX_PIXELS, SAM_SCHEMA, clip_row, load_rgb, sam_row
-from dearli.caches.store import ERROR_SCHEMA, ERRORS_DIR, CacheStore
+from dearli.caches.store import ERROR_SCHEMA, ERRORS_DIR, CacheStore, StaleWriterError
 from dearli.errors import DataError
 
 STATUS_DONE = "done"
@@ -58,6 +58,8 @@ class CacheWorker:
                 rows.append(self._one(item))
                 status.append(STATUS_DONE)
                 reasons.append("")
+            except StaleWriterError:  # a newer run owns the output: this batch must not leave anything
+                raise
             except Exception as err:  # one bad image must not stop the job: record it and go on
                 reason = err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
                 errors.append({"image_id": str(item["image_id"]), "stem": item["stem"],

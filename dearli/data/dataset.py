@@ -14,7 +14,13 @@ from typing import Any
 
 import yaml
 
-from dearli.data.classes import read_classes_json
+from dearli.data.classes import (
+    VOCABULARIES,
+    apply_vocabulary,
+    own_classes_file,
+    read_classes_json,
+    vocabulary_matches,
+)
 from dearli.data.panoptic import CategoryMap, PanopticSplit
 from dearli.data.panoptic_json import read_split
 from dearli.data.partitions import Partition, partition_names, read_partition
@@ -46,13 +52,15 @@ class DatasetInfo:
 
     def __init__(self, root: str | Path, name: str, splits: dict[str, SplitSpec],
                  classes_file: str | None = None, partitions_dir: str | None = None,
-                 source: Path | None = None):
+                 source: Path | None = None, vocabulary: str | None = None):
         self.root = Path(root)
         self.name = name
         self.splits = dict(splits)
         self.classes_file = None if classes_file is None else self.root / classes_file
         self.partitions_dir = None if partitions_dir is None else self.root / partitions_dir
         self.source = source if source is not None else self.root / DATASET_FILE
+        self.vocabulary = vocabulary  # shipped synonym lists for the classes (classes_file overrides them)
+        self.strict_vocabulary = True  # False: use the vocabulary only if the classes are its benchmark's
         self._categories: CategoryMap | None = None
         self._cache: dict[str, PanopticSplit] = {}
 
@@ -65,13 +73,13 @@ class DatasetInfo:
 
     @property
     def categories(self) -> CategoryMap:
-        """From ``classes.json`` when given, else from the first split's panoptic JSON."""
+        """From ``classes.json`` when given, else from the first split's panoptic JSON (with the synonyms
+        of the dataset's vocabulary, if it names one)."""
         if self._categories is None:
             if self.classes_file is not None:
                 self._categories = CategoryMap(read_classes_json(self.classes_file), self.classes_file)
             else:
-                first = "train" if "train" in self.splits else next(iter(self.splits))
-                self._categories = self.split(first).categories
+                self.split("train" if "train" in self.splits else next(iter(self.splits)))
         return self._categories
 
     def split(self, name: str, problems: list[DataError] | None = None) -> PanopticSplit:
@@ -90,6 +98,10 @@ class DatasetInfo:
             categories=cats, name=name, problems=problems)
         if self._categories is None:
             self._categories = split.categories
+            if self.vocabulary is not None and (self.strict_vocabulary or
+                                                vocabulary_matches(split.categories, self.vocabulary)):
+                self._categories = split.categories = apply_vocabulary(split.categories, self.vocabulary,
+                                                                       self.source)
         if problems is None:
             self._cache[name] = split
         return split
@@ -150,7 +162,11 @@ def read_dataset_yaml(root: Path, source: Path) -> DatasetInfo:
     partitions = _field(data, "partitions", "", source, required=False)
     if partitions is not None and not (root / partitions).is_dir():
         raise DataError(source, f"field 'partitions': directory {root / partitions} does not exist")
-    return DatasetInfo(root, name, specs, classes, partitions, source)
+    vocabulary = _field(data, "vocabulary", "", source, required=False)
+    if vocabulary is not None and vocabulary not in VOCABULARIES:
+        raise DataError(source, f"field 'vocabulary': unknown vocabulary '{vocabulary}' "
+                                f"(shipped: {', '.join(VOCABULARIES)})")
+    return DatasetInfo(root, name, specs, classes, partitions, source, vocabulary)
 
 
 def _first_dir(root: Path, *candidates: str) -> str | None:
@@ -158,7 +174,9 @@ def _first_dir(root: Path, *candidates: str) -> str | None:
 
 
 def detect_layout(root: Path) -> DatasetInfo | None:
-    """A DatasetInfo for a standard COCO panoptic or Mask2Former-ADE20K layout, or None."""
+    """A DatasetInfo for a standard COCO panoptic or Mask2Former-ADE20K layout, or None. Its classes are
+    named by the shipped COCO / ADE20K vocabulary when they are that benchmark's, or by the directory's
+    classes.json if it has one."""
     specs: dict[str, SplitSpec] = {}
     for split in ("train", "val"):
         coco_json = f"annotations/panoptic_{split}2017.json"
@@ -175,7 +193,10 @@ def detect_layout(root: Path) -> DatasetInfo | None:
     if not specs:
         return None
     name = "coco" if any(s.image_dir.endswith("2017") for s in specs.values()) else "ade20k"
-    return DatasetInfo(root, name, specs, None, _first_dir(root, "partitions"), root)
+    info = DatasetInfo(root, name, specs, own_classes_file(root), _first_dir(root, "partitions"), root,
+                       "coco_panoptic" if name == "coco" else "ade20k_150")
+    info.strict_vocabulary = False
+    return info
 
 
 def load_dataset(root: str | Path) -> DatasetInfo:
@@ -196,7 +217,7 @@ def load_dataset(root: str | Path) -> DatasetInfo:
 
 def write_dataset_yaml(root: str | Path, name: str, splits: dict[str, SplitSpec],
                        classes: str | None = None, partitions: str | None = None,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, vocabulary: str | None = None) -> Path:
     """Write ``root/dataset.yaml``; refuses to replace an existing one unless ``overwrite``."""
     path = Path(root) / DATASET_FILE
     if path.exists() and not overwrite:
@@ -204,6 +225,8 @@ def write_dataset_yaml(root: str | Path, name: str, splits: dict[str, SplitSpec]
     data: dict[str, Any] = {"name": name}
     if classes is not None:
         data["classes"] = classes
+    if vocabulary is not None:
+        data["vocabulary"] = vocabulary
     data["splits"] = {k: v.to_dict() for k, v in splits.items()}
     if partitions is not None:
         data["partitions"] = partitions

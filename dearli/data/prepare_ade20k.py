@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dearli.data.classes import ade20k_instance_to_category, load_class_names
+from dearli.data.classes import ade20k_instance_to_category, load_class_names, own_classes_file
 from dearli.data.coco_format import IGNORE_LABEL
 from dearli.data.dataset import DATASET_FILE, SplitSpec, write_dataset_yaml
 from dearli.data.writing import (
@@ -165,7 +165,8 @@ def prepare_ade20k(root: str | Path, out: str | Path | None = None, overwrite: b
                    partitions: str | Path | None = None, workers: int = 1, progress: bool = True) -> Path:
     """Convert ``root`` (ADEChallengeData2016 with ``annotations_instance``) and write ``out/dataset.yaml``.
 
-    ``out`` defaults to ``root``. Existing outputs are never replaced unless ``overwrite``.
+    ``out`` defaults to ``root``. Existing outputs are never replaced unless ``overwrite``. The classes are
+    named by the shipped ``ade20k_150`` vocabulary, or by ``out/classes.json`` if the user put one there.
     Returns the output directory.
     """
     root = Path(root)
@@ -194,5 +195,6 @@ def prepare_ade20k(root: str | Path, out: str | Path | None = None, overwrite: b
         specs[split] = SplitSpec(relative_to(root / "images" / folder, out), json_path.name, pan_dir.name,
                                  sem_dir.name)
     parts = None if partitions is None else relative_to(Path(partitions), out)
-    write_dataset_yaml(out, "ade20k", specs, partitions=parts, overwrite=overwrite)
+    write_dataset_yaml(out, "ade20k", specs, classes=own_classes_file(out), partitions=parts, overwrite=overwrite,
+                       vocabulary="ade20k_150")
     return out

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from dearli.data.classes import BACKGROUND_ID, BACKGROUND_NAME
+from dearli.data.classes import (
+    BACKGROUND_ID,
+    BACKGROUND_NAME,
+    load_vocabulary,
+    own_classes_file,
+    vocabulary_matches,
+)
 from dearli.data.dataset import DATASET_FILE, SplitSpec, load_dataset, write_dataset_yaml
 from dearli.data.panoptic import Category, CategoryMap, PanopticRecord, read_segment_map
 from dearli.data.writing import (
@@ -66,6 +72,14 @@ def convert_to_objects(segment_map: np.ndarray, things: list[tuple[int, int, boo
     return out, semantic, segments
 
 
+def _dataset_names(info: Any) -> CategoryMap:
+    """The input's categories without the synonyms its vocabulary gave them: those stay out of the written
+    JSON (the output names its own vocabulary in dataset.yaml instead)."""
+    vocabulary = load_vocabulary(info.vocabulary) if info.vocabulary is not None else {}
+    return CategoryMap([Category(c.id, c.name, c.isthing, (c.name,) if vocabulary.get(c.id) == c.synonyms
+                                 else c.synonyms, c.color) for c in info.categories.categories], info.source)
+
+
 @dataclass(frozen=True)
 class _Job:
     record: PanopticRecord
@@ -100,7 +114,9 @@ def prepare_coco_objects(root: str | Path, out: str | Path | None = None, overwr
     """Convert the panoptic dataset at ``root`` (COCO layout or dataset.yaml) into ``out``.
 
     ``out`` defaults to ``root/coco_objects``; images are not copied (dataset.yaml points at them).
-    Partitions default to the input's. Existing outputs are never replaced unless ``overwrite``.
+    Partitions default to the input's. Existing outputs are never replaced unless ``overwrite``. When
+    the classes are COCO's, the output's dataset.yaml names the shipped ``coco_objects`` vocabulary;
+    ``out/classes.json``, if the user put one there, names the classes instead.
     """
     info = load_dataset(root)
     out = Path(root) / "coco_objects" if out is None else Path(out)
@@ -109,7 +125,7 @@ def prepare_coco_objects(root: str | Path, out: str | Path | None = None, overwr
     categories: CategoryMap | None = None
     for name in info.split_names:
         split = info.split(name)
-        categories = categories or objects_categories(info.categories, split.json_path)
+        categories = categories or objects_categories(_dataset_names(info), split.json_path)
         json_path, pan_dir, sem_dir = _outputs(out, name)
         pan_dir.mkdir(parents=True, exist_ok=True)
         sem_dir.mkdir(parents=True, exist_ok=True)
@@ -124,5 +140,7 @@ def prepare_coco_objects(root: str | Path, out: str | Path | None = None, overwr
                                 relative_to(pan_dir, out), relative_to(sem_dir, out))
     part_dir = Path(partitions) if partitions is not None else info.partitions_dir
     parts = None if part_dir is None else relative_to(part_dir, out)
-    write_dataset_yaml(out, "coco_objects", specs, partitions=parts, overwrite=overwrite)
+    vocabulary = "coco_objects" if categories is not None and vocabulary_matches(categories, "coco_objects") else None
+    write_dataset_yaml(out, "coco_objects", specs, classes=own_classes_file(out), partitions=parts,
+                       overwrite=overwrite, vocabulary=vocabulary)
     return out

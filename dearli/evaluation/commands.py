@@ -1,4 +1,4 @@
-"""``dearli evaluate``: panoptic quality (and optionally mIoU) of COCO panoptic predictions."""
+"""``dearli evaluate``: panoptic quality (and optionally mIoU_pan) of COCO panoptic predictions."""
 
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pred-json", required=True, help="prediction COCO panoptic JSON")
     parser.add_argument("--pred-dir", required=True, help="folder of the predicted panoptic PNG files")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object: All/Things/Stuff {pq, sq, rq, n} and per_class, as fractions")
+                        help="print one JSON object: All/Things/Stuff {pq, sq, rq, n} and per_class, as fractions "
+                        "(with --semseg also semseg_pan: miou, fwiou, macc, pacc and per_class)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: number of CPUs; 1 = in this process)")
     parser.add_argument("--semseg", action="store_true",
-                        help="also report mIoU, fwIoU, mACC and pACC of the predictions turned into semantic maps "
-                        "(classes = GT categories by increasing id; VOID = ignore)")
+                        help="also report mIoU_pan, fwIoU_pan, mACC_pan and pACC_pan: the panoptic predictions "
+                        "turned into semantic maps (each segment's pixels get its class, unassigned pixels are "
+                        "misses; classes = GT categories by increasing id; GT VOID = ignore). This is not the mIoU "
+                        "of 'dearli train' and 'dearli predict', which score the model's semantic inference as "
+                        "detectron2 does; they print this number as mIoU_pan too")
     parser.add_argument("--per-class", action="store_true", help="list every class in the table")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parser.add_argument("--gt-cache-dir", default=None,
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         out = {group: pq[group] for group in ("All", "Things", "Stuff")}
         out["per_class"] = {str(cid): {"name": names[cid], **vals} for cid, vals in pq["per_class"].items()}
         if semseg is not None:
-            out["semseg"] = _semseg_json(semseg, classes, names)
+            out["semseg_pan"] = _semseg_json(semseg, classes, names)
         json.dump(out, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
         return 0
@@ -93,7 +97,7 @@ def _print_table(pq: dict, names: dict, per_class: bool) -> None:
 
 def _print_semseg(semseg: dict, classes: dict, names: dict, per_class: bool) -> None:
     print()
-    print("  ".join(f"{label} {100 * semseg[key]:5.1f}" for label, key in
+    print("  ".join(f"{label}_pan {100 * semseg[key]:5.1f}" for label, key in
                     (("mIoU", "miou"), ("fwIoU", "fwiou"), ("mACC", "macc"), ("pACC", "pacc"))))
     if per_class:
         for cid, k in classes.items():

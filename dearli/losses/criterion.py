@@ -1,7 +1,7 @@
 """Mask2Former set criterion: Hungarian matching, then class CE and point-sampled mask BCE + dice.
 
 Target format (one dict per image, ``len(targets) == B``):
-    "labels": (N,) int64 class ids in [0, K) — ignored when the class weight is 0;
+    "labels": (N,) int64 class ids in [0, K) — ignored (may be anything) when the class weight is 0;
     "masks":  N×H×W bool/float binary masks.
 
 Padding: predictions cover the whole padded image batch (at 1/4 resolution), and points are drawn in
@@ -31,8 +31,10 @@ class SetCriterion(nn.Module):
 
     ``forward`` returns WEIGHTED losses: "loss_ce", "loss_mask", "loss_dice" for the final output and
     the same names suffixed "_0", "_1", ... for ``outputs["aux_outputs"][i]``, each with its own matching
-    and the same weights. With ``cfg.class_weight == 0`` training is class-agnostic: the matcher must
-    ignore classes and no "loss_ce*" term is produced, so no gradient reaches the class head.
+    and the same weights. With ``cfg.class_weight == 0`` training is class-agnostic (DeWa): the matcher
+    must ignore classes, and "loss_ce*" is computed against a placeholder class and multiplied by 0, as
+    upstream does. So the class head gets zero gradients rather than none: AdamW still decays it, and
+    the head entering the Mean-Teacher stage is upstream's (a dropped term would leave it untouched).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cfg: LossConfig):
@@ -64,21 +66,29 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs: dict, targets: Targets, num_masks: float, suffix: str) -> dict[str, torch.Tensor]:
         indices = self.matcher(outputs, targets)
-        losses = {}
-        if not self.class_agnostic:
-            losses["loss_ce"] = self.loss_labels(outputs, targets, indices)
+        losses = {"loss_ce": self.loss_labels(outputs, targets, indices)}
         losses["loss_mask"], losses["loss_dice"] = self.loss_masks(outputs, targets, indices, num_masks)
         return {f"{name}{suffix}": self.weights[name] * value for name, value in losses.items()}
 
     def loss_labels(self, outputs: dict, targets: Targets, indices: Indices) -> torch.Tensor:
-        """Unweighted CE over K+1 classes: matched queries -> their target class, the rest -> void."""
+        """Unweighted CE over K+1 classes: matched queries -> their target class, the rest -> void.
+
+        Class-agnostic, every matched query's target is class 0 (the labels are ignored; the term is
+        weighted by 0 and only keeps the class head in the graph) and K is the logits' own.
+        """
         logits = outputs["pred_logits"].float()  # B×Q×(K+1)
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        num_classes = logits.shape[-1] - 1
+        target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _prediction_index(indices)
-        matched = [t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]
+        matched = [torch.zeros_like(tgt) if self.class_agnostic else t["labels"][tgt]
+                   for t, (_, tgt) in zip(targets, indices)]
         target_classes[batch_idx.to(logits.device), query_idx.to(logits.device)] = (
             torch.cat(matched).to(logits.device))
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.empty_weight)
+        weight = self.empty_weight
+        if weight.numel() != num_classes + 1:  # class-agnostic with another vocabulary size
+            weight = torch.ones(num_classes + 1, device=logits.device)
+            weight[-1] = self.cfg.no_object_weight
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
 
     def loss_masks(self, outputs: dict, targets: Targets, indices: Indices,
                    num_masks: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ says (its LayerNorm/drop-path must behave as at pre-training), and feature extra
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
 
@@ -27,6 +28,20 @@ DENSE_FEATURE = "clip_vis_dense"
 CLIP_LOGIT_SCALE_MAX = 100.0  # open_clip training clamps exp(logit_scale) to this
 TEXT_BATCH = 256  # prompts encoded per text-tower call; bounds memory for large vocabularies
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_RANDOM_INIT_NOTICE = "No pretrained weights loaded"  # how open_clip's random-init warning starts
+logger = logging.getLogger(__name__)
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    It is only installed when ``model.backbone.pretrained`` is empty, where random weights are what the
+    config asked for; and when a dearli checkpoint (or a cache's seeded backbone) provides the weights right
+    after, the warning is false.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_RANDOM_INIT_NOTICE)
 
 
 def register_dearli_clip_configs() -> list[str]:
@@ -58,6 +73,22 @@ def _create_clip(model_name: str, pretrained: str) -> nn.Module:
     looks_like_path = os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
     if pretrained and looks_like_path and not os.path.isfile(pretrained):
         raise DataError(pretrained, "CLIP checkpoint file not found (model.backbone.pretrained)")
+    if pretrained:
+        return _open_clip_model(model_name, pretrained)
+    # open_clip logs through the root logger (logging.warning); the filter lives there for this call only.
+    quiet = _DropRandomInitNotice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = _open_clip_model(model_name, "")
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    logger.info("CLIP %s built without pretrained weights (model.backbone.pretrained is empty)", model_name)
+    return model
+
+
+def _open_clip_model(model_name: str, pretrained: str) -> nn.Module:
+    import open_clip
+
     try:
         return open_clip.create_model(model_name, pretrained=pretrained or None)
     except RuntimeError as err:

@@ -31,17 +31,21 @@ def geometric_ensemble(mask_cls: torch.Tensor, clip_cls: torch.Tensor,
     """Decoder logits B×Q×(K+1) (void last) + CLIP logits B×Q×(K+1) or B×Q×K -> probabilities B×Q×(K+1).
 
     ``alpha_clip`` is the CLIP weight: a float, or a tensor broadcastable to B×Q×1 (e.g. 0 for queries
-    whose mask is empty at the CLIP feature resolution). Rows of the result sum to 1, void last.
+    whose mask is empty at the CLIP feature resolution). Rows of the result sum to 1, void last. The
+    result is at least fp32 (fp64 stays fp64), computed with autocast off (see TextClassifier.forward).
     """
     num_classes = mask_cls.shape[-1] - 1
     if clip_cls.shape[-1] not in (num_classes, num_classes + 1) or clip_cls.shape[:-1] != mask_cls.shape[:-1]:
         raise ValueError(f"clip_cls {tuple(clip_cls.shape)} does not match mask_cls {tuple(mask_cls.shape)}")
-    log_dec = F.log_softmax(mask_cls[..., :num_classes], dim=-1)
-    log_clip = F.log_softmax(clip_cls[..., :num_classes].to(log_dec.dtype), dim=-1)
-    alpha = torch.as_tensor(alpha_clip, dtype=log_dec.dtype, device=log_dec.device)
-    class_probs = torch.softmax((1.0 - alpha) * log_dec + alpha * log_clip, dim=-1)
-    void = torch.softmax(mask_cls, dim=-1)[..., num_classes:]
-    return torch.cat([class_probs * (1.0 - void), void], dim=-1)
+    dtype = torch.promote_types(mask_cls.dtype, torch.float32)
+    with torch.autocast(device_type=mask_cls.device.type, enabled=False):
+        mask_cls = mask_cls.to(dtype)
+        log_dec = F.log_softmax(mask_cls[..., :num_classes], dim=-1)
+        log_clip = F.log_softmax(clip_cls[..., :num_classes].to(dtype), dim=-1)
+        alpha = torch.as_tensor(alpha_clip, dtype=dtype, device=log_dec.device)
+        class_probs = torch.softmax((1.0 - alpha) * log_dec + alpha * log_clip, dim=-1)
+        void = torch.softmax(mask_cls, dim=-1)[..., num_classes:]
+        return torch.cat([class_probs * (1.0 - void), void], dim=-1)
 
 
 def alpha_schedule(cfg: EnsembleConfig, step: int, max_steps: int, labeled_fraction: float | None = None) -> float:

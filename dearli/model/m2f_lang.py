@@ -106,7 +106,7 @@ def build_tiny(class_names: Sequence[Sequence[str]] | None = None, overrides: Se
 
 
 def build_base(class_names: Sequence[Sequence[str]] | None = None, overrides: Sequence[str] = ()) -> M2FLang:
-    """The paper's model: OpenCLIP convnext_base_w (LAION), 200 queries, 256-d decoder."""
+    """The paper's model: OpenCLIP convnext_base_w_320 (LAION-Aesthetic), 200 queries, 256-d decoder."""
     return _build_preset("base", class_names, overrides)
 
 

@@ -188,11 +188,16 @@ class TextClassifier(nn.Module):
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        """queries B×Q×hidden -> logits B×Q×(K+1), void last."""
+        """queries B×Q×hidden -> logits B×Q×(K+1), void last, always fp32.
+
+        The head runs in fp32 with autocast off: its cosines are multiplied by up to 100, and bf16's
+        ~2⁻⁸ rounding of a cosine would move a logit by up to ~0.4. The head is small (an MLP on Q queries
+        and one Q×S matmul), so this costs nothing measurable.
+        """
         if self.num_classes == 0:
             raise RuntimeError("TextClassifier has no text embeddings; call set_text_embeddings first")
-        x = F.normalize(self.class_embed(queries), dim=-1)
-        text = self.text_embeddings.to(x.dtype)
-        cos = reduce_synonyms(x @ text.t(), self._table)
-        void = x @ F.normalize(self.void_embedding, dim=-1).to(x.dtype).t()
-        return self.scale() * torch.cat([cos, void], dim=-1)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            x = F.normalize(self.class_embed(queries.float()), dim=-1)
+            cos = reduce_synonyms(x @ self.text_embeddings.float().t(), self._table)
+            void = x @ F.normalize(self.void_embedding.float(), dim=-1).t()
+            return self.scale().float() * torch.cat([cos, void], dim=-1)

@@ -5,7 +5,11 @@ Mask resizing follows FC-CLIP: the mask LOGITS are resized bilinearly (align_cor
 feature size and then binarised with ``> 0``. Resizing logits before thresholding keeps the mask boundary
 where the logit crosses zero; thresholding first and then resizing would round it to the coarse grid.
 No antialiasing is applied (as upstream), so a mask much smaller than one stride-32 cell can come out
-empty; its pooled vector is then zero and its CLIP logits are all 0 (a uniform CLIP opinion).
+empty. Its pooled vector is then zero, but its CLIP logits are not: CLIP's head normalises the pooled
+vector with a LayerNorm, which maps zero to the LayerNorm's bias, so every empty mask gets the same
+class-dependent logits (those of that fixed vector), as upstream.
+
+Pooling and classification run in fp32 with autocast off, as the decoder's class head does.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def zero_shot_logits(backbone: torch.nn.Module, dense: torch.Tensor, mask_logits
     column (CLIP has no notion of void) holds the most negative finite value, so a softmax gives it
     zero probability; :func:`dearli.model.ensemble.geometric_ensemble` drops it anyway.
     """
-    with torch.no_grad():
-        pooled = mask_pool(dense, mask_logits)
+    with torch.no_grad(), torch.autocast(device_type=dense.device.type, enabled=False):
+        pooled = mask_pool(dense.float(), mask_logits.float())
         image = F.normalize(backbone.visual_prediction(pooled).float(), dim=-1)
         cos = image @ text.embeddings.to(image).t()
         num_classes = int(text.synonym_to_class.max()) + 1

@@ -8,7 +8,9 @@ finished, and an existing checkpoint is never overwritten.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from dearli.config import Config, from_dict, to_dict
 from dearli.errors import DataError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; every dearli checkpoint starts with this
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -67,13 +70,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise DataError(path, "checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise DataError(path, f"not a readable dearli checkpoint ({err})") from err
+        # torch's warnings about unusual pickles in a damaged file are noise once the error below says why.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types (OSError, RuntimeError, UnpicklingError, KeyError, ...)
+        # Not chained: torch's message advises weights_only=False, which would let a hostile file run code.
+        raise DataError(path, _unreadable(path, err)) from None
+    for warning in caught:  # a readable file keeps its warnings
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise DataError(path, "not a dearli checkpoint (no model/config entries)")
     payload["config"] = from_dict(Config, payload["config"])
     return payload
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line without torch's advice."""
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if not head:
+        return "empty file, not a checkpoint"
+    if head != _ZIP_MAGIC:
+        return "not a checkpoint: not a PyTorch zip archive (damaged, or another kind of file)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("not a dearli checkpoint: it holds Python objects other than tensors, numbers, strings, lists and "
+                "dicts (damaged, or written by other code), and dearli never unpickles those")
+    return "damaged or truncated checkpoint: its zip archive cannot be read"
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

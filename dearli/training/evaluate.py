@@ -1,7 +1,16 @@
 """Evaluate a model during or after training: predict a split into COCO panoptic files, then score them.
 
 Prediction is the model's test-time path (:mod:`dearli.model.predictor`); scoring reads the files back
-(:mod:`dearli.evaluation`), exactly as ``dearli evaluate`` would score them.
+(:mod:`dearli.evaluation`), exactly as ``dearli evaluate --semseg`` would score them.
+
+Two mIoUs are reported, named apart:
+
+- ``mIoU``: the model's semantic inference (per pixel, the class with the highest sum of class
+  probability × mask probability over queries), against the semantic ground truth; what detectron2 and
+  the DEARLi / Mask2Former papers report as mIoU.
+- ``mIoU_pan``: the panoptic prediction turned into a semantic map (each segment's pixels get its class,
+  unassigned pixels count as misses), against the panoptic ground truth (VOID ignored); what
+  ``dearli evaluate --semseg`` reports. It is lower: the panoptic output drops low-scoring queries.
 """
 
 from __future__ import annotations
@@ -17,8 +26,7 @@ from tqdm import tqdm
 from dearli.config import ModelConfig
 from dearli.data.coco_format import id2rgb
 from dearli.errors import DataError
-from dearli.evaluation.pq import pq_compute
-from dearli.evaluation.semseg import SemSegEvaluator, semantic_ground_truth
+from dearli.evaluation.semseg import SemSegEvaluator, evaluate_semseg_panoptic, semantic_ground_truth
 from dearli.model.predictor import Prediction, predict_image
 
 
@@ -34,14 +42,15 @@ def write_prediction(pred: Prediction, record: Any, categories: Any, pan_dir: Pa
 def evaluate_model(model: torch.nn.Module, cfg: ModelConfig, info: Any, split_name: str, out_dir: str | Path,
                    alpha_clip: float | None = None, progress: bool = True,
                    gt_cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Predict every image of a split into ``out_dir`` (COCO panoptic) and compute PQ and mIoU.
+    """Predict every image of a split into ``out_dir`` (COCO panoptic) and compute PQ, mIoU and mIoU_pan.
 
     ``gt_cache_dir`` keeps the decoded ground truth between evaluations of the same split (a run
     evaluates at every ``train.eval_every`` steps).
 
     Returns:
-        {"summary": {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU"} in percent, "pq": full PQ dict,
-         "semseg": full semantic-segmentation dict, "pred_json": path}
+        {"summary": {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "mIoU_pan"} in percent, "pq": full PQ dict,
+         "semseg": semantic-inference dict (mIoU), "semseg_pan": panoptic-as-semantic dict (mIoU_pan),
+         "pred_json": path}
     """
     out_dir = Path(out_dir)
     pan_dir = out_dir / "panoptic"
@@ -60,10 +69,14 @@ def evaluate_model(model: torch.nn.Module, cfg: ModelConfig, info: Any, split_na
     pred_json.write_text(json.dumps({"annotations": annotations,
                                      "categories": [c.to_dict() for c in categories.categories]}))
     gt_dir = split.records[0].panoptic_path.parent
-    pq = pq_compute(split.json_path, gt_dir, pred_json, pan_dir, progress=False, gt_cache_dir=gt_cache_dir)
+    # One pass over the files gives PQ and the panoptic output's semantic confusion (mIoU_pan).
+    sem_pan = evaluate_semseg_panoptic(split.json_path, gt_dir, pred_json, pan_dir, progress=False,
+                                       gt_cache_dir=gt_cache_dir)
+    pq = sem_pan.pop("pq")
     sem = semseg.compute()
     summary = {"PQ": 100 * pq["All"]["pq"], "SQ": 100 * pq["All"]["sq"], "RQ": 100 * pq["All"]["rq"],
-               "PQ_th": 100 * pq["Things"]["pq"], "PQ_st": 100 * pq["Stuff"]["pq"], "mIoU": 100 * sem["miou"]}
-    result = {"summary": summary, "pq": pq, "semseg": sem, "pred_json": str(pred_json)}
+               "PQ_th": 100 * pq["Things"]["pq"], "PQ_st": 100 * pq["Stuff"]["pq"], "mIoU": 100 * sem["miou"],
+               "mIoU_pan": 100 * sem_pan["miou"]}
+    result = {"summary": summary, "pq": pq, "semseg": sem, "semseg_pan": sem_pan, "pred_json": str(pred_json)}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     return result

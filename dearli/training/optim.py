@@ -1,8 +1,10 @@
-"""Optimiser, learning-rate schedule and gradient clipping as Mask2Former trains.
+"""Optimiser, learning-rate schedule and gradient clipping as Mask2Former and DEARLi train.
 
-AdamW with no weight decay on normalisation layers, embeddings and the classifier's temperature
-(decaying a LayerNorm gain or a query embedding towards zero only hurts), a poly schedule, and
-clipping of the gradient norm over the whole model.
+AdamW with weight decay on every trainable parameter except those of normalisation layers and
+embeddings, exactly upstream's rule (by module type): so the classifier's temperature ``logit_scale``
+and the deformable encoder's ``level_embed``, bare parameters upstream as here, ARE decayed, while the
+query and level embeddings of the transformer decoder (``nn.Embedding``) are not. Then a poly schedule
+and clipping of the gradient norm over the whole model.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from torch import nn
 
 from dearli.config import OptimConfig
 
-# Module types whose parameters are exempt from weight decay.
-_NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Embedding)
-# Parameter-name suffixes that are embeddings or temperatures even when held as bare Parameters.
-_NO_DECAY_NAMES = ("embed.weight", "void_embedding", "logit_scale", "level_embed", "query_feat.weight",
-                   "query_embed.weight")
+# Module types whose parameters are exempt from weight decay (upstream's norm_module_types + nn.Embedding).
+_NO_DECAY_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+                     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+                     nn.Embedding)
+# Bare parameters that are an nn.Embedding upstream: the classifier's void embedding (held here as a
+# Parameter so checkpoints keep their key).
+_NO_DECAY_NAMES = ("void_embedding",)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -53,7 +53,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     with autocast_for(device, cfg.train.amp):
         outputs = model(images)
     # Losses in fp32: the point-sampled BCE and dice are sensitive to fp16 rounding.
-    outputs = _to_float(outputs)
+    outputs = outputs_to_float(outputs)
     losses = criterion(outputs, targets)
     loss = total_loss(losses)
     optimizer.zero_grad(set_to_none=True)
@@ -69,11 +69,12 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     return logged
 
 
-def _to_float(outputs: Any) -> Any:
+def outputs_to_float(outputs: Any) -> Any:
+    """Floating tensors of a (nested) model output in fp32; other values unchanged."""
     if isinstance(outputs, torch.Tensor):
         return outputs.float() if outputs.is_floating_point() else outputs
     if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
+        return {k: outputs_to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
-        return [_to_float(v) for v in outputs]
+        return [outputs_to_float(v) for v in outputs]
     return outputs

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dearli.config import Config, save_config
+from dearli.config import Config, save_config, supervised_config
 from dearli.data.dataset import load_dataset
 from dearli.errors import DataError
 from dearli.losses.criterion import build_criterion
@@ -70,6 +70,7 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     Returns:
         {"step": last step, "checkpoint": path, "metrics": evaluation dict or None}
     """
+    cfg = supervised_config(cfg)  # the preset's per-partition schedule (train.supervised_steps), if any
     run_dir = prepare_run_dir(run_dir, cfg, resume)
     torch.manual_seed(cfg.train.seed)
     info = load_dataset(cfg.data.dataset)

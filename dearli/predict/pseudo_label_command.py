@@ -1,0 +1,166 @@
+"""``dearli pseudo-label``: label a pool of images with a trained checkpoint on a Ray Data actor pool."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from dearli.config import CacheConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_CACHE = CacheConfig()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pseudo-label", help="label a pool of images with a trained checkpoint (COCO panoptic + Parquet)",
+        description="Run the teacher's test-time path (with the zero-shot CLIP ensemble) over many images on a "
+        "Ray Data actor pool and write COCO panoptic pseudo-labels: OUT/panoptic/<stem>.png, OUT/panoptic.json, "
+        "OUT/segments.parquet (one row per segment with its class score) and OUT/errors.parquet (images that "
+        "could not be read, with the reason; the job goes on). Resumable: a rerun labels only the images "
+        "missing from OUT, and a killed run rerun ends with every image exactly once. --classes takes any "
+        "class list: the model classifies by CLIP text embeddings of the names, so new names need no "
+        "retraining. Runs on the Ray cluster in RAY_ADDRESS, or a local one.",
+        epilog="example: dearli pseudo-label --checkpoint runs/sup/checkpoints/step_0002000.pt "
+        "--images runs/synth/images/train --out runs/pseudo --actors 2",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file (checkpoints/step_NNNNNNN.pt) or a registered MLflow model "
+                        "(models:/dearli/3; store: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--images", required=True, metavar="DIR_OR_LIST",
+                        help="a directory (its .jpg/.jpeg/.png files) or a text file with one image path per "
+                        "line (relative paths are relative to the file's directory)")
+    parser.add_argument("--out", required=True, metavar="URI",
+                        help="output location: a new or earlier pseudo-label directory, or a URI such as s3://...")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="class list in the classes.json format ([{id, name, isthing}], names may list "
+                        "synonyms: 'person,child'); default: the classes of the checkpoint's dataset")
+    parser.add_argument("--min-score", type=float, default=0.0, metavar="S",
+                        help="drop segments whose class score is below S, leaving their pixels unlabeled "
+                        "(default: 0, keep all)")
+    parser.add_argument("--alpha-clip", type=float, default=None, metavar="A",
+                        help="CLIP weight of the ensemble in [0, 1] (default: the checkpoint's "
+                        "model.ensemble.alpha_clip)")
+    parser.add_argument("--actors", type=int, default=1, metavar="N",
+                        help="actors in the pool, each holding one copy of the model (default: 1)")
+    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
+    parser.add_argument("--resources", default=None, metavar="JSON",
+                        help="custom Ray resources per actor, e.g. '{\"gpu_node\": 1}': the actors run only on "
+                        "nodes that offer them (default: any node)")
+    parser.add_argument("--batch-size", type=int, default=_CACHE.images_per_part, metavar="B",
+                        help=f"images per actor call and per committed part (default: {_CACHE.images_per_part})")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="P",
+                        help="images with more pixels are recorded as failures (default: 64M)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and progress bars (default: warnings and our progress only)")
+    parser.set_defaults(handler=_run)
+
+
+def list_images(source: str | Path) -> list[dict[str, Any]]:
+    """Image rows {image_id, stem, image_path, height 0, width 0} of a directory or a list file.
+
+    Outputs are named by file stem, so two images with one stem are an error naming both.
+    """
+    from dearli.errors import DataError
+
+    source = Path(source).expanduser().resolve()
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.is_file():
+        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        paths = [p if p.is_absolute() else source.parent / p
+                 for p in (Path(line).expanduser() for line in lines if line and not line.startswith("#"))]
+    else:
+        raise DataError(source, "not found: give a directory of images or a text file listing image paths")
+    if not paths:
+        raise DataError(source, f"no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    rows, seen = [], {}
+    for path in paths:
+        if path.stem in seen:
+            raise DataError(source, f"two images named '{path.stem}' ({seen[path.stem]} and {path}); "
+                                    "outputs are named by file stem")
+        seen[path.stem] = path
+        rows.append({"image_id": path.stem, "stem": path.stem, "image_path": str(path), "height": 0, "width": 0})
+    return rows
+
+
+def resolve_classes(classes_file: str | None, cfg: Any) -> Any:
+    """The CategoryMap to label with: ``--classes``, else the class list of the checkpoint's dataset."""
+    from dearli.data.classes import read_classes_json
+    from dearli.data.dataset import load_dataset
+    from dearli.data.panoptic import CategoryMap
+    from dearli.errors import ConfigError, DataError
+
+    if classes_file:
+        return CategoryMap(read_classes_json(classes_file), classes_file)
+    if not cfg.data.dataset:
+        raise ConfigError("--classes: the checkpoint names no dataset (data.dataset) to take classes from")
+    try:
+        return load_dataset(cfg.data.dataset).categories
+    except DataError as err:
+        raise ConfigError(f"--classes: the checkpoint's dataset {cfg.data.dataset} cannot be read here "
+                          f"({err}); pass the class list with --classes FILE") from None
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    from dearli.caches.store import MANIFEST
+    from dearli.errors import ConfigError, DataError
+
+    if not 0.0 <= args.min_score <= 1.0 or (args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0):
+        raise ConfigError("--min-score and --alpha-clip must lie in [0, 1]")
+    if args.actors < 1 or args.batch_size < 1:
+        raise ConfigError("--actors and --batch-size must be positive")
+    out = Path(args.out).expanduser()
+    if "://" not in args.out and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise DataError(out, "is not empty and holds no pseudo-labels of an earlier run; choose a new --out")
+
+
+def _report(out: str, summary: Any, counts: dict[str, int]) -> None:
+    root = out.rstrip("/")
+    print(f"pseudo-label {root}: {summary.total} images: {summary.done} labelled, {summary.skipped} skipped "
+          f"(labelled before), {summary.failed} failed")
+    print(f"  {counts['images']} images with {counts['segments']} segments: {root}/panoptic.json, "
+          f"{root}/panoptic/, {root}/segments.parquet")
+    for stem, reason in summary.failures[:20]:
+        print(f"  failed {stem}: {reason}")
+    if counts["failed"]:
+        print(f"  {counts['failed']} unreadable images: {root}/errors.parquet")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dearli.caches.commands import parse_resources
+    from dearli.predict.job import run_pseudo_label_job
+    from dearli.predict.outputs import assemble
+    from dearli.training.checkpoint import load_checkpoint
+
+    _check_options(args)
+    resources = parse_resources(args.resources)
+    checkpoint = args.checkpoint
+    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
+        from dearli.stages.tracking import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint)
+    categories = resolve_classes(args.classes, payload["config"])
+    rows = list_images(args.images)
+    alpha = payload["config"].model.ensemble.alpha_clip if args.alpha_clip is None else args.alpha_clip
+    classes = [c.to_dict() for c in categories.categories]
+    settings = {"checkpoint_sha256": file_digest(checkpoint), "alpha_clip": float(alpha),
+                "min_score": float(args.min_score), "classes": classes}
+    summary = run_pseudo_label_job(args.out, rows, payload, classes, settings, min_score=args.min_score,
+                                   alpha_clip=alpha, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                   batch_size=args.batch_size, max_pixels=args.max_pixels, resources=resources,
+                                   verbose=args.verbose)
+    _report(args.out, summary, assemble(args.out, categories))
+    return 0

@@ -1,0 +1,1 @@
+"""Stage 1 in miniature: contrastive pre-training of the small CLIP on the synthetic world."""

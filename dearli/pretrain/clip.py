@@ -1,0 +1,129 @@
+"""Contrastive pre-training of the project's small open_clip model on the synthetic world.
+
+Plain PyTorch: open_clip's model and its own ``ClipLoss`` (symmetric InfoNCE over the batch, learnable
+temperature), AdamW with linear warm-up and cosine decay, pairs from :mod:`dearli.pretrain.pairs`.
+The checkpoint is an open_clip state dict (under ``state_dict``, beside the settings that made it), so
+``open_clip.create_model(name, pretrained=path)`` and ``model.backbone.pretrained=path`` load it as they
+load any pretrained CLIP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dearli.data.synth.world import SynthWorld
+from dearli.model.backbone import register_dearli_clip_configs
+from dearli.pretrain.pairs import PairOptions, make_batch
+
+DEFAULT_MODEL = "dearli-convnext-atto"
+LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's training clamp of the learnable temperature
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """Everything that determines the trained weights (all fields enter the checkpoint's content hash).
+
+    The pair stream's seed is ``seed``; scene indices run from 0, batch after batch, so no scene repeats.
+    """
+
+    model: str = DEFAULT_MODEL
+    steps: int = 800
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    pairs: PairOptions = field(default_factory=PairOptions)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.seed < 0 or self.warmup < 0:
+            raise ValueError("steps >= 1, batch_size >= 2, seed >= 0 and warmup >= 0 are required, got "
+                             f"steps={self.steps} batch_size={self.batch_size} seed={self.seed} "
+                             f"warmup={self.warmup}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be positive and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        self.pairs.validate()
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def create_clip(model: str = DEFAULT_MODEL) -> nn.Module:
+    """A randomly initialised open_clip model (dearli's configs registered)."""
+    import open_clip
+
+    register_dearli_clip_configs()
+    return open_clip.create_model(model, pretrained=None)
+
+
+def lr_at(step: int, options: PretrainOptions) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < options.warmup:
+        return options.lr * (step + 1) / options.warmup
+    progress = (step - options.warmup) / max(1, options.steps - options.warmup)
+    return 0.5 * options.lr * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # As open_clip's training: no decay on gains, biases, embeddings and the temperature.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        flat = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
+            or "embedding" in name or "token" in name
+        (no_decay if flat else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _normaliser(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (1×3×1×1, in [0, 255] units) the backbone will use at inference."""
+    import open_clip
+
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+Log = Callable[[int, dict], None]
+
+
+def train_clip(options: PretrainOptions, log: Log | None = None, log_every: int = 50) -> nn.Module:
+    """Train a fresh CLIP for ``options.steps`` steps; returns the model (eval mode, CPU).
+
+    ``log(step, {"loss", "lr", "logit_scale", "seconds"})`` is called every ``log_every`` steps and at the end.
+    """
+    import open_clip
+
+    options.validate()
+    torch.manual_seed(options.seed)
+    model = create_clip(options.model)
+    tokenizer = open_clip.get_tokenizer(options.model)
+    loss_fn = open_clip.loss.ClipLoss()
+    optimizer = torch.optim.AdamW(_param_groups(model, options.weight_decay), lr=options.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
+    mean, std = _normaliser(model)
+    world = SynthWorld(options.seed)
+    model.train()
+    start = time.perf_counter()
+    for step in range(options.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, options)
+        images, captions = make_batch(world, step * options.batch_size, options.batch_size, options.pairs)
+        image_f, text_f, scale = model((images - mean) / std, tokenizer(captions))[:3]
+        loss = loss_fn(image_f, text_f, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == options.steps):
+            log(step + 1, {"loss": float(loss.detach()), "lr": lr_at(step, options),
+                           "logit_scale": float(model.logit_scale.exp()), "seconds": time.perf_counter() - start})
+    return model.eval()

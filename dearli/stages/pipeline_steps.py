@@ -1,0 +1,114 @@
+"""The stages of a pipeline run, each skipped when its output exists and tracked as a nested MLflow run.
+
+Finished stages are recorded in the run's ``stages.json`` (their result dicts); a continued run reuses
+them and hands the rest ``resume=True`` so an interrupted stage continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dearli.config import Config
+from dearli.stages import workspace
+from dearli.stages.tracking import PipelineTracker
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    run_dir: Path
+    tracker: PipelineTracker
+    state: dict[str, Any]  # stage -> result of a finished stage
+    save_state: Callable[[dict[str, Any]], None]
+    echo: Callable[[str], Any]
+
+    def finished(self, stage: str, *path_keys: str) -> dict[str, Any] | None:
+        """The recorded result of ``stage`` if its files still exist (a deleted output runs it again)."""
+        result = self.state.get(stage)
+        if result is None or any(not Path(result[k]).exists() for k in path_keys):
+            return None
+        return result
+
+    def record(self, stage: str, result: dict[str, Any]) -> None:
+        self.state[stage] = result
+        self.save_state(self.state)
+
+
+def connect_ray() -> None:
+    """The cluster in RAY_ADDRESS (set by ``ray job submit``), else a new local instance of this process."""
+    from dearli.stages import common
+
+    common.ensure_ray()
+
+
+def cache_actors() -> int:
+    """Actors per cache job: one per GPU, else half the logical CPUs (2 to 4) so Train can start next."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) >= 1:
+        return int(resources["GPU"])
+    return max(1, min(4, int(resources.get("CPU", 1)) // 2))
+
+
+def caches(ctx: StageContext, generator: str) -> None:
+    """SAM masks of the train split and CLIP features of the val split, computed only where missing."""
+    cfg = ctx.cfg
+    dataset = cfg.data.dataset
+    jobs = [("sam", workspace.SAM_SPLIT, cfg.cache.sam_cache, workspace.sam_cache_args(cfg, generator)),
+            ("clip", workspace.CLIP_SPLIT, cfg.cache.clip_cache, workspace.clip_cache_args(cfg))]
+    tags = {"dearli.sam_cache": cfg.cache.sam_cache, "dearli.clip_cache": cfg.cache.clip_cache,
+            "dearli.sam_generator": generator}
+    missing = {kind: workspace.missing_images(uri, kind, dataset, split) for kind, split, uri, _ in jobs}
+    if not any(missing.values()):
+        for kind, split, uri, _ in jobs:
+            ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
+        ctx.tracker.reused("cache", tags)
+        return
+    with ctx.tracker.stage("cache") as spec:
+        ctx.tracker.set_tags(tags, spec.run_id)
+        actors = cache_actors()
+        for kind, split, uri, options in jobs:
+            if not missing[kind]:
+                ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
+                continue
+            ctx.echo(f"cache {kind}: {missing[kind]} {split} images to compute into {uri} ({actors} actors)")
+            workspace.run_cache_command(kind, dataset, split, uri, options, actors)
+
+
+def warmup(ctx: StageContext) -> dict[str, Any]:
+    """DeWa on the SAM cache; returns run_warmup's result."""
+    done = ctx.finished("warmup", "checkpoint")
+    if done is not None:
+        ctx.echo(f"warmup: done before, reusing {done['checkpoint']}")
+        ctx.tracker.reused("warmup", {"dearli.checkpoint": done["checkpoint"]})
+        return done
+    from dearli.stages.warmup import run_warmup
+
+    stage_dir = ctx.run_dir / "warmup"
+    with ctx.tracker.stage("warmup") as spec:
+        result = run_warmup(ctx.cfg, stage_dir, ctx.cfg.cache.sam_cache, resume=stage_dir.exists(), echo=ctx.echo,
+                            tracking=spec)
+        ctx.tracker.set_tags({"dearli.checkpoint": result["checkpoint"]}, spec.run_id)
+    ctx.record("warmup", result)
+    return result
+
+
+def mean_teacher(ctx: StageContext, init: str) -> dict[str, Any]:
+    """Mean Teacher from the warmed-up model, ending with the evaluation of its four variants."""
+    done = ctx.finished("ssl", "checkpoint")
+    if done is not None:
+        ctx.echo(f"ssl: done before, reusing {done['checkpoint']}")
+        ctx.tracker.reused("ssl", {"dearli.checkpoint": done["checkpoint"]})
+        return done
+    from dearli.stages.ssl import run_ssl
+
+    stage_dir = ctx.run_dir / "ssl"
+    with ctx.tracker.stage("ssl") as spec:
+        result = run_ssl(ctx.cfg, stage_dir, init=init, resume=stage_dir.exists(), echo=ctx.echo, tracking=spec)
+        ctx.tracker.set_tags({"dearli.checkpoint": result["checkpoint"]}, spec.run_id)
+    ctx.record("ssl", result)
+    return result

@@ -1,0 +1,90 @@
+"""Stage 3, Mean Teacher on Ray Train, with the teacher as a separate actor pool (see :mod:`.teacher`).
+
+Each student step (DDP over ``train.num_workers`` workers): ``ssl.labeled_batch_size`` labeled images
+(supervised M2F-Lang loss) + ``ssl.unlabeled_batch_size`` strongly perturbed unlabeled images (colour
+jitter, grayscale, blur, CutMix of two views with their pseudo-labels merged) against the teacher's hard
+panoptic pseudo-labels, weighted by ``ssl.unlabeled_weight``. Rank 0 keeps the EMA teacher (decay
+``ssl.ema_decay``; the frozen backbone is shared, never averaged) and publishes it to the teacher pool every
+``ssl.publish_every`` steps. Evaluation (teacher and student, with and without the CLIP ensemble) every
+``train.eval_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dearli.config import Config
+from dearli.stages import common
+from dearli.stages.ssl_loop import STAGE, VARIANTS
+from dearli.stages.tracking import TrackingSpec
+
+
+def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: bool = False, echo=print,
+            tracking: TrackingSpec | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """Train student and teacher; returns {"step", "checkpoint", "metrics", "run_dir"} (see module doc).
+
+    ``init``: a checkpoint (e.g. the warm-up's) whose weights start both student and teacher.
+    ``evaluate``: False skips every evaluation (benchmarks).
+    """
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from dearli.data.dataset import load_dataset
+    from dearli.stages.teacher import start_teacher_pool, stop_teacher_pool
+    from dearli.training.supervised import labeled_stems
+
+    cfg, init = common.with_absolute_paths(cfg), common.absolute(init)
+    info = load_dataset(cfg.data.dataset)
+    labeled = labeled_stems(info, cfg)
+    unlabeled = [r.stem for r in info.split(cfg.data.train_split).records if r.stem not in set(labeled)]
+    if not unlabeled:
+        from dearli.errors import DataError
+
+        raise DataError(cfg.data.dataset, f"partition {cfg.data.partition!r} leaves no unlabeled image")
+    run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
+    common.ensure_ray()
+    fraction = len(labeled) / (len(labeled) + len(unlabeled))
+    store, teachers = start_teacher_pool(cfg, fraction, common.cluster_has_gpus())
+    echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
+         f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images on "
+         f"{cfg.train.num_workers} worker(s), {len(teachers)} teacher actor(s); run dir {run_dir}")
+    labeled_ds = ray.data.from_items([{"index": i} for i in range(len(labeled))])
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, init=init, evaluate=evaluate,
+                                             labeled=labeled,
+                                             unlabeled=unlabeled, teachers=teachers, store=store),
+        scaling_config=common.scaling_config(cfg),
+        run_config=common.run_config(cfg, run_dir, STAGE),
+        datasets={"labeled": labeled_ds},
+    )
+    try:
+        with common.FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.train.max_steps, echo):
+            result = trainer.fit()
+    finally:
+        stop_teacher_pool(store, teachers)
+    common.check_fit_result(result, STAGE)
+    final = common.checkpoint_path(run_dir, cfg.train.max_steps)
+    metrics = _final_metrics(run_dir, cfg.train.max_steps)
+    for variant, summary in metrics.items():
+        echo(f"[{STAGE}] {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    return {"step": cfg.train.max_steps, "checkpoint": str(final), "metrics": metrics, "run_dir": str(run_dir)}
+
+
+def _final_metrics(run_dir: Path, step: int) -> dict[str, dict[str, float]]:
+    import json
+
+    out = {}
+    for variant in VARIANTS:
+        path = run_dir / "eval" / variant / f"step_{step:07d}" / "metrics.json"
+        if path.is_file():
+            out[variant] = json.loads(path.read_text())["summary"]
+    return out
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The training function each Ray Train worker runs."""
+    from dearli.stages.ssl_loop import StudentLoop
+
+    StudentLoop(config).run()

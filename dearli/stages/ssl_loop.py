@@ -1,0 +1,234 @@
+"""The Mean-Teacher training function of one Ray Train worker (see :mod:`dearli.stages.ssl`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+
+from dearli.stages import common
+from dearli.stages.teacher import FeedStats, PseudoLabelFeed
+from dearli.stages.tracking import StepLogger
+
+STAGE = "ssl"
+# Evaluated models: (name, which weights, CLIP ensemble on). The paper reports the ensembled teacher.
+VARIANTS = {"teacher": ("teacher", True), "teacher_noens": ("teacher", False),
+            "student": ("student", True), "student_noens": ("student", False)}
+
+
+def per_rank(total: int, world: int) -> int:
+    """Images per rank per step: the configured total split across ranks (at least one each)."""
+    return max(1, math.ceil(total / world))
+
+
+class StudentLoop:
+    """State of one worker: student (DDP), rank 0's EMA teacher, optimiser, data and pseudo-label feed."""
+
+    def __init__(self, config: dict[str, Any]):
+        from dearli.data.dataset import load_dataset
+        from dearli.losses.criterion import build_criterion
+        from dearli.model.m2f_lang import build_m2f_lang
+        from dearli.training.optim import build_optimizer, build_poly_scheduler
+        from dearli.training.step import make_grad_scaler
+
+        self.cfg = cfg = common.config_from_loop(config)
+        self.run_dir = Path(config["run_dir"])
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        common.record_worker(self.run_dir, STAGE, self.rank)
+        self.device = common.worker_device(cfg)
+        self.info = load_dataset(cfg.data.dataset)
+        self.split = self.info.split(cfg.data.train_split)
+        torch.manual_seed(cfg.train.seed)  # a random (tiny) backbone is then the same in every process
+        self.model = build_m2f_lang(cfg.model, self.info.categories.synonyms).to(self.device)
+        self.criterion = build_criterion(cfg.model.loss, self.info.categories.num_classes).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_poly_scheduler(self.optimizer, cfg.train.max_steps, cfg.optim.poly_power)
+        self.scaler = make_grad_scaler(self.device, cfg.ssl.precision == "amp")
+        self.teacher = None
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.warm_started = self._restore(config.get("init"))
+        self.logger = StepLogger(self.run_dir / "metrics.jsonl", config["tracking"]) if self.rank == 0 else None
+        self.labeled = config["labeled"]
+        self.evaluate = config.get("evaluate", True)
+        self.store = config["store"]
+        self.feed = PseudoLabelFeed(config["teachers"], config["unlabeled"],
+                                    per_rank(cfg.ssl.unlabeled_batch_size, self.world), self.rank, self.world,
+                                    cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step)
+        self.window: dict[str, list[float]] = {}
+        self.teacher_nodes: set[str] = set()  # Ray nodes whose teacher actors labelled this worker's batches
+
+    def _restore(self, init: str | None) -> bool:
+        """Resume from Ray Train's checkpoint, else start from ``init``; rank 0 builds the EMA teacher."""
+        from dearli.training.checkpoint import load_checkpoint, restore
+        from dearli.training.ema import load_trainable_state, make_teacher
+
+        payload = common.latest_stage_checkpoint(self.device, self.run_dir)
+        if payload is not None:  # SSL checkpoints hold the teacher as "model", the student in extra
+            restore(self.model, {**payload, "model": payload["extra"]["student"]}, self.optimizer, self.scheduler)
+            self.step = int(payload["step"])
+            self.epoch, self.position = payload["extra"]["epoch"], payload["extra"]["position"]
+        elif init:
+            restore(self.model, load_checkpoint(init, self.device))
+        if self.rank == 0:
+            self.teacher = make_teacher(self.model)
+            if payload is not None:
+                load_trainable_state(self.teacher, payload["extra"]["teacher"])
+        return payload is not None or bool(init)
+
+    def run(self) -> None:
+        from ray.train.torch import prepare_model
+
+        self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self._publish()
+        progress = common.Progress(self.cfg.train.max_steps, self.step,
+                                   (per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+                                    + per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
+        shard = ray.train.get_dataset_shard("labeled")
+        try:
+            while self.step < self.cfg.train.max_steps:
+                for labeled_batch in self._labeled_batches(shard):
+                    self._one_step(labeled_batch, progress)
+                    if self.step >= self.cfg.train.max_steps:
+                        break
+        finally:
+            self.feed.close()
+
+    def _labeled_batches(self, shard):
+        """Batches of this rank's labeled images for one epoch (skipping what a resumed epoch already used)."""
+        from dearli.training.data import PanopticTrainDataset, collate
+
+        dataset = PanopticTrainDataset(self.split, self.labeled, self.cfg.data, seed=self.cfg.train.seed + self.rank)
+        dataset.set_epoch(self.epoch)
+        size = per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+        batch, index, skip = [], 0, self.position * size
+        for row in common.shuffled_rows(shard, self.cfg.train.seed + self.epoch, buffer=16):
+            index += 1
+            if index <= skip:
+                continue
+            batch.append(dataset[int(row["index"])])
+            if len(batch) == size:
+                yield collate(batch)
+                batch = []
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def _one_step(self, labeled_batch: dict[str, Any], progress: common.Progress) -> None:
+        from dearli.training.mean_teacher import mean_teacher_step
+
+        started = time.perf_counter()
+        unlabeled_batch, stats, pl_stats = self._unlabeled_batch()
+        logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
+                                   self.cfg, self.scaler, self.device, self.cfg.ssl.unlabeled_weight)
+        self.scheduler.step()
+        self.step, self.position = self.step + 1, self.position + 1
+        self._update_teacher()
+        seconds = time.perf_counter() - started
+        for key, value in {**logged, **pl_stats, "staleness": stats.staleness,
+                           "wait_fraction": stats.wait_s / max(seconds, 1e-9), "relabelled": stats.relabelled,
+                           "teacher_version": stats.version}.items():
+            self.window.setdefault(key, []).append(float(value))
+        self.teacher_nodes.add(stats.node_id)
+        self._log(progress)
+        self._maybe_checkpoint(logged)
+        self._maybe_evaluate()
+
+    def _unlabeled_batch(self) -> tuple[dict[str, Any], FeedStats, dict[str, float]]:
+        """Strong views (+ CutMix) of the teacher's weak views with their pseudo-labels, in collate format."""
+        from dearli.training.pseudo_labels import PseudoLabel, collate_pseudo, pseudo_label_stats
+        from dearli.training.strong_augment import student_view
+
+        result, stats = self.feed.next(self.step + 1)
+        self._record_failures()
+        images = torch.from_numpy(result["images"])
+        labels = [PseudoLabel(torch.from_numpy(p), s, torch.from_numpy(v))
+                  for p, s, v in zip(result["panoptic"], result["segments"], result["valid"])]
+        generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)
+        views, mixed = [], []
+        for i in range(len(labels)):
+            j = (i + 1) % len(labels)  # CutMix partner: the next view of the same batch
+            view, label, _ = student_view(images[i], labels[i], images[j], labels[j],
+                                          self.cfg.ssl.cutmix_prob if len(labels) > 1 else 0.0, generator)
+            views.append(view)
+            mixed.append(label)
+        batch = collate_pseudo(views, mixed, self.cfg.ssl.min_confidence, result["stems"])
+        pl_stats = {f"pl/{k}": v for k, v in pseudo_label_stats(labels, self.cfg.ssl.min_confidence).items()}
+        return batch, stats, pl_stats
+
+    def _update_teacher(self) -> None:
+        from dearli.training.ema import ema_decay, ema_update
+
+        if self.rank != 0:
+            return
+        decay = ema_decay(self.step, self.cfg.ssl.ema_decay, ramp=not self.warm_started)
+        ema_update(self.teacher, self.model, decay)
+        if self.step % self.cfg.ssl.publish_every == 0:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Rank 0 hands the current EMA weights (version = step) to the teacher pool."""
+        from dearli.training.ema import trainable_state
+
+        if self.rank == 0:
+            ray.get(self.store.publish.remote(self.step, trainable_state(self.teacher)))
+
+    def _record_failures(self) -> None:
+        """Unreadable unlabeled images: appended to the run's errors table (errors.jsonl) and skipped from now on."""
+        if not self.feed.failed:
+            return
+        with open(self.run_dir / "errors.jsonl", "a") as fh:
+            for stem, path, reason in self.feed.failed:
+                fh.write(json.dumps({"stage": STAGE, "step": self.step, "stem": stem, "path": path,
+                                     "reason": reason, "rank": self.rank}) + "\n")
+        self.feed.failed.clear()
+
+    def _log(self, progress: common.Progress) -> None:
+        last = self.step == self.cfg.train.max_steps
+        if self.logger is None or not (self.step % self.cfg.train.log_every == 0 or last):
+            return
+        values = {k: sum(v) / len(v) for k, v in self.window.items()}
+        values["staleness_max"] = max(self.window["staleness"])
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.logger.log(self.step, {**values, **progress.rates(self.step), "teacher_nodes": sorted(self.teacher_nodes)})
+        self.window = {}
+
+    def _maybe_checkpoint(self, logged: dict[str, float]) -> None:
+        if not (self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.max_steps):
+            return
+        from dearli.training.ema import trainable_state
+
+        def write(folder: Path) -> Path:
+            from dearli.training.checkpoint import model_state
+
+            student = model_state(self.model, include_backbone=self.cfg.model.backbone.pretrained == "")
+            extra = {"student": student, "teacher": trainable_state(self.teacher), "epoch": self.epoch,
+                     "position": self.position, "stage": STAGE}
+            return common.write_stage_checkpoint(folder, self.step, self.teacher, self.cfg, self.optimizer,
+                                                 self.scheduler, extra)
+
+        common.report_checkpoint(self.rank, self.run_dir, self.step, {"step": self.step, "loss": logged["loss"]},
+                                 write)
+
+    def _maybe_evaluate(self) -> None:
+        every, last = self.cfg.train.eval_every, self.step == self.cfg.train.max_steps
+        if self.rank != 0 or not self.evaluate or not (last or (every and self.step % every == 0)):
+            return
+        from dearli.training.evaluate import evaluate_model
+
+        for variant, (which, ensembled) in VARIANTS.items():
+            out_dir = self.run_dir / "eval" / variant / f"step_{self.step:07d}"
+            if (out_dir / "metrics.json").is_file():
+                continue
+            model = self.teacher if which == "teacher" else self.model
+            alpha = None if ensembled else 0.0
+            metrics = evaluate_model(model, self.cfg.model, self.info, self.cfg.data.val_split, out_dir,
+                                     alpha_clip=alpha, progress=False, gt_cache_dir=self.run_dir / "eval" / "gt_cache")
+            prefix = {"teacher": "eval", "teacher_noens": "eval_noens", "student": "eval_student",
+                      "student_noens": "eval_student_noens"}[variant]
+            self.logger.log(self.step, {f"{prefix}/{k}": v for k, v in metrics["summary"].items()})
+        self.model.train()

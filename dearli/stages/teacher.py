@@ -1,0 +1,257 @@
+"""The Mean-Teacher teacher as a Ray actor pool that streams panoptic pseudo-labels to the student.
+
+Three parts:
+
+* :class:`WeightsStore`, one actor per run: rank 0 of the student publishes the EMA weights (decoder only;
+  the frozen backbone never changes) every ``ssl.publish_every`` steps with a version = its step. The store
+  re-puts them itself, so it owns the object and a lost Train worker does not take the weights with it.
+* :class:`TeacherWorker` actors (``ssl.teacher_actors``, each with ``ssl.teacher_gpus``/``teacher_cpus`` and
+  ``ssl.teacher_resources``): load the newest weights at every call, take weak views of unlabeled images
+  (the geometry the student's strong view keeps), run backbone + decoder + zero-shot CLIP branch + geometric
+  ensemble (α from the schedule) + panoptic inference, and return the views with their pseudo-labels.
+  Actors restart on failure (also on another node) and calls to a lost actor are retried.
+* :class:`PseudoLabelFeed`, inside each Train worker: keeps ``ssl.prefetch`` requests in flight and hands
+  the student one batch per step. Staleness (student step minus the weights version that made the labels)
+  is bounded by construction: a batch older than ``ssl.max_staleness`` is labelled again with the newest
+  weights before use, so no step ever trains on staler labels. Time spent blocked is measured.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from dearli.config import Config, from_dict, to_dict
+from dearli.errors import DataError
+
+
+@ray.remote(num_cpus=0)
+class WeightsStore:
+    """Newest published teacher weights: (version, [ObjectRef]) — the ref travels in a list so it is not
+    resolved on the way."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.ref = None
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        if version > self.version:
+            self.version, self.ref = int(version), ray.put(state)
+        return self.version
+
+    def latest(self) -> tuple[int, list | None]:
+        return self.version, None if self.ref is None else [self.ref]
+
+    def current_version(self) -> int:
+        return self.version
+
+
+class TeacherWorker:
+    """One teacher model; ``label(requests, step)`` -> weak views + pseudo-labels (see :meth:`label`)."""
+
+    def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float):
+        from dearli.data.dataset import load_dataset
+        from dearli.model.m2f_lang import build_m2f_lang
+        from dearli.stages.common import quiet
+
+        quiet()
+        self.cfg: Config = from_dict(Config, cfg_dict)
+        # By name, not by handle: a handle argument lives in the object store, and an actor restarted after
+        # its node died could not read it back.
+        self.store = ray.get_actor(store_name)
+        self.labeled_fraction = labeled_fraction
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        info = load_dataset(self.cfg.data.dataset)
+        self.split = info.split(self.cfg.data.train_split)
+        self.thing_ids = self.split.categories.thing_ids
+        # The published weights leave the frozen backbone out: a randomly initialised one (tiny preset) must come
+        # out of the same seed as the student's, or the decoder would read features of another network.
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = build_m2f_lang(self.cfg.model, info.categories.synonyms).to(self.device).eval()
+        self.version = -1
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def _refresh(self, timeout_s: float = 600.0) -> None:
+        """Load the newest published weights; before the first publication, wait for it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            version, refs = ray.get(self.store.latest.remote())
+            if version > self.version:
+                state = ray.get(refs[0])
+                # The published state has no backbone, so the text embeddings (derived from the frozen text
+                # tower) stay valid: plain Module loading skips M2FLang's recomputation of them.
+                torch.nn.Module.load_state_dict(self.model, state, strict=False)
+                self.version = version
+            if self.version >= 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("no teacher weights were published")
+            time.sleep(0.05)
+
+    @torch.no_grad()
+    def label(self, requests: list[dict[str, Any]], step: int) -> dict[str, Any]:
+        """Pseudo-label the weak views of ``requests`` ({stem, seed}) with the newest weights.
+
+        Returns:
+            {"images": B×3×S×S uint8, "valid": B×S×S bool, "panoptic": B×S×S int32, "segments": B lists of
+             {id, category_id, isthing, score}, "stems", "version", "node_id", "seconds",
+             "failed": [(stem, path, reason)] for unreadable images (left out of the batch)}
+        """
+        from dearli.model.ensemble import alpha_schedule
+        from dearli.model.predictor import predict_batch
+        from dearli.training.pseudo_labels import weak_view
+
+        started = time.perf_counter()
+        self._refresh()
+        views, valids, stems, failed = [], [], [], []
+        for request in requests:
+            record = self.split.record(request["stem"])
+            try:
+                image = self.split.load_image(record)
+            except DataError as err:
+                failed.append((request["stem"], str(record.image_path), err.problem))
+                continue
+            generator = torch.Generator().manual_seed(int(request["seed"]))
+            view, valid, _ = weak_view(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+                                       self.cfg.data, generator)
+            views.append(view)
+            valids.append(valid)
+            stems.append(request["stem"])
+        out: dict[str, Any] = {"version": self.version, "node_id": self.node_id, "failed": failed,
+                               "stems": stems, "images": None, "valid": None, "panoptic": [], "segments": []}
+        if views:
+            images = torch.stack(views).to(self.device)
+            alpha = alpha_schedule(self.cfg.model.ensemble, max(self.version, 0), self.cfg.train.max_steps,
+                                   self.labeled_fraction)
+            predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha)
+            valid = torch.stack(valids).numpy()
+            out["images"] = images.to(torch.uint8).cpu().numpy()
+            out["valid"] = valid
+            out["panoptic"] = np.stack([np.where(v, p.panoptic, 0) for p, v in zip(predictions, valid)])
+            out["segments"] = [p.segments for p in predictions]
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+
+def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus_available: bool) -> tuple[Any, list[Any]]:
+    """The weights store and ``ssl.teacher_actors`` teacher actors (restarted and retried on failure)."""
+    gpus = cfg.ssl.teacher_gpus if cfg.ssl.teacher_gpus >= 0 else (1.0 if gpus_available else 0.0)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The store lives with the driver (as Ray Train's controller does): a restarted store would be empty, and
+    # every teacher would wait for the next publication while the student waits for pseudo-labels.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    store_name = f"dearli-teacher-weights-{uuid.uuid4().hex[:8]}"
+    store = WeightsStore.options(name=store_name, max_restarts=-1, max_task_retries=-1,
+                                 scheduling_strategy=here).remote()
+    actor_cls = ray.remote(TeacherWorker)
+    # SPREAD: interchangeable actors over as many nodes as offer their resources, so a lost node takes few.
+    options: dict[str, Any] = {"num_cpus": cfg.ssl.teacher_cpus, "num_gpus": gpus, "max_restarts": -1,
+                               "max_task_retries": -1, "scheduling_strategy": "SPREAD"}
+    if cfg.ssl.teacher_resources:
+        options["resources"] = dict(cfg.ssl.teacher_resources)
+    cfg_dict = to_dict(cfg)
+    teachers = [actor_cls.options(**options).remote(cfg_dict, store_name, labeled_fraction)
+                for _ in range(cfg.ssl.teacher_actors)]
+    return store, teachers
+
+
+def stop_teacher_pool(store: Any, teachers: list[Any]) -> None:
+    for actor in [*teachers, store]:
+        ray.kill(actor)
+
+
+@dataclass
+class FeedStats:
+    """What one :meth:`PseudoLabelFeed.next` cost: staleness of the labels and seconds spent waiting."""
+
+    staleness: int
+    wait_s: float
+    relabelled: int
+    version: int
+    node_id: str
+
+
+class PseudoLabelFeed:
+    """The student side: a stream of pseudo-labelled weak views, ``prefetch`` requests ahead.
+
+    Each rank draws its own share of the unlabeled images (a per-epoch permutation, ranks interleaved), so
+    ranks never label the same image in the same epoch.
+    """
+
+    def __init__(self, teachers: list[Any], stems: list[str], per_step: int, rank: int, world: int,
+                 seed: int, prefetch: int, max_staleness: int, start_step: int = 0):
+        self.teachers, self.stems, self.per_step = teachers, list(stems), per_step
+        self.rank, self.world, self.seed = rank, world, seed
+        self.prefetch, self.max_staleness = prefetch, max_staleness
+        self.skip: set[str] = set()
+        self.failed: list[tuple[str, str, str]] = []
+        self.queue: collections.deque = collections.deque()
+        self.calls = rank  # spreads the ranks' requests over the actors
+        self.draw = start_step * per_step  # position in this rank's endless sequence of images
+
+    def _requests(self) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < self.per_step:
+            share = self._share()
+            stem = self._epoch_order(self.draw // share)[self.draw % share]
+            if stem not in self.skip:
+                out.append({"stem": stem, "seed": (self.seed * 1_000_003 + self.rank * 7919 + self.draw) % 2**31})
+            self.draw += 1
+            if len(self.skip) >= len(self.stems):
+                raise DataError(None, "every unlabeled image failed to load; see the run's errors table")
+        return out
+
+    def _share(self) -> int:
+        """Images per epoch for this rank (every image when there are fewer images than ranks)."""
+        return len(range(self.rank, len(self.stems), self.world)) or len(self.stems)
+
+    def _epoch_order(self, epoch: int) -> list[str]:
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.stems))
+        mine = [self.stems[i] for i in order[self.rank::self.world]]
+        return mine or [self.stems[i] for i in order]
+
+    def _submit(self, step: int, requests: list[dict[str, Any]] | None = None) -> None:
+        requests = requests if requests is not None else self._requests()
+        teacher = self.teachers[self.calls % len(self.teachers)]
+        self.calls += 1
+        self.queue.append((requests, teacher.label.remote(requests, step)))
+
+    def next(self, step: int) -> tuple[dict[str, Any], FeedStats]:
+        """The pseudo-labelled batch for student step ``step`` (labels at most ``max_staleness`` old)."""
+        started = time.perf_counter()
+        relabelled = 0
+        while True:
+            while len(self.queue) < self.prefetch + 1:
+                self._submit(step)
+            requests, ref = self.queue.popleft()
+            result = ray.get(ref)
+            while step - result["version"] > self.max_staleness:
+                relabelled += 1  # too old: label the same views again with the newest weights
+                result = ray.get(self.teachers[self.calls % len(self.teachers)].label.remote(requests, step))
+            self._record_failures(result["failed"])
+            if result["stems"]:
+                break
+        while len(self.queue) < self.prefetch:
+            self._submit(step)
+        stats = FeedStats(step - result["version"], time.perf_counter() - started, relabelled,
+                          result["version"], result["node_id"])
+        return result, stats
+
+    def _record_failures(self, failed: list[tuple[str, str, str]]) -> None:
+        for stem, path, reason in failed:
+            if stem not in self.skip:
+                self.skip.add(stem)
+                self.failed.append((stem, path, reason))
+
+    def close(self) -> None:
+        for _, ref in self.queue:
+            ray.cancel(ref)
+        self.queue.clear()

@@ -1,0 +1,139 @@
+"""Stage 2, DeWa: class-agnostic warm-up of the pixel and transformer decoders on SAM masks (Ray Train).
+
+The SAM cache (Parquet, from ``dearli cache sam``) of every training image, labeled and unlabeled, is
+read by Ray Data and split across the Train workers with ``get_dataset_shard``; each worker decodes the
+masks of its rows, augments image and masks alike and trains with mask BCE + dice only (the class loss
+is multiplied by 0). The frozen backbone gets no gradient; the classifier is left as it is, and the
+warmed-up model initialises the Mean-Teacher stage (``dearli train ssl --init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dearli.config import Config
+from dearli.errors import DataError
+from dearli.stages import common
+from dearli.stages.tracking import StepLogger, TrackingSpec
+
+STAGE = "warmup"
+
+
+def warmup_config(cfg: Config) -> Config:
+    """The stage's effective config: class-agnostic loss (class weight 0)."""
+    loss = dataclasses.replace(cfg.model.loss, class_weight=0.0)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=loss))
+
+
+def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = False, echo=print,
+               tracking: TrackingSpec | None = None) -> dict[str, Any]:
+    """Warm up the decoder on the SAM cache ``sam_cache``; returns {"step", "checkpoint", "run_dir"}."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from dearli.caches.readers import read_sam_cache
+
+    cfg = common.with_absolute_paths(cfg)
+    sam_cache = sam_cache if "://" in str(sam_cache) else str(Path(sam_cache).expanduser().resolve())
+    reader = read_sam_cache(sam_cache)  # checks that it is a SAM cache before anything starts
+    if len(reader) == 0:
+        raise DataError(sam_cache, "the SAM cache holds no images; run 'dearli cache sam' on the train split")
+    run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
+    common.ensure_ray()
+    parts = reader.store.part_files()
+    dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs, columns=["stem", "rle_counts", "height",
+                                                                                 "width"])
+    echo(f"[{STAGE}] {len(reader)} images with SAM masks from {sam_cache}; {cfg.warmup.max_steps} steps, "
+         f"batch {cfg.warmup.batch_size} on {cfg.train.num_workers} worker(s); run dir {run_dir}")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader)),
+        scaling_config=common.scaling_config(cfg),
+        run_config=common.run_config(cfg, run_dir, STAGE),
+        datasets={"sam": dataset},
+    )
+    with common.FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.warmup.max_steps, echo):
+        result = trainer.fit()
+    common.check_fit_result(result, STAGE)
+    final = common.checkpoint_path(run_dir, cfg.warmup.max_steps)
+    echo(f"[{STAGE}] done: {final}")
+    return {"step": cfg.warmup.max_steps, "checkpoint": str(final), "run_dir": str(run_dir)}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The training function each Ray Train worker runs."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    from dearli.caches.readers import decode_masks
+    from dearli.data.dataset import load_dataset
+    from dearli.losses.criterion import build_criterion
+    from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.training.checkpoint import restore
+    from dearli.training.data import collate
+    from dearli.training.optim import build_optimizer, build_poly_scheduler
+    from dearli.training.step import make_grad_scaler, train_step
+    from dearli.training.warmup_data import sam_sample, sample_generator
+
+    cfg = warmup_config(common.config_from_loop(config))
+    run_dir = Path(config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    common.record_worker(run_dir, STAGE, rank)
+    device = common.worker_device(cfg)
+    info = load_dataset(cfg.data.dataset)
+    split = info.split(cfg.data.train_split)
+    torch.manual_seed(cfg.train.seed)  # a random (tiny) backbone is then the same in every process and stage
+    model = build_m2f_lang(cfg.model, info.categories.synonyms).to(device)
+    criterion = build_criterion(cfg.model.loss, info.categories.num_classes).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_poly_scheduler(optimizer, cfg.warmup.max_steps, cfg.optim.poly_power)
+    step, epoch, position = 0, 0, 0
+    if (payload := common.latest_stage_checkpoint(device, run_dir)) is not None:
+        step = restore(model, payload, optimizer, scheduler)
+        epoch, position = payload["extra"]["epoch"], payload["extra"]["position"]
+    ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    scaler = make_grad_scaler(device, cfg.train.amp)
+    per_worker = max(1, cfg.warmup.batch_size // world)
+    logger = StepLogger(run_dir / "metrics.jsonl", config["tracking"]) if rank == 0 else None
+    progress = common.Progress(cfg.warmup.max_steps, step, per_worker * world)
+    shard = ray.train.get_dataset_shard("sam")
+    while step < cfg.warmup.max_steps:
+        rows = common.shuffled_rows(shard, cfg.train.seed + epoch)
+        batch: list[dict[str, Any]] = []
+        for index, row in enumerate(rows):
+            if index < position * per_worker:  # resumed mid-epoch: skip what the checkpointed steps used
+                continue
+            record = split.record(row["stem"])
+            generator = sample_generator(cfg.train.seed + rank, epoch, index)
+            batch.append(sam_sample(split.load_image(record), decode_masks(row), row["stem"], cfg.data,
+                                    cfg.warmup, generator))
+            if len(batch) < per_worker:
+                continue
+            logged = train_step(ddp, criterion, optimizer, collate(batch), cfg, scaler, device)
+            scheduler.step()
+            step, position, batch = step + 1, position + 1, []
+            _after_step(cfg, step, logged, optimizer, logger, progress, rank, run_dir, model, scheduler,
+                        epoch, position)
+            if step >= cfg.warmup.max_steps:
+                break
+        epoch, position = epoch + 1, 0
+
+
+def _after_step(cfg: Config, step: int, logged: dict[str, float], optimizer, logger: StepLogger | None,
+                progress: common.Progress, rank: int, run_dir: Path, model, scheduler, epoch: int,
+                position: int) -> None:
+    """Logging on rank 0 and, every ``train.checkpoint_every`` steps and at the end, a checkpoint (all ranks)."""
+    last = step == cfg.warmup.max_steps
+    if logger is not None and (step % cfg.train.log_every == 0 or last):
+        logger.log(step, {**logged, **progress.rates(step), "lr": optimizer.param_groups[0]["lr"]})
+    if step % cfg.train.checkpoint_every == 0 or last:
+        def write(folder: Path) -> Path:
+            return common.write_stage_checkpoint(folder, step, model, cfg, optimizer, scheduler,
+                                                 {"epoch": epoch, "position": position, "stage": STAGE})
+
+        common.report_checkpoint(rank, run_dir, step, {"step": step, "loss": logged["loss"]}, write)

@@ -1,0 +1,80 @@
+"""One optimisation step of the Mean-Teacher student: supervised loss + weighted loss on pseudo-labels.
+
+The loss on pseudo-labels is the plain Mask2Former loss (the same criterion, hard targets from
+:func:`dearli.training.pseudo_labels.to_targets`), as upstream DEARLi trains its student. Forward, backward,
+clipping and the optimizer step are :func:`dearli.training.step.train_step`'s pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dearli.config import Config
+from dearli.losses.criterion import total_loss
+from dearli.training.optim import clip_gradients
+from dearli.training.step import autocast_for, move_batch, outputs_to_float
+
+# The outputs the criterion reads; the rest (query features, dense CLIP features) is not split.
+_CRITERION_KEYS = ("pred_logits", "pred_masks")
+
+
+def split_outputs(outputs: dict, count: int) -> tuple[dict, dict]:
+    """The criterion's view of a concatenated batch's outputs: (first ``count`` images, the rest)."""
+    def part(out: dict, rows: slice) -> dict:
+        return {key: out[key][rows] for key in _CRITERION_KEYS}
+
+    first, rest = slice(None, count), slice(count, None)
+    head, tail = part(outputs, first), part(outputs, rest)
+    aux = outputs.get("aux_outputs")
+    if aux is not None:
+        head["aux_outputs"] = [part(a, first) for a in aux]
+        tail["aux_outputs"] = [part(a, rest) for a in aux]
+    return head, tail
+
+
+def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                      labeled_batch: dict[str, Any], unlabeled_batch: dict[str, Any], cfg: Config,
+                      scaler: torch.amp.GradScaler, device: torch.device, unlabeled_weight: float
+                      ) -> dict[str, float]:
+    """loss = supervised loss on ``labeled_batch`` + ``unlabeled_weight`` × loss on ``unlabeled_batch``.
+
+    Both batches are in :func:`dearli.training.data.collate`'s format (the unlabeled one from
+    :func:`dearli.training.pseudo_labels.collate_pseudo`) with crops of one size: they go through the model
+    as ONE concatenated forward, so a DistributedDataParallel model sees one forward per backward.
+    Precision is ``cfg.ssl.precision`` (fp32 unless "amp", as upstream trains this stage).
+
+    Returns:
+        {"loss", "loss_sup", "loss_unsup", "grad_norm"} and the final layer's terms ("loss_ce", "loss_mask",
+        "loss_dice" supervised; the same suffixed "_unsup").
+    """
+    model.train()
+    images_l, targets_l = move_batch(labeled_batch, device)
+    images_u, targets_u = move_batch(unlabeled_batch, device)
+    if images_l.shape[1:] != images_u.shape[1:]:
+        raise ValueError(f"labeled images {tuple(images_l.shape[1:])} and unlabeled images "
+                         f"{tuple(images_u.shape[1:])} must share one crop size")
+    with autocast_for(device, cfg.ssl.precision == "amp"):
+        outputs = model(torch.cat([images_l, images_u]))
+    # Losses in fp32, as train_step: the point-sampled BCE and dice are sensitive to fp16 rounding.
+    outputs_l, outputs_u = split_outputs(outputs_to_float(outputs), images_l.shape[0])
+    losses_sup = criterion(outputs_l, targets_l)
+    losses_unsup = criterion(outputs_u, targets_u)
+    loss_sup, loss_unsup = total_loss(losses_sup), total_loss(losses_unsup)
+    loss = loss_sup + unlabeled_weight * loss_unsup
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model.parameters(), cfg.optim.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    logged = {"loss": float(loss.detach()), "loss_sup": float(loss_sup.detach()),
+              "loss_unsup": float(loss_unsup.detach()), "grad_norm": grad_norm}
+    for key in ("loss_ce", "loss_mask", "loss_dice"):
+        if key in losses_sup:
+            logged[key] = float(losses_sup[key].detach())
+        if key in losses_unsup:
+            logged[f"{key}_unsup"] = float(losses_unsup[key].detach())
+    return logged

@@ -1,0 +1,211 @@
+"""``dearli pseudo-label``: exact output after a killed run is rerun, new class lists, unreadable images,
+lost actors; with a tiny untrained model (its thresholds at 0 so that it emits segments)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dearli.caches.workers import CacheWorker
+from dearli.cli import main
+from dearli.config import load_config
+from dearli.data.coco_format import rgb2id
+from dearli.data.dataset import load_dataset
+from dearli.data.synth.writer import write_synth_dataset
+from dearli.errors import DataError
+from dearli.model.m2f_lang import build_tiny
+from dearli.predict.outputs import keep_confident
+from dearli.predict.pseudo_label_command import list_images
+from dearli.training.checkpoint import save_checkpoint
+
+# Keep every query of a random model (it is never confident) and run the zero-shot ensemble too.
+TINY_MODEL = ["model.inference.object_mask_threshold=0.0", "model.inference.overlap_threshold=0.0",
+              "model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"]
+BAD = "val_000001"  # the pool's truncated image
+
+
+def tiny_checkpoint(run_dir: Path, dataset: Path, seed: int = 1) -> Path:
+    """An untrained tiny M2F-Lang saved as a checkpoint of ``dataset`` (no training)."""
+    cfg = load_config("tiny", [f"data.dataset={dataset}", *TINY_MODEL])
+    torch.manual_seed(seed)
+    model = build_tiny(load_dataset(dataset).categories.synonyms, TINY_MODEL)
+    return save_checkpoint(run_dir, 0, model, cfg)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic dataset, a checkpoint of it and a pool of its 12 images, one of them truncated."""
+    root = tmp_path_factory.mktemp("pseudo")
+    data = write_synth_dataset(root / "synth", num_images=8, seed=0, num_val=4, image_size=(64, 64))
+    pool = root / "pool"
+    pool.mkdir()
+    for split in ("train", "val"):
+        for image in (data / "images" / split).iterdir():
+            shutil.copy(image, pool / image.name)
+    (pool / f"{BAD}.png").write_bytes((pool / f"{BAD}.png").read_bytes()[:80])
+    return {"data": data, "pool": pool, "checkpoint": tiny_checkpoint(root / "run", data)}
+
+
+def _args(world, out: Path, *extra: str) -> list[str]:
+    return ["pseudo-label", "--checkpoint", str(world["checkpoint"]), "--images", str(world["pool"]),
+            "--out", str(out), "--batch-size", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, world, tmp_path_factory):
+    """An uninterrupted run over the pool."""
+    out = tmp_path_factory.mktemp("reference") / "labels"
+    assert main(_args(world, out, "--actors", "2")) == 0
+    return out
+
+
+def _outputs(out: Path) -> dict:
+    """Everything a user reads: the JSON, the segment table, the decoded PNGs, the errors."""
+    return {"json": json.loads((out / "panoptic.json").read_text()),
+            "segments": pq.read_table(out / "segments.parquet").to_pylist(),
+            "pngs": {p.name: rgb2id(np.asarray(Image.open(p))).tolist() for p in sorted((out / "panoptic").iterdir())},
+            "errors": pq.read_table(out / "errors.parquet", columns=["stem", "reason"]).to_pylist()}
+
+
+def _check_consistent(out: Path, images: int) -> dict:
+    """One entry per image in JSON, parts and PNGs, and PNG ids equal to the JSON's segments."""
+    result = _outputs(out)
+    annotations = result["json"]["annotations"]
+    assert len(annotations) == len({a["image_id"] for a in annotations}) == images
+    assert sum(pq.read_metadata(p).num_rows for p in (out / "parts").glob("part-*.parquet")) == images
+    assert sorted(result["pngs"]) == sorted(a["file_name"] for a in annotations)
+    for ann in annotations:
+        ids = set(np.unique(np.array(result["pngs"][ann["file_name"]])).tolist()) - {0}
+        assert ids == {s["id"] for s in ann["segments_info"]}
+    assert len(result["segments"]) == sum(len(a["segments_info"]) for a in annotations) > 0
+    return result
+
+
+def test_killed_run_rerun_equals_an_uninterrupted_run(world, reference, tmp_path, capsys):
+    """SIGKILL of the whole job (driver, its own Ray, the actors) once parts are committed; the rerun ends with
+    exactly the output of an uninterrupted run. The truncated image is in the errors table of both."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray instance, killed with it
+    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *_args(world, out)], env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "parts").glob("part-*.parquet"))) < 2:
+            assert job.poll() is None, "the job ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the job committed nothing in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    committed = len(list((out / "parts").glob("part-*.parquet")))
+    assert 2 <= committed < 11 and not (out / "panoptic.json").exists()
+
+    capsys.readouterr()
+    assert main(_args(world, out)) == 0
+    text = capsys.readouterr().out
+    labelled, skipped, failed = map(int, re.search(r"(\d+) labelled, (\d+) skipped.*?(\d+) failed", text).groups())
+    assert labelled + skipped == 11 and skipped >= committed and failed == 1
+    resumed, full = _check_consistent(out, 11), _check_consistent(reference, 11)
+    assert resumed == full
+    assert [e["stem"] for e in full["errors"]] == [BAD] and "cannot read" in full["errors"][0]["reason"]
+
+
+def test_a_renamed_class_list_changes_only_the_names(world, reference, tmp_path, capsys):
+    """Open vocabulary: the same checkpoint labels with new class names (same ids and kinds) given as
+    --classes; images come from a list file this time."""
+    old = json.loads((world["data"] / "classes.json").read_text())
+    new = [{"id": c["id"], "name": f"kind {c['id']}, sort {c['id']}", "isthing": c["isthing"]} for c in old]
+    classes = tmp_path / "renamed.json"
+    classes.write_text(json.dumps(new))
+    listing = tmp_path / "pool.txt"
+    listing.write_text("\n".join(os.path.relpath(p, tmp_path) for p in sorted(world["pool"].iterdir())) + "\n")
+    out = tmp_path / "renamed"
+    args = _args(world, out, "--classes", str(classes))
+    args[args.index("--images") + 1] = str(listing)
+    assert main(args) == 0
+    assert "11 labelled, 0 skipped (labelled before), 1 failed" in capsys.readouterr().out
+    renamed, full = _check_consistent(out, 11), _outputs(reference)
+    names = {s["category_name"] for s in renamed["segments"]}
+    assert names and names <= {f"kind {c['id']}" for c in old}
+    assert not names & {c["name"].split(",")[0] for c in old}
+    assert {s["category_name"] for s in full["segments"]} <= {c["name"].split(",")[0] for c in old}
+    assert renamed["json"]["categories"] == [{"id": c["id"], "name": c["name"], "isthing": int(c["isthing"])}
+                                             for c in new]
+    assert [a["image_id"] for a in renamed["json"]["annotations"]] == [a["image_id"] for a in
+                                                                       full["json"]["annotations"]]
+    assert renamed["errors"] == full["errors"]
+    # the manifest records the class list: the same output location with the original classes is refused
+    assert main(_args(world, out)) == 1
+    assert "different settings (classes)" in capsys.readouterr().err
+
+
+def test_keep_confident_unlabels_low_scores():
+    panoptic = np.array([[1, 1, 2], [3, 3, 0]], dtype=np.int32)
+    segments = [{"id": 1, "score": 0.9}, {"id": 2, "score": 0.2}, {"id": 3, "score": 0.5}]
+    kept_map, kept = keep_confident(panoptic, segments, 0.5)
+    assert [s["id"] for s in kept] == [1, 3]
+    assert kept_map.tolist() == [[1, 1, 0], [3, 3, 0]] and panoptic[0, 2] == 2  # input untouched
+
+
+def test_list_images_from_a_directory_or_a_list(tmp_path):
+    for name in ("b.png", "a.JPG", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [r["stem"] for r in list_images(tmp_path)] == ["a", "b"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# pool\nb.png\n\n" + str(tmp_path / "missing.jpg") + "\n")
+    rows = list_images(listing)
+    root = tmp_path.resolve()
+    assert [r["image_path"] for r in rows] == [str(root / "b.png"), str(root / "missing.jpg")]
+    listing.write_text("a.JPG\nsub/a.png\n")
+    with pytest.raises(DataError, match="two images named 'a'"):
+        list_images(listing)
+
+
+class DiesOnce(CacheWorker):
+    """Records {stem}; the process running it dies at its first sight of image 3 (a lost actor)."""
+
+    schema = pa.schema([("image_id", pa.string()), ("stem", pa.string())])
+
+    def __init__(self, cache_uri: str, run_id: str, marker: str):
+        super().__init__(cache_uri, run_id)
+        self.marker = Path(marker)
+
+    def _one(self, item: dict) -> dict:
+        if item["stem"] == "img3" and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return {"image_id": item["image_id"], "stem": item["stem"]}
+
+
+def test_a_lost_actor_is_replaced_and_nothing_is_lost(ray_local, tmp_path):
+    from dearli.caches.job import run_cache_job
+    from dearli.caches.store import CacheStore
+
+    rows = [{"image_id": str(i), "stem": f"img{i}", "image_path": "", "height": 0, "width": 0} for i in range(6)]
+    lines: list[str] = []
+    module = sys.modules[__name__]  # actors cannot import this test module: send DiesOnce by value
+    ray_local.cloudpickle.register_pickle_by_value(module)
+    try:
+        summary = run_cache_job(str(tmp_path / "out"), "test", {}, rows, DiesOnce,
+                                {"marker": str(tmp_path / "died")}, images_per_part=1, echo=lines.append)
+    finally:
+        ray_local.cloudpickle.unregister_pickle_by_value(module)
+    assert (tmp_path / "died").exists() and any("an actor was lost" in line for line in lines)
+    assert (summary.done, summary.failed) == (6, 0)
+    store = CacheStore(str(tmp_path / "out"))
+    stems = [s for p in store.part_files() for s in pq.read_table(p).column("stem").to_pylist()]
+    assert sorted(stems) == [f"img{i}" for i in range(6)]

@@ -1,0 +1,132 @@
+"""The Ray Train stages on a tiny synthetic world: DeWa warm-up -> Mean Teacher with a teacher actor pool,
+and a Train worker killed mid-stage. Each TorchTrainer start costs seconds: the tests are few and each
+checks a whole chain of behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dearli.cli import main
+from dearli.config import load_config
+from dearli.data.synth.writer import write_synth_dataset
+from dearli.training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.ray
+
+TINY = ["model.loss.num_points=256", "data.crop_size=64", "data.short_sides=[64,80]", "data.max_size=160",
+        "model.inference.test_short_side=64", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=16, seed=5, num_val=4,
+                               image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def sam_cache(world, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("cache") / "sam"
+    assert main(["cache", "sam", "--dataset", str(world), "--split", "train", "--out", str(out),
+                 "--generator", "felzenszwalb"]) == 0
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
+    from dearli.stages.ssl import run_ssl
+    from dearli.stages.warmup import run_warmup
+
+    cfg = load_config("tiny", [f"data.dataset={world}", *TINY, "warmup.max_steps=4", "warmup.batch_size=4",
+                               "train.num_workers=2", "train.checkpoint_every=2"])
+    warm = run_warmup(cfg, tmp_path / "warmup", str(sam_cache), echo=lambda *_: None)
+    payload = load_checkpoint(warm["checkpoint"])
+    assert payload["step"] == 4 and sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir()) == [
+        "step_0000002.pt", "step_0000004.pt"]
+    losses = [m for m in metrics(tmp_path / "warmup") if "loss" in m]
+    assert [m["step"] for m in losses] == [1, 2, 3, 4] and all("loss_ce" not in m or m["loss_ce"] == 0 for m in losses)
+    workers = [json.loads(line) for line in (tmp_path / "warmup" / "workers.jsonl").read_text().splitlines()]
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+
+    # An unreadable unlabeled image is recorded and skipped; the run goes on.
+    labeled = set((world / "partitions" / "1_4" / "labeled.txt").read_text().split())
+    bad = next(p for p in sorted((world / "images" / "train").iterdir()) if not any(p.stem in x for x in labeled))
+    original = bad.read_bytes()
+    bad.write_bytes(original[:60])
+    try:
+        ssl_cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "train.max_steps=12",
+                                       "train.num_workers=2", "ssl.teacher_actors=2", "ssl.labeled_batch_size=2",
+                                       "ssl.unlabeled_batch_size=2", "ssl.publish_every=2", "ssl.prefetch=2",
+                                       "ssl.max_staleness=4", "train.checkpoint_every=6"])
+        result = run_ssl(ssl_cfg, tmp_path / "ssl", init=warm["checkpoint"], echo=lambda *_: None)
+    finally:
+        bad.write_bytes(original)
+    run = Path(result["run_dir"])
+    steps = [m for m in metrics(run) if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert max(m["staleness_max"] for m in steps) <= 4
+    assert all(0.0 <= m["wait_fraction"] <= 1.0 for m in steps)
+    versions = [m["teacher_version"] for m in steps]
+    assert versions[-1] > versions[0], "the teacher pool never picked up newer EMA weights"
+    # An untrained class head predicts "void" for most queries: few or no segments yet, but valid statistics.
+    assert all(0.0 <= m["pl/labeled_fraction"] <= 1.0 and m["pl/segments_per_image"] >= 0 for m in steps)
+    assert set(result["metrics"]) == {"teacher", "teacher_noens", "student", "student_noens"}
+    assert all(0.0 <= v <= 100.0 for s in result["metrics"].values() for v in s.values())
+    errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
+    assert {e["stem"] for e in errors} == {bad.stem} and all(e["path"].endswith(bad.name) for e in errors)
+    final = load_checkpoint(result["checkpoint"])
+    assert final["step"] == 12
+    teacher, student = final["model"], final["extra"]["student"]
+    key = next(k for k in teacher if k.startswith("transformer_decoder.") and teacher[k].is_floating_point())
+    assert not torch.equal(teacher[key], student[key]), "teacher is not an EMA distinct from the student"
+
+
+def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local):
+    """SIGKILL one Train worker mid-stage: Ray Train restarts the group from the last checkpoint and the run
+    ends at the right step with every checkpoint step exactly once."""
+    from dearli.stages.ssl import run_ssl
+
+    run = tmp_path / "ssl"
+    cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "train.max_steps=10",
+                               "train.num_workers=2", "ssl.teacher_actors=1", "ssl.labeled_batch_size=2",
+                               "ssl.unlabeled_batch_size=2", "train.checkpoint_every=3", "train.max_failures=2"])
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            try:
+                done = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+                workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
+            except (FileNotFoundError, ValueError):
+                done, workers = [], []
+            if done and max(done) >= 4:
+                pid = next(w["pid"] for w in workers if w["rank"] == 1)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_ssl(cfg, run, echo=lambda *_: None)
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert result["step"] == 10 and load_checkpoint(result["checkpoint"])["step"] == 10
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".pt") == [
+        "step_0000003.pt", "step_0000006.pt", "step_0000009.pt", "step_0000010.pt"]
+    workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
+    assert len(workers) == 4, "the worker group was not restarted"
+    steps = [m["step"] for m in metrics(run) if "loss" in m]
+    # After the restart the steps since the last checkpoint (step 3 or 6) are repeated, nothing is skipped.
+    assert sorted(set(steps)) == list(range(1, 11)) and steps[-1] == 10
+    assert len(steps) - 10 <= cfg.train.checkpoint_every
