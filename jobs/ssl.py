@@ -13,6 +13,8 @@ import sys
 # So the folder leaves sys.path before anything else is imported.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+# A Ray job's output is a pipe: without line buffering the log would arrive in blocks, late.
+sys.stdout.reconfigure(line_buffering=True)
 
 if __name__ == "__main__":
     from dearli.stages.pipeline import main

@@ -17,6 +17,8 @@ import sys
 # ``python jobs/supervised.py`` puts it) every later ``import ssl`` would import that job file instead.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+# A Ray job's output is a pipe: without line buffering the log would arrive in blocks, late.
+sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv: list[str] | None = None) -> int:
