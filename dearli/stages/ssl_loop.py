@@ -175,7 +175,13 @@ class StudentLoop:
         from dearli.training.ema import trainable_state
 
         if self.rank == 0:
-            ray.get(self.store.publish.remote(self.step, trainable_state(self.teacher)))
+            state = trainable_state(self.teacher)
+            if self.cfg.model.backbone.pretrained == "":
+                # A random (tiny) backbone cannot be rebuilt from a tag: the teachers get this one, so they read
+                # the same features as the student whatever checkpoint or seed it came from.
+                state.update({k: v.detach().cpu() for k, v in self.teacher.state_dict().items()
+                              if k.startswith("backbone.")})
+            ray.get(self.store.publish.remote(self.step, state))
 
     def _record_failures(self) -> None:
         """Unreadable unlabeled images: appended to the run's errors table (errors.jsonl) and skipped from now on."""

@@ -85,9 +85,12 @@ class TeacherWorker:
             version, refs = ray.get(self.store.latest.remote())
             if version > self.version:
                 state = ray.get(refs[0])
-                # The published state has no backbone, so the text embeddings (derived from the frozen text
-                # tower) stay valid: plain Module loading skips M2FLang's recomputation of them.
-                torch.nn.Module.load_state_dict(self.model, state, strict=False)
+                if any(k.startswith("backbone.") for k in state):
+                    self.model.load_state_dict(state, strict=False)  # a random backbone: text embeddings recomputed
+                else:
+                    # No backbone in the state: the text embeddings (from the frozen text tower) stay valid, and
+                    # plain Module loading skips M2FLang's recomputation of them.
+                    torch.nn.Module.load_state_dict(self.model, state, strict=False)
                 self.version = version
             if self.version >= 0:
                 return
