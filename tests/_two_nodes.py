@@ -27,10 +27,10 @@ from pathlib import Path
 
 NODE_NAMES = ("node_a", "node_b")
 CPUS_PER_NODE = 5  # logical: 2 Train workers + 2 teacher actors + Ray Data's tasks fit on one node
-# A dead node is noticed by the GCS health check: every 2 s, dead after 3 failed checks (Ray's default: 3 s, 5)
+# A dead node is noticed by the GCS health check: every 1 s, dead after 3 failed checks (Ray's default: 3 s, 5)
 # (a live raylet still has Ray's 10 s to answer a check). A node of a busy machine may take long to register.
-NODE_ENV = {"RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "3",
-            "RAY_health_check_initial_delay_ms": "1000", "RAY_raylet_start_wait_time_s": "180"}
+NODE_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "1000", "RAY_raylet_start_wait_time_s": "120"}
 
 
 STARTED = b"This command will now block forever"  # what `ray start --block` prints when its node is up
@@ -90,7 +90,9 @@ class TwoNodeCluster:
 
     def driver_env(self) -> dict[str, str]:
         """A driver on this machine: RAY_ADDRESS of the head, the shared HOME."""
-        return {**self._base_env(), "RAY_ADDRESS": self.address}
+        # A driver's Parquet read (the warm-up's SAM cache) starts 32 footer-reading actors by default, a
+        # process each: ~20 s of a 2-core machine's CPU for the 16 small files here. One does the same.
+        return {**self._base_env(), "RAY_ADDRESS": self.address, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> TwoNodeCluster:
@@ -99,7 +101,18 @@ class TwoNodeCluster:
             self.start_node(name)
         return self
 
-    def start_node(self, name: str, timeout: float = 240.0) -> None:
+    def start_node(self, name: str, attempts: int = 2) -> None:
+        """Start node ``name`` and wait until the GCS lists it. A start that fails (on a busy machine another
+        program may take one of its ports meanwhile) is killed and tried once more with new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_node_once(name)
+            except RuntimeError:
+                _kill(self.nodes[name])
+                if attempt == attempts - 1:
+                    raise
+
+    def _start_node_once(self, name: str, timeout: float = 150.0) -> None:
         node = self.nodes[name]
         for folder in (node.temp_dir, node.cwd, node.tmp):
             folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +123,8 @@ class TwoNodeCluster:
                    "--node-ip-address=127.0.0.1", "--min-worker-port=0", "--max-worker-port=0",
                    f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
                    f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
-        command += (["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+        # no dashboard: nothing here submits jobs, and its start costs seconds of CPU
+        command += (["--head", f"--port={self.port}", "--include-dashboard=false",
                      f"--ray-client-server-port={free_port()}"] if head
                     else [f"--address={self.address}"])
         # RAY_ADDRESS: the node's processes find this cluster, not another Ray instance of the machine.

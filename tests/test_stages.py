@@ -118,7 +118,8 @@ def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = run_ssl(cfg, run, echo=lambda *_: None)
+    lines: list[str] = []
+    result = run_ssl(cfg, run, echo=lines.append)
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
     assert result["step"] == 10 and load_checkpoint(result["checkpoint"])["step"] == 10
@@ -130,3 +131,10 @@ def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local)
     # After the restart the steps since the last checkpoint (step 3 or 6) are repeated, nothing is skipped.
     assert sorted(set(steps)) == list(range(1, 11)) and steps[-1] == 10
     assert len(steps) - 10 <= cfg.train.checkpoint_every
+    # The restarted rank 0 recorded the checkpoint it went back to, it trained on from there, and the driver said so.
+    records = metrics(run)
+    resumes = [i for i, m in enumerate(records) if m.get("resumed")]
+    assert len(resumes) == 1 and records[resumes[0]]["step"] in (3, 6, 9), records
+    step = records[resumes[0]]["step"]
+    assert records[resumes[0] + 1]["step"] == step + 1
+    assert [x for x in lines if "resumed" in x] == [f"[ssl] resumed from checkpoint step {step} after a restart"], lines

@@ -18,7 +18,7 @@ from dearli.data.dataset import load_dataset
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.stages import tracking
+from dearli.stages import registry, tracking
 from dearli.stages.report import export_teacher
 from dearli.stages.tracking import PipelineTracker, StepLogger
 from dearli.training.checkpoint import save_checkpoint
@@ -76,7 +76,7 @@ def pipeline_run(server, synth, checkpoint, tmp_path_factory):
     tracker.log_metrics(tracking.eval_metrics(EVAL), 7, (evaluate,))
     tracker.log_artifact(run_dir / "config.yaml")
     model_dir = export_teacher(checkpoint, root / "model")
-    model = tracker.register_model(model_dir, "dearli", tracker.run_id, {"PQ": "12.50"})
+    model = registry.register_model(tracker, model_dir, "dearli", tracker.run_id, {"PQ": "12.50"})
     tracker.finish()
     return {"tracker": tracker, "cfg": cfg, "run_dir": run_dir, "model": model, "model_dir": model_dir}
 
@@ -124,7 +124,7 @@ def test_same_run_dir_continues_the_parent_run_and_a_new_one_starts_fresh(server
     assert again.stage_run("warmup") == first.stage_run("warmup")
     assert MlflowClient(server).get_run(first.run_id).info.status == "RUNNING"
     # registering again (a continued run that had registered before) finds the version it made
-    assert again.register_model(pipeline_run["model_dir"], "dearli", again.run_id) == pipeline_run["model"]
+    assert registry.register_model(again, pipeline_run["model_dir"], "dearli", again.run_id) == pipeline_run["model"]
     again.finish()
     other = PipelineTracker.open(server, "pipeline-test", "ssl_001", tmp_path / "runs" / "ssl_001")
     assert not other.continued and other.run_id != first.run_id
@@ -137,7 +137,7 @@ def test_registered_teacher_is_a_state_dict_file(server, pipeline_run, checkpoin
     assert (model["name"], model["version"], model["uri"]) == ("dearli", "1", "models:/dearli/1")
     version = client.get_model_version("dearli", "1")
     assert version.run_id == pipeline_run["tracker"].run_id and version.tags["PQ"] == "12.50"
-    local = tracking.resolve_checkpoint("models:/dearli/1", server)
+    local = registry.resolve_checkpoint("models:/dearli/1", server)
     payload = torch.load(local, weights_only=True)  # loads without unpickling any code
     source = torch.load(checkpoint, weights_only=True)
     assert "optimizer" not in payload and "optimizer" in source
@@ -155,7 +155,7 @@ def test_predict_loads_a_registered_model_version(server, pipeline_run, checkpoi
                      "--json"]) == 0
         outputs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert outputs["version"] == outputs["file"]
-    assert tracking.resolve_checkpoint("models:/dearli/latest") == tracking.resolve_checkpoint("models:/dearli/1")
+    assert registry.resolve_checkpoint("models:/dearli/latest") == registry.resolve_checkpoint("models:/dearli/1")
     for png in sorted((tmp_path / "file" / "panoptic").iterdir()):
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "version" / "panoptic" /
                                                                                    png.name)))
@@ -180,8 +180,8 @@ def test_local_store_lives_in_the_workdir(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_path_is_not_an_mlflow_reference(tmp_path):
-    assert tracking.resolve_checkpoint(str(tmp_path / "step_0000001.pt")) == str(tmp_path / "step_0000001.pt")
+    assert registry.resolve_checkpoint(str(tmp_path / "step_0000001.pt")) == str(tmp_path / "step_0000001.pt")
     for ref in ("models:/dearli", "models://1", "models:/dearli/1/x"):
         with pytest.raises(DataError, match="models:/NAME/VERSION"):
-            tracking.resolve_checkpoint(ref, f"sqlite:///{tmp_path / 'x.db'}")
+            registry.resolve_checkpoint(ref, f"sqlite:///{tmp_path / 'x.db'}")
     assert not (tmp_path / "x.db").exists()  # refused before connecting

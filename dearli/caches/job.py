@@ -58,6 +58,17 @@ class JobSummary:
         return text
 
 
+def _hide_lost_actors(record: logging.LogRecord) -> bool:
+    """False for Ray Data's console records about an actor lost with its node or process (errors with
+    tracebacks): ``_process`` starts a new pool and says so in one line. An actor whose constructor raised
+    stays visible."""
+    import ray.exceptions
+
+    # Ray Data logs some of them without exc_info, from inside the ``except`` that handles the error.
+    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    return not (isinstance(error, ray.exceptions.RayActorError) and not error.actor_init_failed)
+
+
 def quiet_ray_logging(verbose: bool = False) -> None:
     """Ray's driver-side logging at WARNING (``verbose``: everything, with Ray Data's progress bars).
 
@@ -73,9 +84,14 @@ def quiet_ray_logging(verbose: bool = False) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):  # the console; its file handler keeps everything
             handler.setLevel(level)
+            (handler.removeFilter if verbose else handler.addFilter)(_hide_lost_actors)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose
+
+
+PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+LOCAL_PARQUET_FOOTER_ACTORS = 2
 
 
 def ensure_ray(verbose: bool = False) -> None:
@@ -86,6 +102,13 @@ def ensure_ray(verbose: bool = False) -> None:
     hold one, and a small machine would make them wait for each other. Without ``verbose`` Ray logs
     warnings and errors only and worker output stays in Ray's log files.
     """
+    local = os.environ.get("RAY_ADDRESS", "local") == "local"
+    if local:
+        # Ray Data reads Parquet footers with a pool of 32 actors by default (made for object stores
+        # full of files): on a laptop that is 32 worker processes, raylet warnings and half a minute of
+        # start-up for a cache of a few files. Set before ray.data is imported and the local Ray starts,
+        # so the driver and every worker see it; a user's own setting wins.
+        os.environ.setdefault(PARQUET_FOOTER_ACTORS_ENV, str(LOCAL_PARQUET_FOOTER_ACTORS))
     import ray
 
     quiet_ray_logging(verbose)
@@ -93,7 +116,7 @@ def ensure_ray(verbose: bool = False) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.WARNING}
-    if os.environ.get("RAY_ADDRESS", "local") == "local":
+    if local:
         kwargs.update(address="local", num_cpus=max(4, os.cpu_count() or 1))
     ray.init(**kwargs)
 

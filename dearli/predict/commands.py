@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     checkpoint = args.checkpoint
     if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
-        from dearli.stages.tracking import resolve_checkpoint
+        from dearli.stages.registry import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(checkpoint, device)

@@ -8,6 +8,7 @@ group, or a rerun with ``--resume`` (same run name and storage), continues from 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -67,15 +68,28 @@ def scaling_config(cfg: Config):
                          placement_strategy=cfg.train.placement_strategy)
 
 
+def train_run_name(run_dir: str | Path, stage: str) -> str:
+    """The Ray Train run name of ``stage`` in ``run_dir``: ``<dir name>-<stage>-<8 hex>``.
+
+    Stages of different run directories may share one ``train.storage_path`` (two folders named ``out``,
+    say): the hash of the absolute run directory keeps their Train runs apart, and is the same again when
+    the same directory is resumed, so ``--resume`` finds its Ray Train checkpoints.
+    """
+    resolved = Path(run_dir).expanduser().resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    return f"{resolved.name}-{stage}-{digest}"
+
+
 def run_config(cfg: Config, run_dir: Path, stage: str):
-    """One named Ray Train run per stage; storage on ``train.storage_path`` (default: inside the run dir)."""
+    """One named Ray Train run per stage (:func:`train_run_name`); storage on ``train.storage_path``
+    (default: inside the run dir)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage = cfg.train.storage_path or str(run_dir / "ray")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     return RunConfig(
-        name=f"{run_dir.name}-{stage}", storage_path=storage,
+        name=train_run_name(run_dir, stage), storage_path=storage,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         logging_config=LoggingConfig(log_level="WARNING"),
@@ -177,7 +191,12 @@ def latest_stage_checkpoint(device: torch.device, run_dir: Path) -> dict[str, An
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             candidates.append(load_checkpoint(Path(folder) / CHECKPOINT_FILE, device))
-    return max(candidates, key=lambda payload: payload["step"]) if candidates else None
+    payload = max(candidates, key=lambda payload: payload["step"]) if candidates else None
+    if payload is not None and ray.train.get_context().get_world_rank() == 0:
+        # FollowMetrics turns it into the driver's "resumed from checkpoint step N" line.
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(f'{{"step": {int(payload["step"])}, "resumed": true}}\n')
+    return payload
 
 
 def record_worker(run_dir: Path, stage: str, rank: int) -> None:
@@ -214,6 +233,8 @@ class Progress:
 def progress_text(stage: str, total: int, record: dict[str, Any]) -> str | None:
     """The log line of one metrics.jsonl record (a training step or an evaluation); None for others."""
     step = record.get("step")
+    if record.get("resumed"):
+        return f"[{stage}] resumed from checkpoint step {step}"
     if "loss" in record:
         losses = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("loss") and isinstance(v, float))
         extra = " ".join(f"{k} {record[k]:.2f}" for k in ("staleness_max", "wait_fraction") if k in record)
@@ -238,6 +259,7 @@ class FollowMetrics:
         self.path, self.stage, self.total, self.echo = path, stage, total, echo
         self.offset = path.stat().st_size if path.exists() else 0
         self.interval_s = interval_s
+        self.seen = False  # whether a record of this run was echoed yet
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -270,7 +292,9 @@ class FollowMetrics:
             except ValueError:
                 continue
             if line_text:
-                self.echo(line_text)
+                # a resume after this driver saw the stage run: Ray Train restarted its workers
+                self.echo(line_text + (" after a restart" if self.seen and "resumed from" in line_text else ""))
+                self.seen = True
 
 
 def _clock(seconds: float) -> str:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dearli.stages import tracking, workspace
+from dearli.stages import registry, tracking, workspace
 from dearli.stages.pipeline_steps import StageContext
 
 TEACHER, STUDENT = "teacher", "student"  # ensembled variants; "<variant>_noens" without the ensemble
@@ -69,7 +69,7 @@ def export_teacher(checkpoint: str | Path, out_dir: Path) -> Path:
     from dearli.config import save_config, to_dict
     from dearli.training.checkpoint import load_checkpoint
 
-    target = out_dir / tracking.MODEL_FILE
+    target = out_dir / registry.MODEL_FILE
     payload = load_checkpoint(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not target.is_file():
@@ -125,9 +125,9 @@ def evaluate(ctx: StageContext, ssl_result: dict[str, Any], model_name: str, max
         model_dir = export_teacher(ssl_result["checkpoint"], ctx.run_dir / "model")
         pq = ssl_result["metrics"].get(TEACHER, {}).get("PQ")
         tags = {"dearli.run_name": ctx.run_dir.name, **({"PQ": f"{pq:.2f}"} if pq is not None else {})}
-        model = tracker.register_model(model_dir, model_name, tracker.run_id, tags)
+        model = registry.register_model(tracker, model_dir, model_name, tracker.run_id, tags)
         tracker.set_tags({"dearli.model": model["uri"]})
-        ctx.echo(f"evaluate: registered the final teacher as {model['uri']} ({model_dir / tracking.MODEL_FILE})")
+        ctx.echo(f"evaluate: registered the final teacher as {model['uri']} ({model_dir / registry.MODEL_FILE})")
     result = {"model": model, "per_class": str(table), "model_dir": str(model_dir)}
     ctx.record("evaluate", result)
     return result

@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
 
 from dearli.stages import common
-from dearli.stages.teacher import FeedStats, PseudoLabelFeed
-from dearli.stages.tracking import StepLogger
+from dearli.stages.teacher import FeedStats, PseudoLabelFeed, published_weights
+from dearli.stages.tracking import EVAL_PREFIXES, StepLogger
+from dearli.training.pseudo_labels import PseudoLabel
 
 STAGE = "ssl"
 # Evaluated models: (name, which weights, CLIP ensemble on). The paper reports the ensembled teacher.
@@ -25,6 +27,18 @@ VARIANTS = {"teacher": ("teacher", True), "teacher_noens": ("teacher", False),
 def per_rank(total: int, world: int) -> int:
     """Images per rank per step: the configured total split across ranks (at least one each)."""
     return max(1, math.ceil(total / world))
+
+
+def unpack_pseudo_labels(result: dict[str, Any]) -> tuple[torch.Tensor, list[PseudoLabel]]:
+    """A teacher's answer (see ``TeacherWorker.label``) -> (B×3×S×S uint8 weak views, B ``PseudoLabel``).
+
+    Arrays that come out of Ray's object store are read-only views of shared memory: they are copied, so the
+    student's tensors own writable memory (torch would warn about, and must not write into, the others).
+    """
+    images = torch.from_numpy(np.array(result["images"]))
+    labels = [PseudoLabel(torch.from_numpy(np.array(p)), s, torch.from_numpy(np.array(v)))
+              for p, s, v in zip(result["panoptic"], result["segments"], result["valid"])]
+    return images, labels
 
 
 class StudentLoop:
@@ -140,14 +154,12 @@ class StudentLoop:
 
     def _unlabeled_batch(self) -> tuple[dict[str, Any], FeedStats, dict[str, float]]:
         """Strong views (+ CutMix) of the teacher's weak views with their pseudo-labels, in collate format."""
-        from dearli.training.pseudo_labels import PseudoLabel, collate_pseudo, pseudo_label_stats
+        from dearli.training.pseudo_labels import collate_pseudo, pseudo_label_stats
         from dearli.training.strong_augment import student_view
 
         result, stats = self.feed.next(self.step + 1)
         self._record_failures()
-        images = torch.from_numpy(result["images"])
-        labels = [PseudoLabel(torch.from_numpy(p), s, torch.from_numpy(v))
-                  for p, s, v in zip(result["panoptic"], result["segments"], result["valid"])]
+        images, labels = unpack_pseudo_labels(result)
         generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)
         views, mixed = [], []
         for i in range(len(labels)):
@@ -172,15 +184,8 @@ class StudentLoop:
 
     def _publish(self) -> None:
         """Rank 0 hands the current EMA weights (version = step) to the teacher pool."""
-        from dearli.training.ema import trainable_state
-
         if self.rank == 0:
-            state = trainable_state(self.teacher)
-            if self.cfg.model.backbone.pretrained == "":
-                # A random (tiny) backbone cannot be rebuilt from a tag: the teachers get this one, so they read
-                # the same features as the student whatever checkpoint or seed it came from.
-                state.update({k: v.detach().cpu() for k, v in self.teacher.state_dict().items()
-                              if k.startswith("backbone.")})
+            state = published_weights(self.teacher, random_backbone=self.cfg.model.backbone.pretrained == "")
             ray.get(self.store.publish.remote(self.step, state))
 
     def _record_failures(self) -> None:
@@ -234,7 +239,5 @@ class StudentLoop:
             alpha = None if ensembled else 0.0
             metrics = evaluate_model(model, self.cfg.model, self.info, self.cfg.data.val_split, out_dir,
                                      alpha_clip=alpha, progress=False, gt_cache_dir=self.run_dir / "eval" / "gt_cache")
-            prefix = {"teacher": "eval", "teacher_noens": "eval_noens", "student": "eval_student",
-                      "student_noens": "eval_student_noens"}[variant]
-            self.logger.log(self.step, {f"{prefix}/{k}": v for k, v in metrics["summary"].items()})
+            self.logger.log(self.step, {f"{EVAL_PREFIXES[variant]}/{k}": v for k, v in metrics["summary"].items()})
         self.model.train()

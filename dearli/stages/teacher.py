@@ -2,9 +2,10 @@
 
 Three parts:
 
-* :class:`WeightsStore`, one actor per run: rank 0 of the student publishes the EMA weights (decoder only;
-  the frozen backbone never changes) every ``ssl.publish_every`` steps with a version = its step. The store
-  re-puts them itself, so it owns the object and a lost Train worker does not take the weights with it.
+* :class:`WeightsStore`, one actor per run: rank 0 of the student publishes the EMA weights (decoder only,
+  the frozen backbone never changes; a random backbone travels with them, see :func:`published_weights`)
+  every ``ssl.publish_every`` steps with a version = its step. The store re-puts them itself, so it owns
+  the object and a lost Train worker does not take the weights with it.
 * :class:`TeacherWorker` actors (``ssl.teacher_actors``, each with ``ssl.teacher_gpus``/``teacher_cpus`` and
   ``ssl.teacher_resources``): load the newest weights at every call, take weak views of unlabeled images
   (the geometry the student's strong view keeps), run backbone + decoder + zero-shot CLIP branch + geometric
@@ -71,8 +72,8 @@ class TeacherWorker:
         info = load_dataset(self.cfg.data.dataset)
         self.split = info.split(self.cfg.data.train_split)
         self.thing_ids = self.split.categories.thing_ids
-        # The published weights leave the frozen backbone out: a randomly initialised one (tiny preset) must come
-        # out of the same seed as the student's, or the decoder would read features of another network.
+        # A random (tiny) backbone built here is replaced by the student's at the first load (see
+        # published_weights); the seed keeps the actor's start reproducible.
         torch.manual_seed(self.cfg.train.seed)
         self.model = build_m2f_lang(self.cfg.model, info.categories.synonyms).to(self.device).eval()
         self.version = -1
@@ -84,13 +85,7 @@ class TeacherWorker:
         while True:
             version, refs = ray.get(self.store.latest.remote())
             if version > self.version:
-                state = ray.get(refs[0])
-                if any(k.startswith("backbone.") for k in state):
-                    self.model.load_state_dict(state, strict=False)  # a random backbone: text embeddings recomputed
-                else:
-                    # No backbone in the state: the text embeddings (from the frozen text tower) stay valid, and
-                    # plain Module loading skips M2FLang's recomputation of them.
-                    torch.nn.Module.load_state_dict(self.model, state, strict=False)
+                load_published_weights(self.model, ray.get(refs[0]))
                 self.version = version
             if self.version >= 0:
                 return
@@ -141,6 +136,31 @@ class TeacherWorker:
             out["segments"] = [p.segments for p in predictions]
         out["seconds"] = time.perf_counter() - started
         return out
+
+
+def published_weights(teacher: torch.nn.Module, random_backbone: bool) -> dict[str, torch.Tensor]:
+    """What rank 0 publishes to the pool: the EMA teacher's state without the frozen backbone (detached CPU
+    copies), plus the backbone when it is a random one (``model.backbone.pretrained: ""``).
+
+    A random backbone cannot be rebuilt from a tag: the teachers get the student's, so they read the same
+    features whatever checkpoint or seed it came from.
+    """
+    from dearli.training.ema import trainable_state
+
+    state = trainable_state(teacher)
+    if random_backbone:
+        state.update({k: v.detach().cpu() for k, v in teacher.state_dict().items() if k.startswith("backbone.")})
+    return state
+
+
+def load_published_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`published_weights` state into a teacher actor's ``model``."""
+    if any(k.startswith("backbone.") for k in state):
+        model.load_state_dict(state, strict=False)  # a random backbone: M2FLang recomputes the text embeddings
+    else:
+        # No backbone in the state: the text embeddings (from the frozen text tower) stay valid, and plain
+        # Module loading skips M2FLang's recomputation of them.
+        torch.nn.Module.load_state_dict(model, state, strict=False)
 
 
 def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus_available: bool) -> tuple[Any, list[Any]]:

@@ -1,13 +1,31 @@
 """Run tracking: every logged number goes to the run's ``metrics.jsonl`` and, when configured, to MLflow.
 
-This is the only module that imports mlflow. Layout of a pipeline run in MLflow:
+With :mod:`dearli.stages.registry` (the registered teacher), the only place that talks to MLflow. Layout of a
+pipeline run in MLflow:
 
 * one parent run per pipeline run (experiment ``--experiment``), found again by its ``dearli.run_dir``
   tag when the same run continues;
 * one nested run per stage (``cache``, ``warmup``, ``ssl``, ``evaluate``), found by ``dearli.stage``;
-* params: the resolved config, flattened (``optim.lr``); evaluation metrics ``eval/PQ`` ...;
-* the final teacher as an MLflow 3 logged model (a state-dict checkpoint file, no pickled code)
-  registered as a model version, which ``resolve_checkpoint("models:/dearli/1")`` downloads back.
+* params: the resolved config, flattened (``optim.lr``); evaluation metrics ``eval/PQ`` ... (see
+  ``EVAL_PREFIXES``) on the parent and the ``evaluate`` run;
+* the final teacher as an MLflow 3 logged model, registered as a model version (see the registry module).
+
+Step metrics. A stage's MLflow run holds, per logged step, the numeric values of the ``metrics.jsonl``
+record of that step under the same names (nested dicts joined with ``/``; non-numbers such as
+``teacher_nodes``, the Ray nodes whose teachers labelled the batches, stay in the file only). Rank 0 logs
+them every ``train.log_every`` steps and at the last one; values are means over the steps since the last
+record.
+
+* both stages: ``loss`` (the optimised total), ``loss_ce``, ``loss_mask``, ``loss_dice`` (final decoder
+  layer's terms), ``grad_norm``, ``lr``, ``images_per_s`` (all ranks, since the stage's (re)start),
+  ``eta_s``, ``seconds``;
+* ``ssl`` only: ``loss_sup`` and ``loss_unsup`` (labeled and pseudo-labelled parts of ``loss``; the
+  terms above with suffix ``_unsup`` for the pseudo-labelled part), ``staleness`` (student step minus the
+  teacher weights version that made the pseudo-labels) and ``staleness_max``, ``wait_fraction`` (share of
+  the step time the student waited for pseudo-labels), ``relabelled`` (batches labelled again because too
+  stale), ``teacher_version``, and the pseudo-label statistics ``pl/segments_per_image``,
+  ``pl/labeled_fraction`` (pixels owned by a kept segment) and ``pl/mean_confidence`` (teacher score of
+  the kept segments); evaluations during training as ``eval/PQ`` ... at their step.
 
 Ray Train V2 has no MLflow callback: the training function logs from rank 0 itself. It receives a
 picklable :class:`TrackingSpec` (tracking URI + run id of the stage's MLflow run) and opens a
@@ -16,13 +34,10 @@ picklable :class:`TrackingSpec` (tracking URI + run id of the stage's MLflow run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dearli.errors import ConfigError, DataError
+from dearli.errors import ConfigError
 
 DEFAULT_EXPERIMENT = "dearli"
 DEFAULT_MODEL_NAME = "dearli"
@@ -38,7 +53,6 @@ RUN_DIR_TAG = "dearli.run_dir"  # identifies a pipeline's parent run: same direc
 RUN_NAME_TAG = "dearli.run_name"
 STAGE_TAG = "dearli.stage"
 REUSED_TAG = "dearli.reused"  # a stage whose output existed before this run
-MODEL_FILE = "checkpoint.pt"  # the dearli checkpoint inside a logged model's artifacts
 LOCAL_STORE = "mlflow.db"  # the sqlite store inside the workdir when MLFLOW_TRACKING_URI is unset
 LOCAL_ARTIFACTS = "mlartifacts"  # artifact root beside a local sqlite store
 # Eval metric prefixes of the four evaluated variants (ensembled teacher first).
@@ -158,12 +172,13 @@ def check_store(uri: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except (MlflowException, OSError) as err:
         raise ConfigError(f"MLFLOW_TRACKING_URI: cannot reach the MLflow store {uri} ({err})") from None
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """A client of the tracking and model-registry store at ``uri``."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -189,12 +204,14 @@ def ensure_experiment(client: Any, uri: str, name: str) -> str:
         return found.experiment_id
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
+    """``value`` escaped for a quoted string literal of an MLflow search filter."""
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 class PipelineTracker:
-    """The MLflow side of one pipeline run: a parent run, nested stage runs, metrics, artifacts, model."""
+    """The MLflow side of one pipeline run: a parent run, nested stage runs, metrics, artifacts (the model:
+    :func:`dearli.stages.registry.register_model`)."""
 
     def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str, continued: bool):
         self.client, self.uri = client, uri
@@ -206,10 +223,10 @@ class PipelineTracker:
         """Continue the parent run of ``run_dir`` if the store has one, else start it."""
         from mlflow.tracking.context.registry import resolve_tags
 
-        client = _client(uri)
+        client = mlflow_client(uri)
         experiment_id = ensure_experiment(client, uri, experiment)
         run_dir = str(run_dir)
-        found = client.search_runs([experiment_id], f"tags.`{RUN_DIR_TAG}` = '{_quote(run_dir)}'",
+        found = client.search_runs([experiment_id], f"tags.`{RUN_DIR_TAG}` = '{quote(run_dir)}'",
                                    max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             run_id = found[0].info.run_id
@@ -237,7 +254,7 @@ class PipelineTracker:
             return self._stages[stage]
         found = self.client.search_runs(
             [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{STAGE_TAG}` = '{_quote(stage)}'", max_results=1)
+            f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{STAGE_TAG}` = '{quote(stage)}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
         else:
@@ -291,139 +308,5 @@ class PipelineTracker:
         elif path.is_file():
             self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
 
-    def register_model(self, model_dir: str | Path, name: str, source_run_id: str,
-                       tags: dict[str, str] | None = None) -> dict[str, str]:
-        """Log ``model_dir`` as an MLflow logged model and register it as a version of ``name``.
-
-        Idempotent per run: a continued pipeline finds the version it registered before.
-        Returns {"name", "version", "uri" (models:/name/version), "model_id"}.
-        """
-        from mlflow.entities import LoggedModelStatus
-        from mlflow.exceptions import MlflowException
-
-        done = self.client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{source_run_id}'")
-        if done:
-            version = max(done, key=lambda v: int(v.version))
-            return _version_info(version)
-        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=source_run_id,
-                                                tags=tags, model_type="dearli")
-        self.client.log_model_artifacts(model.model_id, str(model_dir))
-        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        if not self.uri.startswith(("http://", "https://")):
-            # An in-process registry store resolves the models:/ source below through MLflow's process-wide
-            # tracking URI, not the client's (a server resolves it itself).
-            import mlflow
-
-            mlflow.set_tracking_uri(self.uri)
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as err:
-            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        version = self.client.create_model_version(name, source=f"models:/{model.model_id}", run_id=source_run_id,
-                                                   model_id=model.model_id, tags=tags)
-        return _version_info(version)
-
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-
-def _version_info(version: Any) -> dict[str, str]:
-    return {"name": version.name, "version": str(version.version), "uri": f"models:/{version.name}/{version.version}",
-            "model_id": str(getattr(version, "model_id", "") or "")}
-
-
-# --- reading a registered model back --------------------------------------------------------------------
-
-_MLFLOW_REF = re.compile(r"^(models|runs|mlflow-artifacts):/")
-
-
-def is_mlflow_uri(ref: str) -> bool:
-    return bool(_MLFLOW_REF.match(str(ref)))
-
-
-def model_cache_dir() -> Path:
-    """Where downloaded model versions are kept (they never change, so one download is enough)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root).expanduser() / "dearli" / "models"
-
-
-def _parse_model_ref(ref: str) -> tuple[str, str, str]:
-    """``models:/name/version`` | ``models:/name/latest`` | ``models:/name@alias`` -> (name, version, alias)."""
-    body = ref[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return name, "", alias
-    name, _, version = body.partition("/")
-    if not name or not version or "/" in version:
-        raise DataError(ref, "expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
-    return name, version, ""
-
-
-def _artifact_uri(client: Any, ref: str) -> tuple[str, str]:
-    """(download URI, pinned reference): a model version becomes its storage location, ``latest`` and
-    aliases become a version number; other URIs are returned as they are."""
-    if not ref.startswith("models:/"):
-        return ref, ref
-    name, version, alias = _parse_model_ref(ref)
-    if alias:
-        version = client.get_model_version_by_alias(name, alias).version
-    elif version.lower() == "latest":
-        versions = client.search_model_versions(f"name = '{_quote(name)}'")
-        if not versions:
-            raise DataError(ref, "no version of this registered model exists")
-        version = str(max(int(v.version) for v in versions))
-    return client.get_model_version_download_uri(name, version), f"models:/{name}/{version}"
-
-
-def resolve_checkpoint(ref: str, tracking_uri: str | None = None) -> str:
-    """A local checkpoint file for ``ref``: a path is returned as it is; ``models:/NAME/VERSION`` (or
-    ``/latest``, ``@alias``) and ``runs:/RUN_ID/PATH`` are downloaded from the MLflow store at
-    ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else the default workdir's local store)."""
-    if not is_mlflow_uri(ref):
-        return ref
-    if ref.startswith("models:/"):
-        _parse_model_ref(ref)  # a malformed reference fails before any connection
-    from mlflow.exceptions import MlflowException
-
-    from dearli.stages.workspace import DEFAULT_WORKDIR
-
-    uri = tracking_uri or resolve_tracking_uri(DEFAULT_WORKDIR)
-    try:
-        source, pinned = _artifact_uri(_client(uri), ref)
-        return str(_checkpoint_file(_download(source, pinned, uri), ref))
-    except MlflowException as err:
-        raise DataError(ref, f"cannot fetch it from the MLflow store {uri}: {err.message.splitlines()[0]}") from None
-
-
-def _download(source: str, pinned: str, uri: str) -> Path:
-    """Download ``source`` once into the model cache, keyed by store and ``pinned`` name (atomically: a
-    half-done download is never used)."""
-    import mlflow
-
-    key = hashlib.sha1(f"{uri}\n{pinned}".encode()).hexdigest()[:16]
-    target = model_cache_dir() / key
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
-        os.replace(tmp, target)
-    except OSError:  # another process finished the same download first
-        shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _checkpoint_file(folder: Path, ref: str) -> Path:
-    """The checkpoint inside a downloaded model or artifact: ``checkpoint.pt``, else the only ``.pt``."""
-    if (folder / MODEL_FILE).is_file():
-        return folder / MODEL_FILE
-    found = sorted(folder.rglob("*.pt"))
-    if len(found) != 1:
-        raise DataError(ref, f"expected one checkpoint (.pt) in the downloaded artifacts, found {len(found)}")
-    return found[0]

@@ -1,0 +1,110 @@
+"""Parts of the Ray Train stages checked without starting Ray: Train run names on a shared storage, the
+weights rank 0 publishes to the teacher pool and a teacher actor loads, and the pseudo-labels a student
+worker unpacks from the object store."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dearli.config import load_config
+from dearli.data.dataset import load_dataset
+from dearli.data.synth.writer import write_synth_dataset
+from dearli.model.m2f_lang import build_m2f_lang
+from dearli.model.predictor import predict_batch
+from dearli.stages.common import run_config, train_run_name
+from dearli.stages.ssl_loop import unpack_pseudo_labels
+from dearli.stages.teacher import load_published_weights, published_weights
+from dearli.training.ema import ema_update, make_teacher
+
+FAST = ["model.inference.test_short_side=64", "model.loss.num_points=256", "data.crop_size=64"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=2, seed=3, num_val=1,
+                               image_size=(64, 64))
+
+
+def test_train_run_names_differ_per_run_dir_and_repeat_for_the_same_one(tmp_path, monkeypatch):
+    first, second = tmp_path / "a" / "out", tmp_path / "b" / "out"  # same folder name, one shared storage
+    assert train_run_name(first, "ssl") != train_run_name(second, "ssl")
+    assert train_run_name(first, "ssl") != train_run_name(first, "warmup")
+    name = train_run_name(first, "ssl")
+    assert name.startswith("out-ssl-") and len(name) == len("out-ssl-") + 8
+    # the same directory however it is spelled (a resumed run passes it again, maybe relative): same name
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert train_run_name("out", "ssl") == name == train_run_name(tmp_path / "b" / ".." / "a" / "out", "ssl")
+    cfg = load_config("tiny", ["train.storage_path=" + str(tmp_path / "shared")])
+    names = {run_config(cfg, run_dir, "ssl").name for run_dir in (first, second)}
+    assert names == {train_run_name(first, "ssl"), train_run_name(second, "ssl")}
+    assert run_config(cfg, first, "ssl").storage_path == str(tmp_path / "shared")
+
+
+def test_a_teacher_actor_reads_the_students_random_backbone(synth):
+    """The tiny preset's CLIP is random: a teacher actor that kept its own backbone (another seed, another
+    checkpoint) would label with features the student's decoder never saw."""
+    cfg = load_config("tiny", [f"data.dataset={synth}", *FAST])
+    assert cfg.model.backbone.pretrained == ""
+    info = load_dataset(synth)
+    torch.manual_seed(0)
+    student = build_m2f_lang(cfg.model, info.categories.synonyms)
+    teacher = make_teacher(student)
+    with torch.no_grad():  # an EMA teacher that moved away from its initialisation
+        for param in student.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+    ema_update(teacher, student, 0.5)
+    torch.manual_seed(1)  # the actor's own model, as a differently seeded process builds it
+    replica = build_m2f_lang(cfg.model, info.categories.synonyms).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 255
+    with torch.no_grad():
+        before = replica(images)["clip_vis_dense"]
+        assert (before - teacher(images)["clip_vis_dense"]).abs().max() > 1e-2  # two different backbones
+
+    state = published_weights(teacher, random_backbone=True)
+    load_published_weights(replica, state)
+
+    backbone = {k: v for k, v in teacher.state_dict().items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(replica.state_dict()[k], v) for k, v in backbone.items())
+    assert all(torch.equal(replica.state_dict()[k], v) for k, v in teacher.state_dict().items())
+    assert torch.equal(replica.text.embeddings, teacher.text.embeddings)  # recomputed from the new text tower
+    with torch.no_grad():
+        ours, theirs = replica(images), teacher(images)
+    assert torch.equal(ours["clip_vis_dense"], theirs["clip_vis_dense"])  # the very same features
+    for key in ("pred_logits", "pred_masks"):  # the decoders agree up to float summation order (a copy's layout)
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-4)
+    thing_ids = info.categories.thing_ids
+    for mine, reference in zip(predict_batch(replica, images, cfg.model, thing_ids, 0.5),
+                               predict_batch(teacher, images, cfg.model, thing_ids, 0.5)):
+        assert np.array_equal(mine.panoptic, reference.panoptic)
+        assert [(s["id"], s["category_id"]) for s in mine.segments] == [
+            (s["id"], s["category_id"]) for s in reference.segments]
+        assert [s["score"] for s in mine.segments] == pytest.approx([s["score"] for s in reference.segments])
+    # a pretrained backbone is rebuilt from its tag by every actor: only the decoder state travels
+    assert not any(k.startswith("backbone.") for k in published_weights(teacher, random_backbone=False))
+
+
+def test_pseudo_labels_from_the_object_store_become_writable_tensors():
+    rng = np.random.default_rng(0)
+    result = {"images": rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8),
+              "panoptic": rng.integers(0, 3, (2, 8, 8)).astype(np.int32), "valid": rng.random((2, 8, 8)) > 0.2,
+              "segments": [[{"id": 1, "category_id": 0, "isthing": False, "score": 0.9}], []]}
+    for key in ("images", "panoptic", "valid"):
+        result[key].setflags(write=False)  # as Ray hands out arrays: read-only views of the shared memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy of a read-only array warns "not writable"
+        images, labels = unpack_pseudo_labels(result)
+    assert images.dtype == torch.uint8 and np.array_equal(images.numpy(), result["images"])
+    assert [label.segments for label in labels] == result["segments"]
+    for label, panoptic, valid in zip(labels, result["panoptic"], result["valid"]):
+        assert np.array_equal(label.panoptic.numpy(), panoptic) and np.array_equal(label.valid.numpy(), valid)
+    # torch warns only once per process: that the tensors are copies, not views of the read-only memory, is
+    # what shows the fix whatever ran before
+    shared = [(images, result["images"])] + [(label.panoptic, p) for label, p in zip(labels, result["panoptic"])] + [
+        (label.valid, v) for label, v in zip(labels, result["valid"])]
+    assert not any(np.shares_memory(tensor.numpy(), array) for tensor, array in shared)
