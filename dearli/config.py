@@ -32,11 +32,20 @@ PRECISIONS = ("fp32", "amp")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
+# Where the jobs put datasets, caches, runs and the local MLflow store unless told otherwise (--workdir);
+# an absolute, stable place, as Ray users expect of ~/ray_results.
+DEFAULT_WORKDIR = "~/ray_results/dearli"
+# model.backbone.pretrained value naming the project's own small CLIP, pre-trained on the synthetic world
+# (dearli pretrain-clip); drivers replace it by the cached checkpoint's path (dearli.pretrain.resolve).
+PROJECT_CLIP = "dearli-synth"
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     # The official DEARLi weights: ConvNeXt-B at 320 px, LAION-Aesthetic (the same architecture as convnext_base_w).
     clip_model: str = "convnext_base_w_320"  # open_clip model name whose vision tower is a timm ConvNeXt
-    pretrained: str = "laion_aesthetic_s13b_b82k_augreg"  # open_clip pretrained tag or local checkpoint; "" = random
+    # open_clip pretrained tag, local checkpoint, PROJECT_CLIP, or "" (random weights)
+    pretrained: str = "laion_aesthetic_s13b_b82k_augreg"
     input_size: int = 0  # unused by ConvNeXt (fully convolutional); kept 0, reserved for ViT towers
 
     def validate(self) -> None:

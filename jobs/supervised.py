@@ -1,4 +1,4 @@
-"""Supervised baseline: synthetic world -> M2F-Lang (tiny) trained on the labeled partition only -> PQ / mIoU.
+"""Supervised baseline: synthetic world -> M2F-Lang (preset synth) on the labeled partition only -> PQ / mIoU.
 
 Runs as a plain script or as a Ray job (``ray job submit -- python jobs/supervised.py``). Everything goes
 to an absolute workdir (default ``~/ray_results/dearli``, shared with ``jobs/ssl.py``: the same synthetic
@@ -22,6 +22,7 @@ sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dearli.pretrain.resolve import CACHE_ENV, CACHE_FOLDER
     from dearli.stages.workspace import DEFAULT_WORKDIR, next_run_name, resolve_workdir, synth_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=400, help="synthetic training images")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic validation images")
     parser.add_argument("--partition", default="1_8", help="labeled partition of the synthetic world")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="synth", help="config preset (default: synth, the synthetic world's)")
     parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = resolve_workdir(args.workdir)
     echo(f"workdir: {workdir}")
     dataset = synth_dataset(workdir, args.num_images, args.val_images, echo)
+    # the project's CLIP (preset synth) is cached where jobs/ssl.py keeps it: trained once for both jobs
+    os.environ.setdefault(CACHE_ENV, str(workdir / CACHE_FOLDER))
     run_dir = workdir / "runs" / next_run_name(workdir / "runs", "supervised")  # never reuse a finished run
     echo(f"run directory: {run_dir}")
     code = dearli(["train", "--dataset", str(dataset), "--partition", args.partition, "--out", str(run_dir),

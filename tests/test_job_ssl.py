@@ -18,17 +18,20 @@ from mlflow.tracking import MlflowClient
 
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import ConfigError
-from dearli.stages import tracking
+from dearli.stages import registry, tracking
 from dearli.stages.pipeline import PipelineOptions, build_config, choose_run, parse_options, save_run_config
 from dearli.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # A few steps of everything on a 16-image world: the job's machinery, not its accuracy.
-TINY = ["--num-images", "16", "--val-images", "4", "--partition", "1_4",
+TINY = ["--preset", "tiny", "--num-images", "16", "--val-images", "4", "--partition", "1_4",
         "warmup.max_steps=2", "warmup.batch_size=2", "train.max_steps=2", "train.batch_size=2",
         "ssl.labeled_batch_size=1", "ssl.unlabeled_batch_size=1", "ssl.publish_every=1", "ssl.max_staleness=4",
         "model.loss.num_points=256", "train.log_every=1", "data.crop_size=64", "model.inference.test_short_side=64"]
 STAGES = {"cache", "warmup", "ssl", "evaluate"}
+STEP_METRICS = {"loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "lr", "images_per_s", "eta_s", "seconds"}
+SSL_STEP_METRICS = {"loss_sup", "loss_unsup", "staleness", "staleness_max", "wait_fraction", "relabelled",
+                    "teacher_version", "pl/segments_per_image", "pl/labeled_fraction", "pl/mean_confidence"}
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +89,13 @@ def test_run_choice_new_named_and_resumed(tmp_path):
 def test_options_take_overrides_anywhere():
     opts = parse_options(["optim.lr=0.01", "--run-name", "a1", "train.max_steps=5", "--resume"])
     assert (opts.run_name, opts.resume, opts.overrides) == ("a1", True, ("optim.lr=0.01", "train.max_steps=5"))
-    assert opts.dataset is None and opts.partition == "1_8" and opts.preset == "tiny"
+    assert opts.dataset is None and opts.partition == "1_8" and opts.preset == "synth"
     with pytest.raises(SystemExit):
         parse_options(["--run-name", "../elsewhere"])
 
 
 def test_config_of_a_run(synth, tmp_path):
-    opts = PipelineOptions(dataset=str(synth), sam_generator="felzenszwalb", partition="1_4",
+    opts = PipelineOptions(dataset=str(synth), preset="tiny", sam_generator="felzenszwalb", partition="1_4",
                            overrides=("optim.lr=0.01", "train.storage_path=s3://bucket/train"))
     cfg, generator = build_config(opts, synth, tmp_path, "run_a")
     assert generator == "felzenszwalb" and cfg.data.dataset == str(synth) and cfg.data.partition == "1_4"
@@ -114,7 +117,7 @@ def test_config_of_a_run(synth, tmp_path):
 
 
 def test_a_continued_run_keeps_its_configuration(synth, tmp_path):
-    opts = PipelineOptions(dataset=str(synth), sam_generator="felzenszwalb")
+    opts = PipelineOptions(dataset=str(synth), preset="tiny", sam_generator="felzenszwalb")
     cfg, _ = build_config(opts, synth, tmp_path, "run")
     save_run_config(cfg, tmp_path / "run")
     save_run_config(cfg, tmp_path / "run")  # same configuration: fine
@@ -170,12 +173,22 @@ def test_ray_job_runs_the_pipeline_into_mlflow(mlflow_url, tmp_path, monkeypatch
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name: r.info.status for r in children} == dict.fromkeys(STAGES, "FINISHED")
     by_stage = {r.info.run_name: r for r in children}
-    for stage in ("warmup", "ssl"):
-        assert {"loss", "lr"} <= set(by_stage[stage].data.metrics), stage
+    # the step metrics, under the names documented in dearli/stages/tracking.py
+    assert STEP_METRICS <= set(by_stage["warmup"].data.metrics)
+    assert STEP_METRICS | SSL_STEP_METRICS <= set(by_stage["ssl"].data.metrics)
+    assert "eval/PQ" in by_stage["ssl"].data.metrics  # the evaluation at the last step
+    # ... with the values of the stage's metrics.jsonl, step by step
+    records = [json.loads(line) for line in (workdir / "runs" / "ssl_000" / "ssl" / "metrics.jsonl").read_text()
+               .splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for name in ("staleness", "wait_fraction", "pl/labeled_fraction", "pl/mean_confidence", "images_per_s"):
+        history = client.get_metric_history(by_stage["ssl"].info.run_id, name)
+        assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[name])) for r in steps], name
 
     versions = client.search_model_versions("name = 'dearli-job'")
     assert [(v.version, v.run_id) for v in versions] == [("1", parent.info.run_id)]
-    payload = load_checkpoint(tracking.resolve_checkpoint("models:/dearli-job/1", mlflow_url))
+    payload = load_checkpoint(registry.resolve_checkpoint("models:/dearli-job/1", mlflow_url))
     assert payload["config"].data.dataset == str(workdir / "datasets" / "synth_16_4")
     assert payload["step"] == 2 and "optimizer" not in payload
 
@@ -185,7 +198,8 @@ def test_supervised_job_writes_absolute_paths_under_its_workdir(tmp_path):
     workdir = tmp_path / "work"
     write_synth_dataset(workdir / "datasets" / "synth_4_1", num_images=4, seed=0, num_val=1)  # as a run left it
     (workdir / "runs" / "supervised_000").mkdir(parents=True)  # an earlier run, never reused
-    args = ["--workdir", str(workdir), "--num-images", "4", "--val-images", "1", "--partition", "1_4", "--steps", "1",
+    args = ["--workdir", str(workdir), "--preset", "tiny", "--num-images", "4", "--val-images", "1",
+            "--partition", "1_4", "--steps", "1",
             "train.batch_size=1", "model.loss.num_points=256", "data.crop_size=64",
             "model.inference.test_short_side=64"]
     done = subprocess.run([sys.executable, "jobs/supervised.py", *args], cwd=REPO, capture_output=True, text=True,

@@ -7,7 +7,7 @@ import dataclasses
 import open_clip
 import pytest
 
-from dearli.config import list_presets, load_config, supervised_config
+from dearli.config import PROJECT_CLIP, list_presets, load_config, supervised_config
 from dearli.model.backbone import register_dearli_clip_configs
 
 BACKBONES = {
@@ -26,7 +26,7 @@ DATASET_PRESETS = [(f"{name}-{size}", name, size) for name in DATASETS for size 
 
 
 def test_every_shipped_preset_is_covered():
-    assert set(list_presets()) == {p for p, _, _ in DATASET_PRESETS} | set(BACKBONES) | {"tiny"}
+    assert set(list_presets()) == {p for p, _, _ in DATASET_PRESETS} | set(BACKBONES) | {"tiny", "synth"}
 
 
 @pytest.mark.parametrize("preset,dataset,size", DATASET_PRESETS, ids=[p for p, _, _ in DATASET_PRESETS])
@@ -98,3 +98,9 @@ def test_tiny_preset_for_the_synthetic_world():
     assert cfg.data.color_aug and cfg.data.hue_delta == 0  # colour names the synthetic classes
     assert cfg.model.backbone.pretrained == "" and cfg.model.ensemble.alpha_clip == 0.0
     assert cfg.train.supervised_steps == {}
+
+
+def test_synth_preset_is_tiny_on_the_project_clip_with_the_ensemble_on():
+    cfg, tiny = load_config("synth"), load_config("tiny")
+    assert cfg.model.backbone.pretrained == PROJECT_CLIP and cfg.model.ensemble.alpha_clip > 0
+    assert cfg.model.transformer_decoder == tiny.model.transformer_decoder and cfg.data == tiny.data

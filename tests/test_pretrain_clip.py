@@ -14,12 +14,13 @@ from dearli.config import BackboneConfig, load_config
 from dearli.data.synth.captions import plural
 from dearli.data.synth.classes import CLASSES, THING_CLASSES
 from dearli.data.synth.world import SynthWorld
-from dearli.errors import DataError
+from dearli.errors import ConfigError, DataError
 from dearli.model.backbone import build_backbone
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip, read_metadata
-from dearli.pretrain.clip import PretrainOptions
-from dearli.pretrain.pairs import PairOptions, make_batch, make_pair, pick_instance
+from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip, read_metadata, write_checkpoint
+from dearli.pretrain.clip import PretrainOptions, create_clip
+from dearli.pretrain.pairs import GROUP_SIZE, PairOptions, make_batch, make_group, make_pair, pick_instance
+from dearli.pretrain.resolve import resolve_clip
 
 TINY = PretrainOptions(steps=2, batch_size=4, warmup=1, pairs=PairOptions(image_size=64))
 
@@ -39,13 +40,14 @@ def _names_in(caption: str) -> set[int]:
 
 def test_crop_pairs_caption_what_is_visible():
     world = SynthWorld(3)
-    options = PairOptions(image_size=64, crop_prob=1.0, synonym_prob=0.0, prefix_prob=0.0)
+    options = PairOptions(image_size=64, paste_prob=0.0, crop_prob=1.0, focus_prob=0.0, synonym_prob=0.0,
+                          prefix_prob=0.0)
     sizes = []
     for index in range(40):
         image, caption = make_pair(world, index, options)
         assert image.shape == (3, 64, 64) and 0 <= float(image.min()) and float(image.max()) <= 255
         named = _names_in(caption)
-        assert named and named <= world.sample(index, "pretrain").category_ids, caption
+        assert named and named <= world.sample(index // GROUP_SIZE, "pretrain").category_ids, caption
         sizes.append(len(caption))
     assert np.mean(sizes) < np.mean([len(world.sample(i, "pretrain").caption) for i in range(40)])
 
@@ -71,6 +73,19 @@ def test_pairs_are_deterministic_and_reworded():
     assert all(c.split()[0] in {"a", "an", "there", "this"} for c in captions)
     synonyms = {n for c in CLASSES for n in c.names[1:]}
     assert any(s in c for c in captions for s in synonyms)
+
+
+def test_minimal_pairs_differ_in_one_object_of_one_attribute():
+    world = SynthWorld(1)
+    options = PairOptions(image_size=64, paste_prob=1.0, synonym_prob=0.0, prefix_prob=0.0, focus_prob=1.0)
+    for group in range(6):
+        (first, caption_a), (second, caption_b) = make_group(world, group, options)
+        same = (first == second).all(dim=0).float().mean()
+        assert 0.3 < same < 1.0, group  # one object differs, the scene around it does not
+        (a,), (b,) = _names_in(caption_a), _names_in(caption_b)
+        assert a != b and CLASSES[a].isthing and CLASSES[b].isthing
+        same_colour = CLASSES[a].name.split()[0] == CLASSES[b].name.split()[0]
+        assert same_colour != (CLASSES[a].kind == CLASSES[b].kind), (caption_a, caption_b)
 
 
 def test_checkpoint_loads_as_the_backbone_weights(cache):
@@ -129,3 +144,23 @@ def test_cli_writes_a_new_file_and_refuses_an_existing_one(tmp_path, capsys):
     assert main(argv) == 1
     assert "exists already" in capsys.readouterr().err and out.read_bytes() == before
     assert np.isfinite(torch.load(out, weights_only=True)["state_dict"]["logit_scale"].item())
+
+
+def test_the_synth_preset_resolves_to_the_cached_project_clip(tmp_path):
+    cfg = load_config("synth")
+    with pytest.raises(ConfigError, match="model.backbone.pretrained: 'dearli-synth' must be resolved"):
+        build_backbone(cfg.model.backbone)
+    assert resolve_clip(load_config("tiny"), tmp_path) == load_config("tiny")  # nothing to resolve
+    expected = cached_path(tmp_path, PretrainOptions())
+    planned = resolve_clip(cfg, tmp_path, train=False)  # a dry run: the path only, nothing trained
+    assert planned.model.backbone.pretrained == str(expected) and not expected.exists()
+    # a checkpoint of the default options in the cache is used as it is, without training
+    torch.manual_seed(3)
+    write_checkpoint(create_clip(PretrainOptions().model), PretrainOptions(), expected)
+    lines: list[str] = []
+    resolved = resolve_clip(cfg, tmp_path, log=lines.append)
+    assert lines == [] and resolved.model.backbone.pretrained == str(expected)
+    assert resolved.model.ensemble == cfg.model.ensemble and resolved.data == cfg.data
+    saved = torch.load(expected, map_location="cpu", weights_only=True)["state_dict"]
+    backbone = build_backbone(resolved.model.backbone)
+    assert torch.equal(backbone.clip.state_dict()["visual.trunk.stem.0.weight"], saved["visual.trunk.stem.0.weight"])

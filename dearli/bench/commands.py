@@ -11,6 +11,7 @@ BENCH_MODULES = (
     "dearli.bench.step",  # dearli bench step
     "dearli.bench.cache",  # dearli bench cache
     "dearli.bench.ssl",  # dearli bench ssl
+    "dearli.bench.ablation",  # dearli bench ablation
 )
 
 

@@ -163,10 +163,10 @@ def run_sam(args: argparse.Namespace) -> int:
 def clip_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Model and test scale from --preset, overridden by --model/--pretrained/--short-side/--max-size."""
     from dearli.caches.clip_features import clip_settings
-    from dearli.config import load_config
     from dearli.errors import ConfigError
+    from dearli.pretrain.resolve import load_resolved_config
 
-    model = load_config(args.preset).model if args.preset else None
+    model = load_resolved_config(args.preset).model if args.preset else None
     name = args.model or (model.backbone.clip_model if model else None)
     pretrained = args.pretrained if args.pretrained is not None else (model.backbone.pretrained if model else None)
     if not name or pretrained is None:

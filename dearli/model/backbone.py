@@ -19,7 +19,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from dearli.config import BackboneConfig
+from dearli.config import PROJECT_CLIP, BackboneConfig
 from dearli.errors import ConfigError, DataError
 
 CLIP_CONFIG_DIR = "clip"  # open_clip model configs shipped in dearli/configs/clip/*.json
@@ -70,6 +70,9 @@ def _create_clip(model_name: str, pretrained: str) -> nn.Module:
     if model_name not in open_clip.list_models() and ":" not in model_name:
         raise ConfigError(f"model.backbone.clip_model: unknown open_clip model {model_name!r}; "
                           f"ConvNeXt choices include {[m for m in open_clip.list_models() if 'convnext' in m]}")
+    if pretrained == PROJECT_CLIP:
+        raise ConfigError(f"model.backbone.pretrained: {PROJECT_CLIP!r} must be resolved to its checkpoint first "
+                          "(the dearli commands do it; in Python: dearli.pretrain.resolve.resolve_clip(cfg))")
     looks_like_path = os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
     if pretrained and looks_like_path and not os.path.isfile(pretrained):
         raise DataError(pretrained, "CLIP checkpoint file not found (model.backbone.pretrained)")

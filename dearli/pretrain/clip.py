@@ -34,12 +34,13 @@ class PretrainOptions:
     """
 
     model: str = DEFAULT_MODEL
-    steps: int = 800
+    steps: int = 1200
     seed: int = 0
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: int = 50
+    warmup: int = 100
+    layer_scale_init: float = 0.0  # > 0: start every ConvNeXt block's layer scale here instead of timm's 1e-6
     pairs: PairOptions = field(default_factory=PairOptions)
 
     def validate(self) -> None:
@@ -61,6 +62,19 @@ def create_clip(model: str = DEFAULT_MODEL) -> nn.Module:
 
     register_dearli_clip_configs()
     return open_clip.create_model(model, pretrained=None)
+
+
+def init_layer_scale(model: nn.Module, value: float) -> int:
+    """Set every ConvNeXt block's layer-scale ``gamma`` to ``value``; returns how many were set.
+
+    timm starts them at 1e-6 (residual branches nearly off), made for 300-epoch schedules; a run of a
+    few thousand steps spends a good part of them just growing the branches back.
+    """
+    names = [name for name, _ in model.named_parameters() if name.endswith(".gamma") and ".trunk." in name]
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).fill_(value)
+    return len(names)
 
 
 def lr_at(step: int, options: PretrainOptions) -> float:
@@ -104,6 +118,8 @@ def train_clip(options: PretrainOptions, log: Log | None = None, log_every: int 
     options.validate()
     torch.manual_seed(options.seed)
     model = create_clip(options.model)
+    if options.layer_scale_init > 0:
+        init_layer_scale(model, options.layer_scale_init)
     tokenizer = open_clip.get_tokenizer(options.model)
     loss_fn = open_clip.loss.ClipLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, options.weight_decay), lr=options.lr, betas=(0.9, 0.98),
@@ -125,5 +141,6 @@ def train_clip(options: PretrainOptions, log: Log | None = None, log_every: int 
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         if log is not None and ((step + 1) % log_every == 0 or step + 1 == options.steps):
             log(step + 1, {"loss": float(loss.detach()), "lr": lr_at(step, options),
-                           "logit_scale": float(model.logit_scale.exp()), "seconds": time.perf_counter() - start})
+                           "logit_scale": float(model.logit_scale.detach().exp()),
+                           "seconds": time.perf_counter() - start})
     return model.eval()

@@ -8,8 +8,8 @@ and their target instance is chosen with weight 1 / class frequency, so tail cla
 often as head classes. Captions sometimes use a class's synonyms and a prompt-like prefix so the text
 tower learns every name the classifier embeds, not only the display names.
 
-Pair ``k`` of a batch comes from scene ``base + k`` of the stream; a pair depends only on
-(seed, scene index, options), never on the batch it lands in.
+Pairs come in groups of two from one scene (group g uses pretrain scene g): a minimal pair, or two views
+of the scene. A pair depends only on (seed, its index, options), never on the batch it lands in.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dearli.data.synth.classes import CLASSES, THING_CLASSES, class_probabilitie
 from dearli.data.synth.world import MIN_THING_AREA, SynthSample, SynthWorld
 from dearli.pretrain.paste import minimal_pair
 
-PAIRS_VERSION = 1  # bump when a change here changes the pairs drawn for the same options
+PAIRS_VERSION = 2  # bump when a change here changes the pairs drawn for the same options
 STREAM = "pretrain"
 _CROP_SEED_TAG = 31  # separates the crop/caption randomness from the scene's own generator
-_PASTE_SEED_TAG = 37  # ... and the minimal pairs' (this tag and the next)
+_PASTE_SEED_TAG = 37  # ... and the minimal pairs' (this tag and the next two)
+GROUP_SIZE = 2  # pairs drawn from one rendered scene
 # Words that lead a caption now and then, so prompt templates ("a photo of a ...") are not unseen text.
 PREFIXES = ("a photo of", "a picture of", "there is", "this is", "an image of")
 MIN_STUFF_SHARE = 0.03  # a stuff region is named in a crop caption if it covers this share of the crop
@@ -42,6 +43,8 @@ class PairOptions:
     paste_prob: share of pairs that are minimal pairs (two scenes differing in one painted object).
     crop_prob: share of the other pairs that are object-centred crops (the rest are whole scenes).
     context: (min, max) crop side as a multiple of the target instance's larger box side.
+    scene_min_side: scene pairs show a random square window of at least this many scene pixels (0 = the
+        whole scene); with ``image_size`` this sets the scale at which the CLIP sees whole scenes.
     min_crop: smallest crop side in scene pixels (tiny instances keep some surroundings).
     visible_share: a thing is named in a crop caption when this share of its pixels lies inside.
     focus_prob: chance that a crop's caption names only the object it is centred on ("a red circle"), as
@@ -52,13 +55,14 @@ class PairOptions:
         uniformly among the instances (head classes dominate), 1.5 makes the targets' classes roughly uniform.
     """
 
-    image_size: int = 128
-    paste_prob: float = 0.0
-    crop_prob: float = 0.5
-    context: tuple[float, float] = (1.6, 3.5)
+    image_size: int = 64
+    paste_prob: float = 0.5
+    crop_prob: float = 0.6
+    context: tuple[float, float] = (1.2, 3.0)
+    scene_min_side: int = 64
     min_crop: int = 24
     visible_share: float = 0.4
-    focus_prob: float = 0.0
+    focus_prob: float = 0.5
     synonym_prob: float = 0.3
     prefix_prob: float = 0.3
     balance: float = 1.5
@@ -142,8 +146,8 @@ def crop_segments(sample: SynthSample, top: int, left: int, side: int, visible_s
 
 def _resize(image: np.ndarray, top: int, left: int, side: int, out: int) -> torch.Tensor:
     """Crop of an H×W×3 uint8 image -> 3×out×out float in [0, 255] (antialiased bilinear)."""
-    x = torch.from_numpy(np.ascontiguousarray(image[top:top + side, left:left + side])).permute(2, 0, 1)
-    x = x[None].float()
+    crop = image[top:top + side, left:left + side].transpose(2, 0, 1).astype(np.float32)
+    x = torch.from_numpy(crop)[None]
     if side != out:
         x = F.interpolate(x, size=(out, out), mode="bilinear", align_corners=False, antialias=side > out)
     return x[0].clamp_(0.0, 255.0)  # interpolation overshoots a little at sharp edges
@@ -173,29 +177,64 @@ def _caption_window(rng: np.random.Generator, sample: SynthSample, window: tuple
     return image, reword(rng, caption, present, options)
 
 
-def make_pair(world: SynthWorld, index: int, options: PairOptions) -> tuple[torch.Tensor, str]:
-    """Pair ``index`` of the stream: (image 3×S×S float RGB in [0, 255], caption).
+def _union_box(boxes: list[list[int]]) -> list[int]:
+    """Smallest [x, y, w, h] box holding every box of ``boxes``."""
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return [x0, y0, x1 - x0, y1 - y0]
 
-    Pairs 2g and 2g + 1 form group g: with probability ``paste_prob`` they are a minimal pair painted
-    into scene 2g (see :mod:`dearli.pretrain.paste`), else each is a whole scene or a crop of its own scene.
+
+def make_group(world: SynthWorld, group: int, options: PairOptions) -> list[tuple[torch.Tensor, str]]:
+    """The two pairs of group ``group``, both from pretrain scene ``group`` (rendered once for both).
+
+    With probability ``paste_prob`` they are a minimal pair (see :mod:`dearli.pretrain.paste`); otherwise
+    each is, independently, a crop centred on a thing (``crop_prob``) or a scene window. Two views of one
+    scene share its stuff, so they are hard negatives of each other too.
     """
-    group = int(index) // 2
+    sample = world.sample(group, STREAM)
     group_rng = np.random.default_rng([world.seed, _PASTE_SEED_TAG, group])
     if group_rng.random() < options.paste_prob:
-        painted = minimal_pair(group_rng, world.sample(2 * group, STREAM), [world.seed, _PASTE_SEED_TAG + 1, group])
-        image, segment_map, segments = painted[int(index) % 2]
-        sample = SynthSample(image, segment_map, segments, caption="")
-        window = crop_window(group_rng, segments[-1]["bbox"], segment_map.shape, options)
-        return _caption_window(group_rng, sample, window, options, segments[-1])
-    sample = world.sample(index, STREAM)
-    rng = np.random.default_rng([world.seed, _CROP_SEED_TAG, int(index)])
-    target = pick_instance(rng, sample, options.balance) if rng.random() < options.crop_prob else None
-    window = None if target is None else crop_window(rng, target["bbox"], sample.segment_map.shape, options)
-    return _caption_window(rng, sample, window, options, target)
+        painted = minimal_pair(group_rng, sample, [world.seed, _PASTE_SEED_TAG + 1, group])
+        box = _union_box([segments[-1]["bbox"] for _, _, segments in painted])
+        pairs = []
+        for image, segment_map, segments in painted:
+            rng = np.random.default_rng([world.seed, _PASTE_SEED_TAG + 2, group])  # the same draws for both
+            window = crop_window(rng, box, segment_map.shape, options)
+            pairs.append(_caption_window(rng, SynthSample(image, segment_map, segments, ""), window, options,
+                                         segments[-1]))
+        return pairs
+    pairs = []
+    for member in range(GROUP_SIZE):
+        rng = np.random.default_rng([world.seed, _CROP_SEED_TAG, group, member])
+        target = pick_instance(rng, sample, options.balance) if rng.random() < options.crop_prob else None
+        if target is not None:
+            window = crop_window(rng, target["bbox"], sample.segment_map.shape, options)
+        else:
+            window = scene_window(rng, sample.segment_map.shape, options.scene_min_side)
+        pairs.append(_caption_window(rng, sample, window, options, target))
+    return pairs
+
+
+def make_pair(world: SynthWorld, index: int, options: PairOptions) -> tuple[torch.Tensor, str]:
+    """Pair ``index`` of the stream (member ``index % 2`` of group ``index // 2``): (image 3×S×S float RGB
+    in [0, 255], caption)."""
+    return make_group(world, int(index) // GROUP_SIZE, options)[int(index) % GROUP_SIZE]
+
+
+def scene_window(rng: np.random.Generator, size: tuple[int, int], min_side: int) -> tuple[int, int, int] | None:
+    """A random square window of side in [min_side, shorter side]; None (the whole scene) if min_side is 0."""
+    short = min(size)
+    if min_side <= 0 or min_side >= short:
+        return None
+    side = int(rng.integers(min_side, short + 1))
+    return int(rng.integers(size[0] - side + 1)), int(rng.integers(size[1] - side + 1)), side
 
 
 def make_batch(world: SynthWorld, first_index: int, batch_size: int, options: PairOptions
                ) -> tuple[torch.Tensor, list[str]]:
-    """Pairs of scenes first_index .. first_index + batch_size - 1: (B×3×S×S in [0, 255], B captions)."""
-    pairs = [make_pair(world, first_index + k, options) for k in range(batch_size)]
+    """Pairs first_index .. first_index + batch_size - 1: (B×3×S×S float in [0, 255], B captions)."""
+    first_group, last_group = first_index // GROUP_SIZE, (first_index + batch_size - 1) // GROUP_SIZE
+    pairs = [pair for g in range(first_group, last_group + 1) for pair in make_group(world, g, options)]
+    offset = first_index - first_group * GROUP_SIZE
+    pairs = pairs[offset:offset + batch_size]
     return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]

@@ -60,13 +60,13 @@ def _common_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dearli.config import load_config
+    from dearli.pretrain.resolve import load_resolved_config
 
     # JSON strings are valid YAML scalars, so a path like "2017" stays a string.
     overrides = [f"data.dataset={json.dumps(args.dataset)}", *args.overrides]
     if getattr(args, "partition", None) is not None:
         overrides.append(f"data.partition={json.dumps(args.partition)}")
-    cfg = load_config(args.preset, overrides)
+    cfg = load_resolved_config(args.preset, overrides)
     if args.stage == "warmup":
         from dearli.stages.warmup import run_warmup
 

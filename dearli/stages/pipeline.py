@@ -26,6 +26,7 @@ from typing import Any
 
 from dearli.config import Config, load_config, to_dict
 from dearli.errors import ConfigError, DearliError
+from dearli.pretrain.resolve import CACHE_FOLDER, resolve_clip
 from dearli.stages import tracking, workspace
 
 RUN_PREFIX = "ssl"
@@ -39,7 +40,7 @@ echo = functools.partial(print, flush=True)  # a Ray job's stdout is a pipe: flu
 class PipelineOptions:
     dataset: str | None = None  # None = the synthetic world under the workdir
     partition: str = "1_8"
-    preset: str = "tiny"
+    preset: str = "synth"  # the synthetic world's preset: tiny model, the project's pretrained CLIP
     workdir: str | None = None  # None = workspace.DEFAULT_WORKDIR
     experiment: str = tracking.DEFAULT_EXPERIMENT
     run_name: str | None = None
@@ -65,7 +66,8 @@ def build_arg_parser(prog: str = "jobs/ssl.py") -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, metavar="DIR",
                         help="dataset directory with dataset.yaml (default: the synthetic world in the workdir)")
     parser.add_argument("--partition", default=d.partition, help=f"labeled partition (default: {d.partition})")
-    parser.add_argument("--preset", default=d.preset, help="config preset (tiny, base, large) or a YAML file")
+    parser.add_argument("--preset", default=d.preset,
+                        help=f"config preset (default: {d.preset}; tiny, ade20k-base, ...) or a YAML file")
     parser.add_argument("--workdir", default=None, metavar="DIR",
                         help=f"where datasets, caches, runs and the local MLflow store go (default: "
                         f"{workspace.DEFAULT_WORKDIR})")
@@ -125,7 +127,7 @@ def build_config(opts: PipelineOptions, dataset: Path, workdir: Path, run_name: 
     """The run's config (preset <- dataset/partition <- overrides <- cache locations); and the SAM generator."""
     overrides = [f"data.dataset={json.dumps(str(dataset))}", f"data.partition={json.dumps(opts.partition)}",
                  *opts.overrides]
-    cfg = load_config(opts.preset, overrides)
+    cfg = resolve_clip(load_config(opts.preset, overrides), workdir / CACHE_FOLDER, log=echo, train=not opts.dry_run)
     generator = opts.sam_generator or ("felzenszwalb" if opts.dataset is None else "sam")
     if generator == "sam" and not cfg.cache.sam_cache and not cfg.cache.sam_checkpoint:
         raise ConfigError("cache.sam_checkpoint: SAM needs its weights file (cache.sam_checkpoint=PATH), or pass "

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dearli.config import Config
+from dearli.config import DEFAULT_WORKDIR, Config
 from dearli.errors import DataError
 
-DEFAULT_WORKDIR = "~/ray_results/dearli"
+__all__ = ["DEFAULT_WORKDIR"]  # re-exported: the jobs and the report read it from here
 SYNTH_SEED = 0  # the embedded default world
 SAM_SPLIT = "train"  # warm-up trains on the SAM masks of every training image, labeled or not
 CLIP_SPLIT = "val"  # what the zero-shot baselines score (dearli baseline oracle | sam-clip)
