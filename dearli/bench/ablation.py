@@ -43,11 +43,11 @@ from dearli.bench.ablation_report import ROW_BY_NUMBER, Row, budget_label, write
 from dearli.config import Config
 from dearli.errors import ConfigError, DataError
 
-# Default steps: these shares of the preset's train.max_steps and warmup.max_steps. With the synth preset on
-# 2 idle cores (about 0.26 s per Mean-Teacher step of 4+4 images, 0.1 s per supervised step, 0.25 s per
-# warm-up step, 30 s to start each Ray Train run), 2 budgets x 2 seeds (12 Mean-Teacher runs of 600 steps,
-# 4 supervised runs, 2 full warm-ups, 20 evaluations) take about 50 minutes.
-STEP_SHARE = 0.3
+# Default steps: these shares of the preset's train.max_steps and warmup.max_steps. Measured with the synth
+# preset on 2 idle cores: a Mean-Teacher row of 600 steps takes about 270 s (start-up included), a
+# supervised one 75 s, a 400-step warm-up about 150 s; so 2 budgets x 2 seeds at 500 steps (12 Mean-Teacher,
+# 4 supervised, 2 warm-up runs, 20 evaluations) come to about 57 minutes.
+STEP_SHARE = 0.25
 WARMUP_SHARE = 1.0
 DEFAULT_EXPERIMENT = "dearli-bench"
 SETTINGS_FILE = "bench.json"

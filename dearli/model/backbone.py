@@ -89,6 +89,11 @@ def _create_clip(model_name: str, pretrained: str) -> nn.Module:
     return model
 
 
+def create_random_clip(model_name: str) -> nn.Module:
+    """A randomly initialised open_clip model (dearli's configs registered), without open_clip's notice."""
+    return _create_clip(model_name, "")
+
+
 def _open_clip_model(model_name: str, pretrained: str) -> nn.Module:
     import open_clip
 

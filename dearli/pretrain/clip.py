@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dearli.data.synth.world import SynthWorld
-from dearli.model.backbone import register_dearli_clip_configs
+from dearli.model.backbone import create_random_clip
 from dearli.pretrain.pairs import PairOptions, make_batch
 
 DEFAULT_MODEL = "dearli-convnext-atto"
@@ -57,11 +57,8 @@ class PretrainOptions:
 
 
 def create_clip(model: str = DEFAULT_MODEL) -> nn.Module:
-    """A randomly initialised open_clip model (dearli's configs registered)."""
-    import open_clip
-
-    register_dearli_clip_configs()
-    return open_clip.create_model(model, pretrained=None)
+    """A randomly initialised open_clip model (dearli's configs registered): pre-training starts from it."""
+    return create_random_clip(model)
 
 
 def init_layer_scale(model: nn.Module, value: float) -> int:
