@@ -79,12 +79,19 @@ def caches(ctx: StageContext, generator: str) -> None:
             workspace.run_cache_command(kind, dataset, split, uri, options, actors)
 
 
+def _done_before(ctx: StageContext, stage: str) -> dict[str, Any] | None:
+    """The recorded result of a finished training stage (said in the log and tagged in MLflow), or None."""
+    done = ctx.finished(stage, "checkpoint")
+    if done is not None:
+        ctx.echo(f"{stage}: done before, reusing {done['checkpoint']}")
+        ctx.tracker.reused(stage, {"dearli.checkpoint": done["checkpoint"]})
+    return done
+
+
 def warmup(ctx: StageContext) -> dict[str, Any]:
     """DeWa on the SAM cache; returns run_warmup's result."""
-    done = ctx.finished("warmup", "checkpoint")
+    done = _done_before(ctx, "warmup")
     if done is not None:
-        ctx.echo(f"warmup: done before, reusing {done['checkpoint']}")
-        ctx.tracker.reused("warmup", {"dearli.checkpoint": done["checkpoint"]})
         return done
     from dearli.stages.warmup import run_warmup
 
@@ -99,10 +106,8 @@ def warmup(ctx: StageContext) -> dict[str, Any]:
 
 def mean_teacher(ctx: StageContext, init: str) -> dict[str, Any]:
     """Mean Teacher from the warmed-up model, ending with the evaluation of its four variants."""
-    done = ctx.finished("ssl", "checkpoint")
+    done = _done_before(ctx, "ssl")
     if done is not None:
-        ctx.echo(f"ssl: done before, reusing {done['checkpoint']}")
-        ctx.tracker.reused("ssl", {"dearli.checkpoint": done["checkpoint"]})
         return done
     from dearli.stages.ssl import run_ssl
 
