@@ -144,3 +144,21 @@ def ray_head(home: Path, num_cpus: int = 4, timeout_s: float = 180.0) -> Iterato
     finally:
         _stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_after_parts(args: list[str], out: Path, env: dict[str, str], parts: int = 2,
+                     timeout_s: float = 240.0) -> int:
+    """Run ``python -m dearli.cli *args`` and SIGKILL its whole process group (driver, its Ray, the
+    actors) once ``out/parts`` holds ``parts`` committed Parquet parts. Returns the parts committed then."""
+    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *args], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(list((out / "parts").glob("part-*.parquet"))) < parts:
+            assert job.poll() is None, "the job ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the job committed nothing in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    return len(list((out / "parts").glob("part-*.parquet")))

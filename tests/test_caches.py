@@ -203,27 +203,14 @@ def test_sam_cache_survives_a_killed_job(ray_local, tmp_path, capsys):
     some parts are committed; a rerun completes the cache with every image exactly once, as an
     uninterrupted run has it."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
+
+    from _services import kill_after_parts
 
     data = make_dataset(tmp_path / "ds", num_images=16, seed=5)
     args = ["cache", "sam", "--dataset", str(data)] + TINY_SAM_ARGS[:-1] + ["1"]  # one image per part
     out = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *args, "--out", str(out)], env=env,
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((out / "parts").glob("part-*.parquet"))) < 2:
-            assert job.poll() is None, "the job ended before it could be interrupted"
-            assert time.monotonic() < deadline, "the job committed nothing in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    committed = len(list((out / "parts").glob("part-*.parquet")))
+    committed = kill_after_parts(args + ["--out", str(out)], out, env)
     assert 2 <= committed < 16 and not (out / "_SUCCESS").exists()
 
     assert main(args + ["--out", str(out)]) == 0

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from dearli.cli import main
-from dearli.config import Config, from_dict, list_presets, load_config, save_config, to_dict
+from dearli.config import Config, load_config, save_config
+from dearli.config_io import from_dict, list_presets, to_dict
 from dearli.errors import ConfigError
 
 

@@ -174,3 +174,32 @@ def test_empty_mask_gets_the_logits_of_a_zero_pooled_vector(backbone):
         expected = backbone.logit_scale * zero @ text.embeddings.t()
     torch.testing.assert_close(logits[0], expected.expand(2, -1), rtol=0, atol=1e-4)
     assert logits.abs().max() > 1e-3  # not the all-zero "uniform opinion"
+
+
+def test_on_valid_mask_leaves_masks_empty_on_the_clip_grid_to_the_decoder(backbone):
+    """FC-CLIP's ENSEMBLE_ON_VALID_MASK: a query with no cell on the CLIP grid keeps the decoder's classes."""
+    from types import SimpleNamespace
+
+    from dearli.model.predictor import class_scores
+    from dearli.model.zero_shot import valid_pooling
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        dense = backbone(torch.rand(1, 3, 64, 64) * 255)["clip_vis_dense"]  # 2×2 grid
+    masks = torch.full((1, 3, 16, 16), -5.0)
+    masks[0, 0] = 5.0  # covers the image
+    masks[0, 1, 1:3, 1:3] = 5.0  # a 2×2 speck away from every cell centre: empty on the 2×2 grid
+    # query 2: empty everywhere
+    assert valid_pooling(masks, dense.shape[-2:]).tolist() == [[True, False, False]]
+    text = class_text_embeddings(backbone, [["cat"], ["sky"], ["road"]])
+    model = SimpleNamespace(zero_shot_logits=lambda out: zero_shot_logits(backbone, out["clip_vis_dense"],
+                                                                           out["pred_masks"], text))
+    outputs = {"pred_logits": torch.randn(1, 3, 4), "pred_masks": masks, "clip_vis_dense": dense}
+    plain, probs = class_scores(model, outputs, 0.6)
+    valid, _ = class_scores(model, outputs, 0.6, on_valid_mask=True)
+    decoder_only = outputs["pred_logits"].softmax(-1)
+    assert probs
+    torch.testing.assert_close(valid[0, 0], plain[0, 0])
+    torch.testing.assert_close(valid[0, 1:], decoder_only[0, 1:])
+    assert not torch.allclose(plain[0, 1:], decoder_only[0, 1:], atol=1e-3)
+    assert load_config("tiny").model.ensemble.on_valid_mask is False  # the paper's setting by default

@@ -7,7 +7,8 @@ import dataclasses
 import open_clip
 import pytest
 
-from dearli.config import PROJECT_CLIP, list_presets, load_config, supervised_config
+from dearli.config import PROJECT_CLIP, load_config, supervised_config
+from dearli.config_io import list_presets
 from dearli.model.backbone import register_dearli_clip_configs
 
 BACKBONES = {

@@ -7,10 +7,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _services import kill_after_parts
 from PIL import Image
 
 from dearli.caches.workers import CacheWorker
@@ -100,18 +98,7 @@ def test_killed_run_rerun_equals_an_uninterrupted_run(world, reference, tmp_path
     exactly the output of an uninterrupted run. The truncated image is in the errors table of both."""
     out = tmp_path / "killed"
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray instance, killed with it
-    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *_args(world, out)], env=env,
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((out / "parts").glob("part-*.parquet"))) < 2:
-            assert job.poll() is None, "the job ended before it could be interrupted"
-            assert time.monotonic() < deadline, "the job committed nothing in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    committed = len(list((out / "parts").glob("part-*.parquet")))
+    committed = kill_after_parts(_args(world, out), out, env)
     assert 2 <= committed < 11 and not (out / "panoptic.json").exists()
 
     capsys.readouterr()

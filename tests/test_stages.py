@@ -90,6 +90,15 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     key = next(k for k in teacher if k.startswith("transformer_decoder.") and teacher[k].is_floating_point())
     assert not torch.equal(teacher[key], student[key]), "teacher is not an EMA distinct from the student"
 
+    # A restart after the final checkpoint (e.g. the final evaluation died) takes no step but still evaluates.
+    import shutil
+
+    shutil.rmtree(run / "eval" / "teacher" / "step_0000012")
+    again = run_ssl(ssl_cfg, tmp_path / "ssl", init=warm["checkpoint"], resume=True, echo=lambda *_: None)
+    assert set(again["metrics"]) == set(result["metrics"])
+    assert again["metrics"]["student"] == result["metrics"]["student"]  # read back, not evaluated again
+    assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, 13))
+
 
 def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local):
     """SIGKILL one Train worker mid-stage: Ray Train restarts the group from the last checkpoint and the run

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dearli.cli import main
-from dearli.config import load_config, to_dict
+from dearli.config import load_config
+from dearli.config_io import to_dict
 from dearli.data.dataset import load_dataset
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError

@@ -23,7 +23,7 @@ from pathlib import Path
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser = bench_subparsers.add_parser(
         "ssl", help="Mean Teacher: student images/s per Train-worker count, teacher pseudo-labels/s per actor count",
-        description="Run the Mean-Teacher stage of the tiny preset on a synthetic world with 1 and 2 Train "
+        description="Run the Mean-Teacher stage of a preset (default: tiny) on a synthetic world with 1 and 2 Train "
         "workers, and the teacher pool alone with 1 and 2 actors; print images/s, pseudo-labels/s, the "
         "waiting fraction and the staleness distribution. GPUs are used where the cluster has them.",
     )

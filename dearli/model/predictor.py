@@ -30,6 +30,7 @@ from dearli.model.inference import (
     resize_shortest_edge,
     semantic_inference,
 )
+from dearli.model.zero_shot import valid_pooling
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,19 @@ class Prediction:
     extra: dict = field(default_factory=dict)
 
 
-def class_scores(model: torch.nn.Module, outputs: dict, alpha_clip: float) -> tuple[torch.Tensor, bool]:
-    """Per-query class scores B×Q×(K+1): decoder logits (``probs`` False) or ensembled probabilities (True)."""
-    if alpha_clip > 0:
-        return geometric_ensemble(outputs["pred_logits"], model.zero_shot_logits(outputs), alpha_clip), True
-    return outputs["pred_logits"], False
+def class_scores(model: torch.nn.Module, outputs: dict, alpha_clip: float,
+                 on_valid_mask: bool = False) -> tuple[torch.Tensor, bool]:
+    """Per-query class scores B×Q×(K+1): decoder logits (``probs`` False) or ensembled probabilities (True).
+
+    With ``on_valid_mask`` a query whose mask is empty on the CLIP feature grid gets CLIP weight 0.
+    """
+    if alpha_clip <= 0:
+        return outputs["pred_logits"], False
+    alpha: float | torch.Tensor = alpha_clip
+    if on_valid_mask:
+        valid = valid_pooling(outputs["pred_masks"], outputs["clip_vis_dense"].shape[-2:])
+        alpha = alpha_clip * valid.unsqueeze(-1).to(outputs["pred_logits"].dtype)
+    return geometric_ensemble(outputs["pred_logits"], model.zero_shot_logits(outputs), alpha), True
 
 
 @torch.no_grad()
@@ -62,7 +71,7 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, t
     resized = resize_shortest_edge(x, cfg.inference.test_short_side, cfg.inference.test_max_size)
     padded = pad_to_multiple(resized, cfg.inference.size_divisibility, model.backbone.pixel_mean)
     outputs = model(padded)
-    scores, probs = class_scores(model, outputs, alpha)
+    scores, probs = class_scores(model, outputs, alpha, cfg.ensemble.on_valid_mask)
     masks = postprocess_masks(outputs["pred_masks"][0], padded.shape[-2:], resized.shape[-2:], image.shape[:2])
     return _infer(scores[0], probs, masks, cfg, thing_ids)
 
@@ -79,7 +88,7 @@ def predict_batch(model: torch.nn.Module, images: torch.Tensor, cfg: ModelConfig
     """
     model.eval()
     outputs = model(images.float())
-    scores, probs = class_scores(model, outputs, alpha_clip)
+    scores, probs = class_scores(model, outputs, alpha_clip, cfg.ensemble.on_valid_mask)
     size = tuple(images.shape[-2:])
     masks = F.interpolate(outputs["pred_masks"].float(), size=size, mode="bilinear", align_corners=False)
     return [_infer(scores[b], probs, masks[b], cfg, thing_ids) for b in range(images.shape[0])]

@@ -22,6 +22,20 @@ from dearli.model.text_classifier import TextEmbeddings, reduce_synonyms, synony
 POOL_EPS = 1e-8  # keeps the average defined for empty masks
 
 
+@torch.no_grad()
+def pooling_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask logits B×Q×H×W -> the binary masks B×Q×h×w (0/1, float) pooled on an h×w feature grid."""
+    masks = mask_logits.detach().float()
+    if masks.shape[-2:] != tuple(size):
+        masks = F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
+    return (masks > 0).float()
+
+
+def valid_pooling(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B×Q bool: the masks that keep at least one cell on the h×w feature grid (FC-CLIP's valid masking)."""
+    return pooling_masks(mask_logits, size).flatten(2).any(-1)
+
+
 def mask_pool(dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Average ``dense`` B×C×h×w inside each binarised mask of ``mask_logits`` B×Q×H×W -> B×Q×C.
 
@@ -30,12 +44,8 @@ def mask_pool(dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     if dense.dim() != 4 or mask_logits.dim() != 4 or dense.shape[0] != mask_logits.shape[0]:
         raise ValueError(f"expected dense B×C×h×w and masks B×Q×H×W, got {tuple(dense.shape)} and "
                          f"{tuple(mask_logits.shape)}")
-    with torch.no_grad():
-        masks = mask_logits.detach().to(dense.dtype)
-        if masks.shape[-2:] != dense.shape[-2:]:
-            masks = F.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
-        masks = (masks > 0).to(dense.dtype)
-        masks = masks / (masks.sum(dim=(-2, -1), keepdim=True) + POOL_EPS)
+    masks = pooling_masks(mask_logits, dense.shape[-2:]).to(dense.dtype)
+    masks = masks / (masks.sum(dim=(-2, -1), keepdim=True) + POOL_EPS)
     return torch.einsum("bchw,bqhw->bqc", dense, masks)
 
 

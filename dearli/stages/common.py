@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from dearli.config import Config, from_dict, to_dict
+from dearli.config import Config
+from dearli.config_io import from_dict, to_dict
 from dearli.errors import DataError, DearliError
 from dearli.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dearli.config import Config, load_config, to_dict
+from dearli.config import Config, load_config
+from dearli.config_io import to_dict
 from dearli.errors import ConfigError, DearliError
 from dearli.pretrain.resolve import CACHE_FOLDER, resolve_clip
 from dearli.stages import tracking, workspace
@@ -59,8 +60,9 @@ def build_arg_parser(prog: str = "jobs/ssl.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the whole DEARLi pipeline (SAM and CLIP caches, DeWa warm-up, Mean Teacher, evaluation "
-        "of teacher and student) on Ray, tracked in MLflow. Without arguments: the synthetic world with the tiny "
-        "preset. Extra KEY=VALUE arguments override the configuration, e.g. ssl.ema_decay=0.99.",
+        "of teacher and student) on Ray, tracked in MLflow. Without arguments: the synthetic world with the synth "
+        "preset (its CLIP is pre-trained on first use). Extra KEY=VALUE arguments override the "
+        "configuration, e.g. ssl.ema_decay=0.99.",
         epilog="Outputs go to --workdir; MLflow goes to MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db. "
         "Running the same --run-name again continues that run (finished stages are skipped).")
     parser.add_argument("--dataset", default=None, metavar="DIR",

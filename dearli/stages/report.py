@@ -66,7 +66,8 @@ def export_teacher(checkpoint: str | Path, out_dir: Path) -> Path:
     with ``torch.load(weights_only=True)``), plus its ``config.yaml``, in ``out_dir``."""
     import torch
 
-    from dearli.config import save_config, to_dict
+    from dearli.config import save_config
+    from dearli.config_io import to_dict
     from dearli.training.checkpoint import load_checkpoint
 
     target = out_dir / registry.MODEL_FILE
@@ -145,6 +146,10 @@ def closing_lines(ctx: StageContext, ssl_result: dict[str, Any], report: dict[st
             noens = metrics.get(f"{variant}_noens")
             extra = f" (without the ensemble: PQ {noens['PQ']:.2f}, mIoU {noens['mIoU']:.2f})" if noens else ""
             echo(f"final {variant}: {summary_line(metrics[variant])}{extra}")
+        else:
+            echo(f"final {variant}: NOT EVALUATED (no {eval_dir(ssl_result, variant) / 'metrics.json'}; "
+                 f"the Ray Train worker log says why); 'dearli predict --checkpoint "
+                 f"{ssl_result['checkpoint']}' scores the model")
     echo(f"run directory: {ctx.run_dir} (config.yaml, per_class.csv, visualisations/, warmup/, ssl/, model/)")
     echo(f"final checkpoint: {ssl_result['checkpoint']}")
     model = report["model"]

@@ -111,6 +111,9 @@ class StudentLoop:
                     self._one_step(labeled_batch, progress)
                     if self.step >= self.cfg.train.max_steps:
                         break
+            # A restart after the last checkpoint resumes at max_steps and takes no step: the final
+            # evaluation (skipped variant by variant where its metrics are already written) must still run.
+            self._maybe_evaluate()
         finally:
             self.feed.close()
 

@@ -29,7 +29,8 @@ import numpy as np
 import ray
 import torch
 
-from dearli.config import Config, from_dict, to_dict
+from dearli.config import Config
+from dearli.config_io import from_dict, to_dict
 from dearli.errors import DataError
 
 

@@ -45,8 +45,9 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
     run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
     common.ensure_ray()
     parts = reader.store.part_files()
-    dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs, columns=["stem", "rle_counts", "height",
-                                                                                 "width"])
+    # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
+    dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs).select_columns(
+        ["stem", "rle_counts", "height", "width"])
     echo(f"[{STAGE}] {len(reader)} images with SAM masks from {sam_cache}; {cfg.warmup.max_steps} steps, "
          f"batch {cfg.warmup.batch_size} on {cfg.train.num_workers} worker(s); run dir {run_dir}")
     trainer = TorchTrainer(

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dearli.config import Config, from_dict, to_dict
+from dearli.config import Config
+from dearli.config_io import from_dict, to_dict
 from dearli.errors import DataError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
