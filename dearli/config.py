@@ -326,11 +326,25 @@ def supervised_config(cfg: Config) -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Write the resolved configuration as YAML (refuses to overwrite a different existing one)."""
+    """Write the resolved configuration as YAML (refuses to overwrite a different existing one).
+
+    A file saved by an older dearli, without the fields added since, is the same configuration when those
+    fields take their defaults here: it is left as it is, so a run continues across an upgrade.
+    """
     path = Path(path)
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     if path.exists() and path.read_text() != text:
-        raise ConfigError(f"{path}: a different configuration is already saved here; use a new run dir")
+        if _saved_config(path) != config:
+            raise ConfigError(f"{path}: a different configuration is already saved here; use a new run dir")
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _saved_config(path: Path) -> Config | None:
+    """The configuration saved in ``path``, read with today's defaults; None if it no longer reads."""
+    try:
+        return from_dict(Config, yaml.safe_load(path.read_text()) or {})
+    except (ConfigError, yaml.YAMLError, TypeError):
+        return None

@@ -73,6 +73,13 @@ def test_save_config_never_replaces_a_different_one(tmp_path):
     save_config(load_config("tiny"), path)  # identical: fine
     with pytest.raises(ConfigError, match="different configuration"):
         save_config(load_config("tiny", ["optim.lr=0.5"]), path)
+    # Saved by an older version, before a field with a default existed: the same run, continued as it is.
+    older = "\n".join(line for line in path.read_text().splitlines() if "on_valid_mask" not in line) + "\n"
+    path.write_text(older)
+    save_config(load_config("tiny"), path)
+    assert path.read_text() == older
+    with pytest.raises(ConfigError, match="different configuration"):
+        save_config(load_config("tiny", ["model.ensemble.on_valid_mask=true"]), path)
 
 
 def test_cli_without_command_prints_help(capsys):
