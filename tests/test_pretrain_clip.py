@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 
 import numpy as np
@@ -136,10 +137,13 @@ def test_cli_writes_a_new_file_and_refuses_an_existing_one(tmp_path, capsys):
     out = tmp_path / "clip.pt"
     argv = ["pretrain-clip", "--out", str(out), "--steps", "1", "--batch-size", "2", "--image-size", "64",
             "--seed", "4"]
-    assert main(argv) == 0
+    assert main(argv + ["--eval-images", "2"]) == 0
     meta = read_metadata(out)
     assert meta["options"]["seed"] == 4 and meta["options"]["pairs"]["image_size"] == 64
-    assert "checkpoint:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "checkpoint:" in printed
+    figures = re.search(r"things ([\d.]+)%, stuff ([\d.]+)%, thing crops ([\d.]+)%, chance 5.0%", printed)
+    assert figures and all(0.0 <= float(v) <= 100.0 for v in figures.groups()), printed
     before = out.read_bytes()
     assert main(argv) == 1
     assert "exists already" in capsys.readouterr().err and out.read_bytes() == before

@@ -81,17 +81,18 @@ def run_pretrain_clip(args: argparse.Namespace) -> int:
         path = ensure_pretrained_clip(args.cache_dir, options=options, log=_print_log)
     print(f"checkpoint: {path}")
     if args.eval_images > 0:
-        _print_evaluation(options.model, str(path), args.eval_images)
+        _print_evaluation(options.model, str(path), args.eval_images, options.pairs.image_size)
     return 0
 
 
-def _print_evaluation(model: str, path: str, num_images: int) -> None:
+def _print_evaluation(model: str, path: str, num_images: int, crop_size: int) -> None:
+    """Zero-shot figures of the new checkpoint; thing crops at the size the CLIP was trained at."""
     from dearli.config import BackboneConfig
     from dearli.model.backbone import build_backbone
     from dearli.pretrain.evaluate import zero_shot_report
 
     report = zero_shot_report(build_backbone(BackboneConfig(clip_model=model, pretrained=path)),
-                              num_images=num_images)
+                              num_images=num_images, crop_size=crop_size)
     print(f"zero-shot on {num_images} validation scenes (ground-truth masks, dense pooling at 128 px): "
           f"things {100 * report['mask128_things']:.1f}%, stuff {100 * report['mask128_stuff']:.1f}%, "
           f"thing crops {100 * report['crop_things']:.1f}%, chance {100 * report['chance']:.1f}%")
