@@ -345,6 +345,7 @@ def save_config(config: Config, path: str | Path) -> Path:
 def _saved_config(path: Path) -> Config | None:
     """The configuration saved in ``path``, read with today's defaults; None if it no longer reads."""
     try:
-        return from_dict(Config, yaml.safe_load(path.read_text()) or {})
-    except (ConfigError, yaml.YAMLError, TypeError):
+        values = yaml.safe_load(path.read_text()) or {}
+        return from_dict(Config, values) if isinstance(values, dict) else None
+    except (ConfigError, yaml.YAMLError):
         return None

@@ -96,6 +96,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mapping by mapping (a nested key replaces only itself); inputs unchanged."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
