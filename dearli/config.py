@@ -237,6 +237,31 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True)
+class StrongViewConfig:
+    """The photometric part of the student's strong view of an unlabeled image; the defaults are upstream
+    DEARLi's (UniMatch's): ColorJitter(0.8, 0.8, 0.8, 0.2) always, grayscale p 0.2, blur σ 0.1-2 px p 0.5."""
+
+    brightness: float = 0.8  # factor drawn from [max(0, 1 - b), 1 + b]
+    contrast: float = 0.8  # factor drawn from [max(0, 1 - c), 1 + c]
+    saturation: float = 0.8  # factor drawn from [max(0, 1 - s), 1 + s]
+    hue: float = 0.2  # shift drawn from [-h, h] (fraction of the hue circle)
+    grayscale_prob: float = 0.2  # probability of dropping colour altogether
+    blur_prob: float = 0.5  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # its σ in pixels, drawn uniformly from this range
+
+    def validate(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            _require(getattr(self, name) >= 0, f"ssl.strong_view.{name}", "must be >= 0")
+        _require(0.0 <= self.hue <= 0.5, "ssl.strong_view.hue", f"must lie in [0, 0.5], got {self.hue}")
+        for name in ("grayscale_prob", "blur_prob"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"ssl.strong_view.{name}", f"must lie in [0, 1], got {value}")
+        low, high = self.blur_sigma
+        _require(0.0 < low <= high, "ssl.strong_view.blur_sigma",
+                 f"must be [low, high] with 0 < low <= high, got {list(self.blur_sigma)}")
+
+
+@dataclass(frozen=True)
 class SSLConfig:
     """Mean Teacher: student on labeled + strongly perturbed unlabeled images, EMA teacher as a Ray actor pool."""
 
@@ -245,6 +270,11 @@ class SSLConfig:
     unlabeled_weight: float = 1.0  # weight of the loss on pseudo-labels (paper: 1)
     ema_decay: float = 0.999  # teacher = EMA of the student (parameters and buffers)
     cutmix_prob: float = 0.5  # probability that an unlabeled pair is mixed by CutMix
+    strong_view: StrongViewConfig = field(default_factory=StrongViewConfig)  # the student's photometric view
+    # DIAGNOSTIC, never for a real run: the student's unlabeled branch trains on the ground truth of the
+    # unlabeled images (in the weak view's geometry) instead of the teacher's labels. It measures the ceiling of
+    # what the semi-supervised branch can learn; the run says so loudly in its log and in MLflow.
+    oracle_labels: bool = False
     teacher_actors: int = 1  # actors in the teacher pool
     teacher_gpus: float = -1.0  # GPUs per teacher actor; -1 = 1 when the cluster has GPUs, else 0
     teacher_cpus: float = 1.0  # logical CPUs per teacher actor

@@ -177,7 +177,8 @@ def test_from_prediction_clears_padding_and_stats_count_image_pixels():
     assert stats["labeled_fraction"] == pytest.approx((5 + 1) / (5 + 4))
     assert stats["mean_confidence"] == pytest.approx((0.5 + 0.75 + 0.25) / 3)
     assert pseudo_label_stats([label], min_confidence=0.6) == {
-        "segments_per_image": 1.0, "labeled_fraction": pytest.approx(2 / 5), "mean_confidence": 0.75}
+        "segments_per_image": 1.0, "things_per_image": 0.0, "labeled_fraction": pytest.approx(2 / 5),
+        "mean_confidence": 0.75}
 
 
 def _photo(h, w, seed=0):

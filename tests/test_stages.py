@@ -80,6 +80,9 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     assert versions[-1] > versions[0], "the teacher pool never picked up newer EMA weights"
     # An untrained class head predicts "void" for most queries: few or no segments yet, but valid statistics.
     assert all(0.0 <= m["pl/labeled_fraction"] <= 1.0 and m["pl/segments_per_image"] >= 0 for m in steps)
+    # The synthetic world's unlabeled images have annotations: the ground truth of the same weak views is
+    # counted beside the pseudo-labels (every image has stuff, so at least one true segment per image).
+    assert all(m["gt/segments_per_image"] >= 1 and m["pl/things_per_image"] >= 0 for m in steps)
     assert set(result["metrics"]) == {"teacher", "teacher_noens", "student", "student_noens"}
     assert all(0.0 <= v <= 100.0 for s in result["metrics"].values() for v in s.values())
     errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
@@ -98,6 +101,42 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     assert set(again["metrics"]) == set(result["metrics"])
     assert again["metrics"]["student"] == result["metrics"]["student"]  # read back, not evaluated again
     assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, 13))
+
+
+def test_oracle_teacher_hands_out_the_ground_truth_of_the_weak_view(world, ray_local):
+    """ssl.oracle_labels: the teacher pool answers with the truth of the very pixels the student will see."""
+    import numpy as np
+    import ray
+
+    from dearli.data.dataset import load_dataset
+    from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.stages.teacher import published_weights, start_teacher_pool, stop_teacher_pool
+    from dearli.training.ema import make_teacher
+    from dearli.training.pseudo_labels import truth_view
+
+    cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "ssl.oracle_labels=true"])
+    info = load_dataset(world)
+    split = info.split("train")
+    store, teachers = start_teacher_pool(cfg, 0.25, gpus_available=False)
+    try:
+        model = make_teacher(build_m2f_lang(cfg.model, info.categories.synonyms))
+        ray.get(store.publish.remote(0, published_weights(model, random_backbone=True)))
+        stems = [r.stem for r in split.records[:2]]
+        result = ray.get(teachers[0].label.remote([{"stem": s, "seed": 11 + i} for i, s in enumerate(stems)], 0))
+    finally:
+        stop_teacher_pool(store, teachers)
+    assert result["stems"] == stems and not result["failed"]
+    for i, stem in enumerate(stems):
+        record = split.record(stem)
+        target = split.load_target(record)
+        image = torch.from_numpy(split.load_image(record)).permute(2, 0, 1)
+        _, _, truth = truth_view(image, torch.from_numpy(target.masks), torch.from_numpy(target.labels),
+                                 info.categories.thing_ids, cfg.data, torch.Generator().manual_seed(11 + i))
+        assert np.array_equal(result["panoptic"][i], truth.panoptic.numpy())
+        assert result["segments"][i] == truth.segments
+    # the statistics still score the teacher's own labels against that truth
+    assert result["truth"]["images"] == 2 and result["truth"]["gt_segments"] == sum(
+        len(s) for s in result["segments"])
 
 
 def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local):

@@ -1,15 +1,17 @@
 """``dearli bench ablation``: the paper's Table 1 in miniature, on the synthetic world.
 
-At each label budget (partition) and seed, five cumulative rows (see :data:`ablation_report.ROWS`):
+At each label budget (partition) and seed, five cumulative rows and an oracle (see :data:`ablation_report.ROWS`):
 
 1. M2F-Lang supervised on the labeled images only (``train_supervised``), evaluated with α_clip 0;
 2. the same checkpoint evaluated with the preset's zero-shot ensemble (``model.ensemble.alpha_clip``);
 3. Mean Teacher (``run_ssl``) from scratch with a teacher that does not ensemble (α 0 in the teacher);
 4. Mean Teacher with the preset's ensemble schedule in the teacher (DEAR);
 5. row 4 started from a DeWa warm-up checkpoint (DEARLi): one warm-up per seed on the SAM masks of every
-   training image, shared by the budgets.
+   training image, shared by the budgets;
+6. the oracle (a diagnostic, not a method): row 5 with the ground truth of the unlabeled images in place of
+   the teacher's pseudo-labels (``ssl.oracle_labels``), the ceiling of what the unlabeled branch can learn.
 
-Supervised and Mean-Teacher runs get the same number of steps; rows 2-5 are evaluated with the ensemble,
+Supervised and Mean-Teacher runs get the same number of steps; rows 2-6 are evaluated with the ensemble,
 Mean-Teacher rows by their teacher (the checkpoint's model), as the paper reports.
 
 Everything goes to ``--out`` (default ``<workdir>/bench/ablation_NNN``, a new folder)::
@@ -54,6 +56,9 @@ SETTINGS_FILE = "bench.json"
 CELL_FILE = "row.json"
 # Row 3: the teacher's pseudo-labels without the zero-shot ensemble, whatever the preset's schedule.
 TEACHER_WITHOUT_ENSEMBLE = ("model.ensemble.alpha_clip=0", "model.ensemble.alpha_clip_end=0")
+ORACLE = ("ssl.oracle_labels=true",)  # row 6: ground truth in place of the teacher's labels
+ROW_EXTRA = {3: TEACHER_WITHOUT_ENSEMBLE, 6: ORACLE}
+WARM_ROWS = (5, 6)  # rows that start from the seed's DeWa warm-up
 
 echo = functools.partial(print, flush=True)
 
@@ -66,7 +71,8 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "MLflow. Rerunning with the same --out skips the finished cells.")
     parser.add_argument("--budgets", default="1_16,1_4", help="labeled partitions (default: 1_16,1_4)")
     parser.add_argument("--seeds", default="0,1", help="training seeds (default: 0,1)")
-    parser.add_argument("--rows", default="1,2,3,4,5", help="rows of the table to run (default: all five)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6",
+                        help="rows of the table to run (default: all six; 6 is the oracle diagnostic)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder: a new one, or an earlier ablation's to continue it (default: a new "
                         "<workdir>/bench/ablation_NNN)")
@@ -251,8 +257,8 @@ def train_row(b: Bench, budget: str, seed: int, row: Row, spec: Any) -> dict[str
     if row.number in (1, 2):  # one supervised model for both rows
         run_dir = seed_dir / ROW_BY_NUMBER[1].key / "train"
         return once(run_dir.parent / "train.json", lambda: supervised(cell_config(b, budget, seed), run_dir))
-    init = warmup(b, budget, seed)["checkpoint"] if row.number == 5 else None
-    cfg = cell_config(b, budget, seed, TEACHER_WITHOUT_ENSEMBLE if row.number == 3 else ())
+    init = warmup(b, budget, seed)["checkpoint"] if row.number in WARM_ROWS else None
+    cfg = cell_config(b, budget, seed, ROW_EXTRA.get(row.number, ()))
     run_dir = seed_dir / row.key / "train"
     return once(run_dir.parent / "train.json", lambda: mean_teacher(cfg, run_dir, init, spec))
 

@@ -141,6 +141,10 @@ def summary_line(summary: dict[str, float]) -> str:
 def closing_lines(ctx: StageContext, ssl_result: dict[str, Any], report: dict[str, Any], seconds: float) -> None:
     """Final metrics (one line each for teacher and student), where everything is, how to look at it."""
     metrics, echo, tracker = ssl_result["metrics"], ctx.echo, ctx.tracker
+    if ctx.cfg.ssl.oracle_labels:
+        from dearli.stages.ssl import ORACLE_WARNING
+
+        echo(f"*** {ORACLE_WARNING} ***")
     for variant in (TEACHER, STUDENT):
         if variant in metrics:
             noens = metrics.get(f"{variant}_noens")

@@ -19,6 +19,12 @@ from dearli.stages import common
 from dearli.stages.ssl_loop import STAGE, VARIANTS
 from dearli.stages.tracking import TrackingSpec
 
+# What a run with ssl.oracle_labels says, in its log and as an MLflow tag: its figures are a ceiling, not a result.
+ORACLE_WARNING = ("DIAGNOSTIC RUN: ssl.oracle_labels=true, the student's unlabeled branch trains on the GROUND "
+                  "TRUTH of the unlabeled images, not on the teacher's pseudo-labels; its metrics measure the ceiling "
+                  "of the semi-supervised branch and are no semi-supervised result")
+ORACLE_TAG = "dearli.diagnostic"
+
 
 def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: bool = False, echo=print,
             tracking: TrackingSpec | None = None, evaluate: bool = True) -> dict[str, Any]:
@@ -46,6 +52,8 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     common.ensure_ray()
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
     store, teachers = start_teacher_pool(cfg, fraction, common.cluster_has_gpus())
+    if cfg.ssl.oracle_labels:
+        echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
     echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
          f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images on "
          f"{cfg.train.num_workers} worker(s), {len(teachers)} teacher actor(s); run dir {run_dir}")

@@ -29,6 +29,13 @@ def per_rank(total: int, world: int) -> int:
     return max(1, math.ceil(total / world))
 
 
+def views_per_step(unlabeled: int, cutmix_prob: float) -> int:
+    """Weak views a rank asks the teacher for per step: its ``unlabeled`` images, and with CutMix on at least
+    two, so every image has a partner of its own (another image, with its own teacher labels) to mix with,
+    whatever the number of workers; the student trains on the first ``unlabeled``."""
+    return max(unlabeled, 2) if cutmix_prob > 0 else unlabeled
+
+
 def unpack_pseudo_labels(result: dict[str, Any]) -> tuple[torch.Tensor, list[PseudoLabel]]:
     """A teacher's answer (see ``TeacherWorker.label``) -> (B×3×S×S uint8 weak views, B ``PseudoLabel``).
 
@@ -39,6 +46,21 @@ def unpack_pseudo_labels(result: dict[str, Any]) -> tuple[torch.Tensor, list[Pse
     labels = [PseudoLabel(torch.from_numpy(np.array(p)), s, torch.from_numpy(np.array(v)))
               for p, s, v in zip(result["panoptic"], result["segments"], result["valid"])]
     return images, labels
+
+
+def truth_rates(sums: dict[str, float]) -> dict[str, float]:
+    """The teacher's labels against the ground truth of the same weak views (see ``teacher.truth_stats``):
+    gt/segments_per_image, gt/things_per_image, pl/thing_recall (true things found with the right class),
+    pl/thing_precision (labelled things that are right); {} when the images have no annotation."""
+    if not sums.get("images"):
+        return {}
+    out = {"gt/segments_per_image": sums["gt_segments"] / sums["images"],
+           "gt/things_per_image": sums["gt_things"] / sums["images"]}
+    if sums["gt_things"]:
+        out["pl/thing_recall"] = sums["matched_things"] / sums["gt_things"]
+    if sums["pl_things"]:
+        out["pl/thing_precision"] = sums["matched_things"] / sums["pl_things"]
+    return out
 
 
 class StudentLoop:
@@ -73,7 +95,8 @@ class StudentLoop:
         self.evaluate = config.get("evaluate", True)
         self.store = config["store"]
         self.feed = PseudoLabelFeed(config["teachers"], config["unlabeled"],
-                                    per_rank(cfg.ssl.unlabeled_batch_size, self.world), self.rank, self.world,
+                                    views_per_step(per_rank(cfg.ssl.unlabeled_batch_size, self.world),
+                                                   cfg.ssl.cutmix_prob), self.rank, self.world,
                                     cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step)
         self.window: dict[str, list[float]] = {}
         self.teacher_nodes: set[str] = set()  # Ray nodes whose teacher actors labelled this worker's batches
@@ -164,15 +187,18 @@ class StudentLoop:
         self._record_failures()
         images, labels = unpack_pseudo_labels(result)
         generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)
+        count = min(len(labels), per_rank(self.cfg.ssl.unlabeled_batch_size, self.world))
         views, mixed = [], []
-        for i in range(len(labels)):
-            j = (i + 1) % len(labels)  # CutMix partner: the next view of the same batch
+        for i in range(count):
+            j = (i + 1) % len(labels)  # CutMix partner: the next view (views_per_step asks for at least two)
             view, label, _ = student_view(images[i], labels[i], images[j], labels[j],
-                                          self.cfg.ssl.cutmix_prob if len(labels) > 1 else 0.0, generator)
+                                          self.cfg.ssl.cutmix_prob if j != i else 0.0, generator,
+                                          self.cfg.ssl.strong_view)
             views.append(view)
             mixed.append(label)
-        batch = collate_pseudo(views, mixed, self.cfg.ssl.min_confidence, result["stems"])
+        batch = collate_pseudo(views, mixed, self.cfg.ssl.min_confidence, result["stems"][:count])
         pl_stats = {f"pl/{k}": v for k, v in pseudo_label_stats(labels, self.cfg.ssl.min_confidence).items()}
+        pl_stats.update(truth_rates(result.get("truth") or {}))
         return batch, stats, pl_stats
 
     def _update_teacher(self) -> None:
@@ -180,7 +206,8 @@ class StudentLoop:
 
         if self.rank != 0:
             return
-        decay = ema_decay(self.step, self.cfg.ssl.ema_decay, ramp=not self.warm_started)
+        # The update after the first step is update 0 (upstream numbers it by the 0-based iteration).
+        decay = ema_decay(self.step - 1, self.cfg.ssl.ema_decay, ramp=not self.warm_started)
         ema_update(self.teacher, self.model, decay)
         if self.step % self.cfg.ssl.publish_every == 0:
             self._publish()

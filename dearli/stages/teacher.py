@@ -98,45 +98,100 @@ class TeacherWorker:
     def label(self, requests: list[dict[str, Any]], step: int) -> dict[str, Any]:
         """Pseudo-label the weak views of ``requests`` ({stem, seed}) with the newest weights.
 
+        With ``ssl.oracle_labels`` (a diagnostic) the labels are the ground truth of the same views instead.
+
         Returns:
             {"images": B×3×S×S uint8, "valid": B×S×S bool, "panoptic": B×S×S int32, "segments": B lists of
              {id, category_id, isthing, score}, "stems", "version", "node_id", "seconds",
+             "truth": the teacher's labels against the ground truth of the same views (sums over the batch,
+             see :func:`truth_stats`; {} when the images have no annotation),
              "failed": [(stem, path, reason)] for unreadable images (left out of the batch)}
         """
         from dearli.model.ensemble import alpha_schedule
         from dearli.model.predictor import predict_batch
-        from dearli.training.pseudo_labels import weak_view
+        from dearli.training.pseudo_labels import from_prediction
 
         started = time.perf_counter()
         self._refresh()
-        views, valids, stems, failed = [], [], [], []
+        views, valids, truths, stems, failed = [], [], [], [], []
         for request in requests:
             record = self.split.record(request["stem"])
             try:
-                image = self.split.load_image(record)
+                view, valid, truth = self._weak_view(record, int(request["seed"]))
             except DataError as err:
-                failed.append((request["stem"], str(record.image_path), err.problem))
+                failed.append((request["stem"], str(err.path or record.image_path), err.problem))
                 continue
-            generator = torch.Generator().manual_seed(int(request["seed"]))
-            view, valid, _ = weak_view(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-                                       self.cfg.data, generator)
             views.append(view)
             valids.append(valid)
+            truths.append(truth)
             stems.append(request["stem"])
-        out: dict[str, Any] = {"version": self.version, "node_id": self.node_id, "failed": failed,
+        out: dict[str, Any] = {"version": self.version, "node_id": self.node_id, "failed": failed, "truth": {},
                                "stems": stems, "images": None, "valid": None, "panoptic": [], "segments": []}
         if views:
             images = torch.stack(views).to(self.device)
             alpha = alpha_schedule(self.cfg.model.ensemble, max(self.version, 0), self.cfg.train.max_steps,
                                    self.labeled_fraction)
             predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha)
-            valid = torch.stack(valids).numpy()
+            labels = [from_prediction(p, v) for p, v in zip(predictions, valids)]
+            if all(t is not None for t in truths):
+                out["truth"] = truth_stats(labels, truths)
+                if self.cfg.ssl.oracle_labels:
+                    labels = truths
             out["images"] = images.to(torch.uint8).cpu().numpy()
-            out["valid"] = valid
-            out["panoptic"] = np.stack([np.where(v, p.panoptic, 0) for p, v in zip(predictions, valid)])
-            out["segments"] = [p.segments for p in predictions]
+            out["valid"] = torch.stack(valids).numpy()
+            out["panoptic"] = np.stack([label.panoptic.numpy() for label in labels])
+            out["segments"] = [label.segments for label in labels]
         out["seconds"] = time.perf_counter() - started
         return out
+
+    def _weak_view(self, record: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(weak view 3×S×S uint8, valid S×S bool, the ground truth of the view as a PseudoLabel or None when
+        the image has no annotation); DataError when the image (or, for the oracle, its annotation) is bad."""
+        from dearli.training.pseudo_labels import truth_view, weak_view
+
+        image = torch.from_numpy(np.ascontiguousarray(self.split.load_image(record))).permute(2, 0, 1)
+        target = self._truth(record)
+        generator = torch.Generator().manual_seed(seed)
+        if target is None:
+            view, valid, _ = weak_view(image, self.cfg.data, generator)
+            return view, valid, None
+        # The same seed draws the same geometry as weak_view (the masks do not change the draws).
+        keep = ~np.asarray(target.iscrowd, dtype=bool)
+        return truth_view(image, torch.from_numpy(np.ascontiguousarray(target.masks[keep])),
+                          torch.as_tensor(target.labels[keep], dtype=torch.int64), self.thing_ids,
+                          self.cfg.data, generator)
+
+    def _truth(self, record: Any) -> Any:
+        """The image's panoptic ground truth, or None when it has none (or, outside the oracle, a bad one: the
+        truth only feeds statistics then, and a bad annotation costs them, not the image)."""
+        oracle = self.cfg.ssl.oracle_labels
+        if record.panoptic_path is None:
+            if oracle:
+                raise DataError(record.image_path, "ssl.oracle_labels needs the ground truth of every unlabeled "
+                                                   "image, and this one has no panoptic annotation")
+            return None
+        try:
+            return self.split.load_target(record)
+        except DataError:
+            if oracle:
+                raise
+            return None
+
+
+def truth_stats(labels: list[Any], truths: list[Any]) -> dict[str, float]:
+    """Sums over a batch of (pseudo-label, ground truth of the same view): thing segments matched (same class,
+    IoU > 0.5), thing and all segments in each; the student turns them into rates for its log."""
+    from dearli.training.pseudo_labels import thing_agreement
+
+    sums = {"matched_things": 0.0, "pl_things": 0.0, "gt_things": 0.0, "gt_segments": 0.0, "images": 0.0}
+    for label, truth in zip(labels, truths):
+        matched, predicted, true = thing_agreement(label, truth)
+        sums["matched_things"] += matched
+        sums["pl_things"] += predicted
+        sums["gt_things"] += true
+        sums["gt_segments"] += len(truth.segments)
+        sums["images"] += 1
+    return sums
 
 
 def published_weights(teacher: torch.nn.Module, random_backbone: bool) -> dict[str, torch.Tensor]:

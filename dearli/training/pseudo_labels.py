@@ -100,20 +100,22 @@ def pseudo_label_stats(labels: Sequence[PseudoLabel], min_confidence: float = 0.
     """Numbers to log about a batch of pseudo-labels (segments counted only if kept by ``min_confidence``).
 
     Returns:
-        segments_per_image: mean number of kept segments per image;
+        segments_per_image: mean number of kept segments per image; things_per_image: of them thing segments;
         labeled_fraction: pixels owned by a kept segment / image pixels (padding excluded), over the batch;
         mean_confidence: mean teacher score of the kept segments (0 when there is none).
     """
-    segments, labeled, pixels, scores = 0, 0, 0, []
+    segments, things, labeled, pixels, scores = 0, 0, 0, 0, []
     for label in labels:
         kept = kept_segments(label, min_confidence)
         segments += len(kept)
+        things += sum(1 for s in kept if s["isthing"])
         scores.extend(float(s.get("score", 1.0)) for s in kept)
         ids = torch.tensor([int(s["id"]) for s in kept], dtype=label.panoptic.dtype, device=label.panoptic.device)
         labeled += int(torch.isin(label.panoptic, ids).sum()) if kept else 0
         pixels += int(label.valid_mask().sum())
     return {
         "segments_per_image": segments / len(labels) if labels else 0.0,
+        "things_per_image": things / len(labels) if labels else 0.0,
         "labeled_fraction": labeled / pixels if pixels else 0.0,
         "mean_confidence": float(np.mean(scores)) if scores else 0.0,
     }
@@ -138,6 +140,46 @@ def weak_view(image: torch.Tensor, cfg: DataConfig, generator: torch.Generator
     no_masks = torch.zeros(0, height, width, dtype=torch.bool)
     sample = augment(image, no_masks, torch.zeros(0, dtype=torch.int64), replace(cfg, color_aug=False), generator)
     return sample.image, sample.valid, {"source_hw": (int(height), int(width))}
+
+
+def truth_view(image: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, thing_ids: Sequence[int],
+               cfg: DataConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PseudoLabel]:
+    """The ground truth of an image in the geometry of its weak view: with a generator seeded as the one given
+    to :func:`weak_view`, the same view, valid map and crop, and the truth as a :class:`PseudoLabel` (score 1).
+
+    Args:
+        image: 3×H×W uint8; masks: N×H×W bool (non-crowd segments); labels: N contiguous class ids.
+    Returns:
+        (view 3×S×S uint8, valid S×S bool, label S×S: segment i + 1 for the i-th mask left in the crop).
+    """
+    sample = augment(image, masks, labels, replace(cfg, color_aug=False), generator)
+    things = set(int(t) for t in thing_ids)
+    panoptic = torch.zeros(sample.valid.shape, dtype=torch.int32)
+    segments = []
+    for index, (mask, label) in enumerate(zip(sample.masks, sample.labels.tolist()), start=1):
+        panoptic[mask] = index
+        segments.append({"id": index, "category_id": int(label), "isthing": int(label) in things, "score": 1.0})
+    return sample.image, sample.valid, PseudoLabel(panoptic, segments, sample.valid)
+
+
+def thing_agreement(predicted: PseudoLabel, truth: PseudoLabel, iou: float = 0.5) -> tuple[int, int, int]:
+    """How many thing segments of ``predicted`` match one of ``truth`` (same class, IoU > ``iou``; each truth
+    segment matched once, as PQ matches): (matched, predicted things, true things) on the same crop."""
+    true = [s for s in truth.segments if s["isthing"]]
+    pred = [s for s in predicted.segments if s["isthing"]]
+    matched, used = 0, set()
+    for seg in pred:
+        mask = predicted.panoptic == int(seg["id"])
+        for other in true:
+            if other["id"] in used or other["category_id"] != seg["category_id"]:
+                continue
+            true_mask = truth.panoptic == int(other["id"])
+            union = int((mask | true_mask).sum())
+            if union and int((mask & true_mask).sum()) / union > iou:
+                matched += 1
+                used.add(other["id"])
+                break
+    return matched, len(pred), len(true)
 
 
 def collate_pseudo(images: torch.Tensor | Sequence[torch.Tensor], labels: Sequence[PseudoLabel],

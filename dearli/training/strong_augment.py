@@ -17,22 +17,10 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from dearli.config import StrongViewConfig
 from dearli.training.pseudo_labels import PseudoLabel
 
-
-@dataclass(frozen=True)
-class StrongAugmentParams:
-    """Strengths of the photometric strong view; the defaults are upstream DEARLi's."""
-
-    brightness: float = 0.8  # factor drawn from [max(0, 1 - b), 1 + b]
-    contrast: float = 0.8  # factor drawn from [max(0, 1 - c), 1 + c]
-    saturation: float = 0.8  # factor drawn from [max(0, 1 - s), 1 + s]
-    hue: float = 0.2  # shift drawn from [-h, h] (fraction of the hue circle)
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-
+UPSTREAM_VIEW = StrongViewConfig()  # upstream DEARLi's strengths (the config's defaults)
 # CutMix box as UniMatch: area a fraction U(0.02, 0.4) of the image, aspect ratio (h/w) U(0.3, 1/0.3).
 CUTMIX_AREA = (0.02, 0.4)
 CUTMIX_RATIO = (0.3, 1 / 0.3)
@@ -50,7 +38,7 @@ def _coin(prob: float, generator: torch.Generator) -> bool:
     return bool(torch.rand(1, generator=generator) < prob)
 
 
-def _jitter(image: torch.Tensor, params: StrongAugmentParams, generator: torch.Generator) -> torch.Tensor:
+def _jitter(image: torch.Tensor, params: StrongViewConfig, generator: torch.Generator) -> torch.Tensor:
     """ColorJitter: the four adjustments in a random order, each with its own random factor."""
     factors = {
         "brightness": _uniform(max(0.0, 1 - params.brightness), 1 + params.brightness, generator),
@@ -76,7 +64,7 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(image, kernel_size=[2 * half + 1, 2 * half + 1], sigma=[sigma, sigma])
 
 
-def _strong_one(image: torch.Tensor, params: StrongAugmentParams, generator: torch.Generator) -> torch.Tensor:
+def _strong_one(image: torch.Tensor, params: StrongViewConfig, generator: torch.Generator) -> torch.Tensor:
     """3×H×W uint8 -> 3×H×W uint8; the chain runs on floats in [0, 1], rounding once at the end."""
     x = image.float() / 255
     x = _jitter(x, params, generator)
@@ -88,7 +76,7 @@ def _strong_one(image: torch.Tensor, params: StrongAugmentParams, generator: tor
 
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator, valid: torch.Tensor | None = None,
-                   params: StrongAugmentParams = StrongAugmentParams()) -> torch.Tensor:
+                   params: StrongViewConfig = UPSTREAM_VIEW) -> torch.Tensor:
     """Photometric strong view: colour jitter, random grayscale, Gaussian blur; geometry unchanged.
 
     Args:
@@ -194,24 +182,44 @@ def paste_box(image_a: torch.Tensor, image_b: torch.Tensor, box: Box) -> torch.T
     return image
 
 
+def image_extent(valid: torch.Tensor | None, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image pixels of a weak view: the bounding box of ``valid`` (H×W bool;
+    padding lies below and to one side), the whole canvas when ``valid`` is None or empty."""
+    if valid is None or not bool(valid.any()):
+        return 0, 0, height, width
+    rows, cols = valid.any(1).nonzero().flatten(), valid.any(0).nonzero().flatten()
+    top, left = int(rows[0]), int(cols[0])
+    return top, left, int(rows[-1]) + 1 - top, int(cols[-1]) + 1 - left
+
+
+def sample_partner_box(label_b: PseudoLabel, prob: float, generator: torch.Generator) -> Box | None:
+    """A CutMix box drawn within the partner's image pixels, as upstream draws it on the partner image before
+    padding (its area is a share of the partner's image, not of the padded canvas)."""
+    height, width = label_b.panoptic.shape
+    top, left, image_h, image_w = image_extent(label_b.valid, height, width)
+    box = sample_cutmix_box(image_h, image_w, prob, generator)
+    return None if box is None else Box(box.top + top, box.left + left, box.height, box.width)
+
+
 def student_view(weak_a: torch.Tensor, label_a: PseudoLabel, weak_b: torch.Tensor, label_b: PseudoLabel,
                  cutmix_prob: float, generator: torch.Generator,
-                 params: StrongAugmentParams = StrongAugmentParams()) -> tuple[torch.Tensor, PseudoLabel, Box | None]:
-    """The student's image and target: both weak views perturbed independently (as upstream), then b's box
-    pasted into a with probability ``cutmix_prob``. b is only perturbed when it is used.
+                 params: StrongViewConfig = UPSTREAM_VIEW) -> tuple[torch.Tensor, PseudoLabel, Box | None]:
+    """The student's image and target: both weak views perturbed independently (as upstream), then a box of
+    b (drawn within b's image pixels) pasted into a with probability ``cutmix_prob``. b is only perturbed
+    when it is used.
 
     Args:
-        weak_a, weak_b: 3×S×S uint8 weak views; label_a, label_b: their teacher pseudo-labels (S×S).
+        weak_a, weak_b: 3×S×S uint8 weak views of two different images; label_a, label_b: their teacher
+            pseudo-labels (S×S).
     Returns:
         (strong image 3×S×S uint8, its pseudo-label, the CutMix box or None).
     """
     if weak_a.shape != weak_b.shape or tuple(weak_a.shape[-2:]) != tuple(label_a.panoptic.shape):
         raise ValueError(f"student_view needs weak views and labels of one size, got {tuple(weak_a.shape)}, "
                          f"{tuple(weak_b.shape)}, label {tuple(label_a.panoptic.shape)}")
-    box = sample_cutmix_box(weak_a.shape[-2], weak_a.shape[-1], cutmix_prob, generator)
+    box = sample_partner_box(label_b, cutmix_prob, generator)
     strong_a = strong_augment(weak_a, generator, label_a.valid, params)
     if box is None:
         return strong_a, label_a, None
     strong_b = strong_augment(weak_b, generator, label_b.valid, params)
     return paste_box(strong_a, strong_b, box), merge_labels(label_a, label_b, box), box
-
