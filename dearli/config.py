@@ -283,6 +283,9 @@ class SSLConfig:
     prefetch: int = 2  # pseudo-label requests each Train worker keeps in flight (hides the teacher's latency)
     max_staleness: int = 10  # pseudo-labels made by weights older than this many steps are never used
     min_confidence: float = 0.0  # pseudo-label segments whose class probability is lower are left unlabeled
+    # CLIP weight of the teacher's ensemble when it labels; -1 = the model's (model.ensemble and its schedule),
+    # as upstream. Evaluation always uses model.ensemble.
+    teacher_alpha_clip: float = -1.0
     # Student and teacher arithmetic: fp32 | amp (bf16/fp16 autocast on GPUs). Upstream trains this stage in
     # fp32 (a plain trainer, unlike its AMP warm-up and supervised runs): pseudo-labels come from softmaxes of
     # cosine logits ×100, where bf16 rounding (~2⁻⁸ per cosine, ~0.4 logit) flips close class decisions.
@@ -297,6 +300,8 @@ class SSLConfig:
         _require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
         _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
         _require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
+        _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
+                 f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller
         # bound would make the feed relabel nearly every batch (correct, but the student would wait for it).
         _require(self.max_staleness >= self.publish_every + self.prefetch, "ssl.max_staleness",

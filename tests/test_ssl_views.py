@@ -113,3 +113,20 @@ def test_thing_agreement_counts_same_class_matches_above_half_iou():
     assert rates == {"gt/segments_per_image": 3.0, "gt/things_per_image": 2.0, "pl/thing_recall": 0.75,
                      "pl/thing_precision": 0.6}
     assert truth_rates({}) == {}
+
+
+def test_the_progress_line_shows_the_labels_beside_the_truth():
+    from dearli.stages.common import progress_text
+
+    record = {"step": 50, "loss": 1.5, "pl/segments_per_image": 3.46, "gt/segments_per_image": 6.9,
+              "pl/thing_recall": 0.4, "pl/thing_precision": 0.625}
+    line = progress_text("ssl", 100, record)
+    assert line.endswith("| labels 3.5 segments/image (truth 6.9), things found 40%, right 62%"), line
+    assert "labels" not in progress_text("warmup", 100, {"step": 5, "loss": 1.0})
+
+
+def test_the_teachers_own_ensemble_weight_is_configuration():
+    assert load_config("synth").ssl.teacher_alpha_clip == -1.0  # the model's ensemble, as upstream
+    assert load_config("synth", ["ssl.teacher_alpha_clip=0.2"]).ssl.teacher_alpha_clip == 0.2
+    with pytest.raises(ConfigError, match=r"ssl\.teacher_alpha_clip"):
+        load_config("synth", ["ssl.teacher_alpha_clip=1.5"])

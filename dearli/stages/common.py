@@ -240,11 +240,24 @@ def progress_text(stage: str, total: int, record: dict[str, Any]) -> str | None:
         losses = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("loss") and isinstance(v, float))
         extra = " ".join(f"{k} {record[k]:.2f}" for k in ("staleness_max", "wait_fraction") if k in record)
         rate = f" {record['images_per_s']:.1f} img/s ETA {_clock(record['eta_s'])}" if "eta_s" in record else ""
-        return f"[{stage}] step {step}/{total} {losses}{rate}" + (f" {extra}" if extra else "")
+        return f"[{stage}] step {step}/{total} {losses}{rate}" + (f" {extra}" if extra else "") + _labels_text(record)
     evals = {k: v for k, v in record.items() if k.startswith("eval")}
     if evals:
         return f"[{stage}] evaluation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in evals.items())
     return None
+
+
+def _labels_text(record: dict[str, Any]) -> str:
+    """The pseudo-labels of a Mean-Teacher step beside the ground truth of the same views, where known."""
+    if "pl/segments_per_image" not in record:
+        return ""
+    text = f" | labels {record['pl/segments_per_image']:.1f} segments/image"
+    if "gt/segments_per_image" in record:
+        text += f" (truth {record['gt/segments_per_image']:.1f})"
+    for key, name in (("pl/thing_recall", "things found"), ("pl/thing_precision", "right")):
+        if key in record:
+            text += f", {name} {100 * record[key]:.0f}%"
+    return text
 
 
 class FollowMetrics:

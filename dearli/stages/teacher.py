@@ -129,8 +129,10 @@ class TeacherWorker:
                                "stems": stems, "images": None, "valid": None, "panoptic": [], "segments": []}
         if views:
             images = torch.stack(views).to(self.device)
-            alpha = alpha_schedule(self.cfg.model.ensemble, max(self.version, 0), self.cfg.train.max_steps,
-                                   self.labeled_fraction)
+            alpha = self.cfg.ssl.teacher_alpha_clip
+            if alpha < 0:  # the model's own ensemble, as upstream's teacher
+                alpha = alpha_schedule(self.cfg.model.ensemble, max(self.version, 0), self.cfg.train.max_steps,
+                                       self.labeled_fraction)
             predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha)
             labels = [from_prediction(p, v) for p, v in zip(predictions, valids)]
             if all(t is not None for t in truths):
