@@ -27,7 +27,7 @@ COMMAND_MODULES = (
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.pretrain.commands",  # dearli pretrain-clip
-    "dearli.bench.commands",  # dearli bench evaluate | step | cache
+    "dearli.bench.commands",  # dearli bench evaluate | step | cache | ssl | ablation | gpu
 )
 
 

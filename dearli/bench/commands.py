@@ -12,13 +12,15 @@ BENCH_MODULES = (
     "dearli.bench.cache",  # dearli bench cache
     "dearli.bench.ssl",  # dearli bench ssl
     "dearli.bench.ablation",  # dearli bench ablation
+    "dearli.bench.gpu",  # dearli bench gpu
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="run a benchmark and print its numbers",
-        description="Benchmarks on the synthetic world: evaluation speed, training-step cost, cache throughput.",
+        description="Benchmarks on the synthetic world: evaluation speed, training-step cost, cache throughput, "
+        "paper-scale GPU costs.",
     )
     bench = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in BENCH_MODULES:

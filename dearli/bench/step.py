@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 # Keep the batch small: the numbers are meant for a CPU, where batch 16 at 512 px would take minutes.
@@ -37,6 +38,9 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision (train.amp=true: bf16 autocast where the GPU has it, else fp16 with "
+                        "loss scaling); default fp32. The CPU always runs fp32")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default 0: torch's own choice, one per core)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the batch")
@@ -80,7 +84,7 @@ def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ConfigError(f"--device: {err}") from err
     jobs = []
     for preset in presets:
-        overrides = _overrides(device, args.batch_size)
+        overrides = step_overrides(device, args.batch_size, args.amp)
         cfg = load_config(preset, overrides)  # unknown preset -> ConfigError here, in the parent
         jobs.append({"preset": preset, "overrides": overrides, "size": args.size or cfg.data.crop_size,
                      "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
@@ -88,8 +92,21 @@ def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return jobs
 
 
-def _overrides(device: str, batch_size: int) -> list[str]:
-    return ["model.backbone.pretrained=", f"train.device={device}", f"train.batch_size={batch_size}"]
+def step_overrides(device: str, batch_size: int, amp: bool) -> list[str]:
+    """Config overrides of a benchmark step: random backbone weights (no download), device, batch, precision."""
+    return ["model.backbone.pretrained=", f"train.device={device}", f"train.batch_size={batch_size}",
+            f"train.amp={str(amp).lower()}"]
+
+
+def precision_name(device: Any, amp: bool) -> str:
+    """What :func:`dearli.training.step.autocast_for` runs for ``train.amp=amp`` on ``device``."""
+    import torch
+
+    if not amp:
+        return "fp32"
+    if device.type != "cuda":
+        return "fp32 (amp: GPU only)"
+    return "amp bf16" if torch.cuda.is_bf16_supported() else "amp fp16"
 
 
 def synthetic_batch(batch_size: int, size: int | tuple[int, int], seed: int = 0) -> dict[str, Any]:
@@ -123,51 +140,93 @@ def synthetic_batch(batch_size: int, size: int | tuple[int, int], seed: int = 0)
     return collate(samples)
 
 
+@dataclass
+class StepParts:
+    """What one training step needs besides the batch and the config."""
+
+    model: Any  # dearli.model.m2f_lang.M2FLang
+    criterion: Any  # dearli.losses.criterion.SetCriterion
+    optimizer: Any  # torch.optim.Optimizer
+    device: Any  # torch.device
+    build_s: float  # seconds to build the model (random init and the text embeddings of the classes)
+
+
+def build_step_parts(cfg: Any, seed: int = 0) -> StepParts:
+    """Model (synthetic-world vocabulary), criterion and optimizer of ``cfg``, on ``cfg.train.device``."""
+    import torch
+
+    from dearli.data.synth.classes import CLASSES
+    from dearli.losses.criterion import build_criterion
+    from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.training.optim import build_optimizer
+    from dearli.training.step import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = build_m2f_lang(cfg.model, [c.names for c in CLASSES]).to(device)
+    build_s = time.perf_counter() - t0
+    criterion = build_criterion(cfg.model.loss, model.num_classes).to(device)
+    return StepParts(model, criterion, build_optimizer(model, cfg.optim), device, build_s)
+
+
+def time_steps(parts: StepParts, batch: dict[str, Any], cfg: Any, warmup: int,
+               steps: int) -> tuple[list[float], list[float]]:
+    """``warmup`` untimed then ``steps`` timed calls of ``train_step`` on one batch, with ``cfg.train.amp``.
+
+    Returns (seconds of each timed step, loss of every step). On CUDA each step ends with a synchronize, so
+    its time is the GPU's and not only the launch of its kernels.
+    """
+    import torch
+
+    from dearli.training.step import make_grad_scaler, train_step
+
+    scaler = make_grad_scaler(parts.device, cfg.train.amp)
+    seconds, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logged = train_step(parts.model, parts.criterion, parts.optimizer, batch, cfg, scaler, parts.device)
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - t0)
+        losses.append(logged["loss"])
+    return seconds, losses
+
+
 def bench_preset(job: dict[str, Any]) -> dict[str, Any]:
     """Build the preset and time ``job["steps"]`` training steps after ``job["warmup"]``; returns one row."""
     import torch
 
     from dearli.config import load_config
-    from dearli.data.synth.classes import CLASSES
-    from dearli.losses.criterion import build_criterion
-    from dearli.model.m2f_lang import build_m2f_lang
-    from dearli.training.optim import build_optimizer
-    from dearli.training.step import make_grad_scaler, resolve_device, train_step
 
     cfg = load_config(job["preset"], job["overrides"])
-    device = resolve_device(cfg.train.device)
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    torch.manual_seed(job["seed"])
-    t0 = time.perf_counter()
-    model = build_m2f_lang(cfg.model, [c.names for c in CLASSES]).to(device)
-    build_seconds = time.perf_counter() - t0
-    criterion = build_criterion(cfg.model.loss, model.num_classes).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scaler = make_grad_scaler(device, cfg.train.amp)
+    parts = build_step_parts(cfg, job["seed"])
+    device = parts.device
     batch = synthetic_batch(job["batch_size"], job["size"], job["seed"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, losses = [], []
-    for i in range(job["warmup"] + job["steps"]):
-        t0 = time.perf_counter()
-        logged = train_step(model, criterion, optimizer, batch, cfg, scaler, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= job["warmup"]:
-            seconds.append(time.perf_counter() - t0)
-        losses.append(logged["loss"])
+    seconds, losses = time_steps(parts, batch, cfg, job["warmup"], job["steps"])
     median = statistics.median(seconds)
     return {
         "preset": job["preset"], "backbone": cfg.model.backbone.clip_model, "device": str(device),
+        "precision": precision_name(device, cfg.train.amp),
         "threads": torch.get_num_threads(), "size": job["size"], "batch": job["batch_size"],
         "steps": job["steps"], "median_s": median, "min_s": min(seconds), "images_per_s": job["batch_size"] / median,
         "peak_rss_mb": peak_rss_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-        "frozen_m": sum(p.numel() for p in model.parameters() if not p.requires_grad) / 1e6,
-        "build_s": build_seconds, "first_loss": losses[0], "last_loss": losses[-1],
+        **parameter_counts(parts.model),
+        "build_s": parts.build_s, "first_loss": losses[0], "last_loss": losses[-1],
     }
+
+
+def parameter_counts(model: Any) -> dict[str, float]:
+    """Trainable and frozen parameters in millions: {"trainable_m", "frozen_m"}."""
+    params = list(model.parameters())
+    return {"trainable_m": sum(p.numel() for p in params if p.requires_grad) / 1e6,
+            "frozen_m": sum(p.numel() for p in params if not p.requires_grad) / 1e6}
 
 
 def peak_rss_mb() -> float:
@@ -178,16 +237,16 @@ def peak_rss_mb() -> float:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as an aligned text table, with a note line per preset."""
-    header = ("preset", "backbone", "device", "size", "batch", "median s/step", "min s/step", "images/s",
-              "peak RSS MiB", "peak CUDA MiB", "trainable M", "frozen M")
+    header = ("preset", "backbone", "device", "precision", "size", "batch", "median s/step", "min s/step",
+              "images/s", "peak RSS MiB", "peak CUDA MiB", "trainable M", "frozen M")
     lines = [header]
     for r in rows:
         cuda = "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"
-        lines.append((r["preset"], r["backbone"], r["device"], f"{r['size']}×{r['size']}", str(r["batch"]),
-                      f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['images_per_s']:.2f}",
+        lines.append((r["preset"], r["backbone"], r["device"], r["precision"], f"{r['size']}×{r['size']}",
+                      str(r["batch"]), f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['images_per_s']:.2f}",
                       f"{r['peak_rss_mb']:.0f}", cuda, f"{r['trainable_m']:.2f}", f"{r['frozen_m']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    text = ["  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     for r in rows:

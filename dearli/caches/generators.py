@@ -109,6 +109,7 @@ class SamGenerator:
             else:
                 model = sam_model_registry[spec.sam_type](checkpoint=spec.sam_checkpoint)
         model.to(spec.device).eval()
+        self.spec = spec
         self._auto = SamAutomaticMaskGenerator(
             model,
             points_per_side=spec.points_per_side,
@@ -119,6 +120,11 @@ class SamGenerator:
             min_mask_region_area=spec.min_mask_region_area,
             output_mode="binary_mask",
         )
+
+    @property
+    def predictor(self) -> Any:
+        """The ``SamPredictor`` behind the generator: its ``model`` and resize ``transform`` (for benchmarks)."""
+        return self._auto.predictor
 
     def generate(self, image: np.ndarray) -> list[MaskRecord]:
         import torch
