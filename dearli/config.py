@@ -269,6 +269,10 @@ class SSLConfig:
     unlabeled_batch_size: int = 8  # unlabeled images per step across all workers (paper: 8)
     unlabeled_weight: float = 1.0  # weight of the loss on pseudo-labels (paper: 1)
     ema_decay: float = 0.999  # teacher = EMA of the student (parameters and buffers)
+    # Upstream's BURN_IN_ITERS (0 in DEARLi's configs): the first steps train the student on labeled images
+    # only while the teacher copies it, so the EMA starts from a student that knows the classes instead of
+    # labelling with the warm-up's class-agnostic decoder.
+    burn_in_steps: int = 0
     cutmix_prob: float = 0.5  # probability that an unlabeled pair is mixed by CutMix
     strong_view: StrongViewConfig = field(default_factory=StrongViewConfig)  # the student's photometric view
     # DIAGNOSTIC, never for a real run: the student's unlabeled branch trains on the ground truth of the
@@ -300,6 +304,7 @@ class SSLConfig:
         _require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
         _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
         _require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
+        _require(self.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0")
         _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
                  f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller

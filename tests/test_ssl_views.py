@@ -130,3 +130,47 @@ def test_the_teachers_own_ensemble_weight_is_configuration():
     assert load_config("synth", ["ssl.teacher_alpha_clip=0.2"]).ssl.teacher_alpha_clip == 0.2
     with pytest.raises(ConfigError, match=r"ssl\.teacher_alpha_clip"):
         load_config("synth", ["ssl.teacher_alpha_clip=1.5"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from dearli.model.m2f_lang import build_tiny
+
+    torch.manual_seed(0)
+    return build_tiny([["cat"], ["grass"]])
+
+
+def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
+    """A weight of 0 (ssl.burn_in_steps) leaves the unlabeled images out: two different unlabeled batches give
+    the very same update, and the loss is the supervised one."""
+    from dearli.losses.criterion import build_criterion
+    from dearli.training.ema import make_teacher
+    from dearli.training.mean_teacher import mean_teacher_step
+    from dearli.training.optim import build_optimizer
+    from dearli.training.pseudo_labels import collate_pseudo
+    from dearli.training.step import make_grad_scaler
+
+    cfg = load_config("tiny", ["optim.lr=0.001", "model.loss.num_points=64", "ssl.burn_in_steps=5"])
+    assert cfg.ssl.burn_in_steps == 5
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+    masks[0, :, :16] = True
+    labeled = {"images": images[:2], "valid": torch.ones(2, 32, 32, dtype=torch.bool), "stems": ["a", "b"],
+               "targets": [{"masks": masks.clone(), "labels": torch.tensor([1])} for _ in range(2)]}
+    label = PseudoLabel(masks[0].int(), [{"id": 1, "category_id": 0, "isthing": True, "score": 1.0}])
+    updated = []
+    for unlabeled_images in (images[2:], 255 - images[2:]):
+        torch.manual_seed(7)  # the same sampled points in both runs
+        model = make_teacher(tiny)
+        for name, param in model.named_parameters():
+            param.requires_grad_(not name.startswith("backbone."))
+        optimizer = build_optimizer(model, cfg.optim)
+        logged = mean_teacher_step(model, build_criterion(cfg.model.loss, 2), optimizer, labeled,
+                                   collate_pseudo(unlabeled_images, [label, label]), cfg,
+                                   make_grad_scaler(torch.device("cpu"), False), torch.device("cpu"), 0.0)
+        assert logged["loss"] == logged["loss_sup"] and logged["loss_unsup"] == 0.0
+        updated.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*updated))
+    with pytest.raises(ConfigError, match=r"ssl\.burn_in_steps"):
+        load_config("tiny", ["ssl.burn_in_steps=-1"])

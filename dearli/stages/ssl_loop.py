@@ -163,8 +163,10 @@ class StudentLoop:
 
         started = time.perf_counter()
         unlabeled_batch, stats, pl_stats = self._unlabeled_batch()
+        burning_in = self.step < self.cfg.ssl.burn_in_steps  # labeled images only (see ssl.burn_in_steps)
         logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
-                                   self.cfg, self.scaler, self.device, self.cfg.ssl.unlabeled_weight)
+                                   self.cfg, self.scaler, self.device,
+                                   0.0 if burning_in else self.cfg.ssl.unlabeled_weight)
         self.scheduler.step()
         self.step, self.position = self.step + 1, self.position + 1
         self._update_teacher()
@@ -206,8 +208,12 @@ class StudentLoop:
 
         if self.rank != 0:
             return
-        # The update after the first step is update 0 (upstream numbers it by the 0-based iteration).
-        decay = ema_decay(self.step - 1, self.cfg.ssl.ema_decay, ramp=not self.warm_started)
+        burn_in = self.cfg.ssl.burn_in_steps
+        if self.step <= burn_in:
+            decay = 0.0  # the teacher is a copy of the student until the burn-in ends, then averages from it
+        else:
+            # The update after the first step is update 0 (upstream numbers it by the 0-based iteration).
+            decay = ema_decay(self.step - 1, self.cfg.ssl.ema_decay, ramp=not self.warm_started and not burn_in)
         ema_update(self.teacher, self.model, decay)
         if self.step % self.cfg.ssl.publish_every == 0:
             self._publish()

@@ -56,13 +56,16 @@ def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.o
     if images_l.shape[1:] != images_u.shape[1:]:
         raise ValueError(f"labeled images {tuple(images_l.shape[1:])} and unlabeled images "
                          f"{tuple(images_u.shape[1:])} must share one crop size")
+    # A weight of 0 (the burn-in) leaves the unlabeled images out of the forward pass altogether.
+    images = torch.cat([images_l, images_u]) if unlabeled_weight > 0 else images_l
     with autocast_for(device, cfg.ssl.precision == "amp"):
-        outputs = model(torch.cat([images_l, images_u]))
+        outputs = model(images)
     # Losses in fp32, as train_step: the point-sampled BCE and dice are sensitive to fp16 rounding.
     outputs_l, outputs_u = split_outputs(outputs_to_float(outputs), images_l.shape[0])
     losses_sup = criterion(outputs_l, targets_l)
-    losses_unsup = criterion(outputs_u, targets_u)
-    loss_sup, loss_unsup = total_loss(losses_sup), total_loss(losses_unsup)
+    losses_unsup = criterion(outputs_u, targets_u) if unlabeled_weight > 0 else {}
+    loss_sup = total_loss(losses_sup)
+    loss_unsup = total_loss(losses_unsup) if losses_unsup else torch.zeros((), device=loss_sup.device)
     loss = loss_sup + unlabeled_weight * loss_unsup
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
