@@ -287,6 +287,10 @@ class SSLConfig:
     prefetch: int = 2  # pseudo-label requests each Train worker keeps in flight (hides the teacher's latency)
     max_staleness: int = 10  # pseudo-labels made by weights older than this many steps are never used
     min_confidence: float = 0.0  # pseudo-label segments whose class probability is lower are left unlabeled
+    # CE weight of "no object" for the queries no pseudo-label segment matched; -1 = model.loss.no_object_weight
+    # (as upstream). A teacher that misses objects leaves them unlabeled, not absent: a lower weight keeps
+    # the student from learning that what the teacher missed is nothing.
+    unlabeled_no_object_weight: float = -1.0
     # CLIP weight of the teacher's ensemble when it labels; -1 = the model's (model.ensemble and its schedule),
     # as upstream. Evaluation always uses model.ensemble.
     teacher_alpha_clip: float = -1.0
@@ -305,6 +309,9 @@ class SSLConfig:
         _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
         _require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
         _require(self.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0")
+        _require(self.unlabeled_no_object_weight == -1.0 or self.unlabeled_no_object_weight >= 0,
+                 "ssl.unlabeled_no_object_weight", "must be -1 (model.loss.no_object_weight) or >= 0, "
+                 f"got {self.unlabeled_no_object_weight}")
         _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
                  f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller

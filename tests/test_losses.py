@@ -315,3 +315,24 @@ def test_bad_targets_raise_clear_errors():
         criterion(random_outputs(2), targets[:1])
     with pytest.raises(ConfigError):
         type(criterion)(NUM_CLASSES, HungarianMatcher(cost_class=2.0), small_cfg(class_weight=0.0))
+
+
+def test_no_object_weight_zero_ignores_unmatched_queries_and_survives_empty_targets():
+    """The loss on pseudo-labels (ssl.unlabeled_no_object_weight=0): a query no segment matched is no
+    evidence of "nothing there" (the teacher may have missed an object), so its class scores cost nothing."""
+    targets, perms = two_images()
+    criterion = build_criterion(small_cfg(no_object_weight=0.0), NUM_CLASSES)
+    outputs = perfect_outputs(targets, perms)
+    torch.manual_seed(0)
+    base = criterion(outputs, targets)["loss_ce"]
+    changed = {**outputs, "pred_logits": outputs["pred_logits"].clone()}
+    changed["pred_logits"][0, 1] = torch.tensor([9.0, 0.0, 0.0, 0.0, -9.0])  # unmatched query 1 of image 0
+    torch.manual_seed(0)
+    assert torch.equal(criterion(changed, targets)["loss_ce"], base)
+    torch.manual_seed(0)
+    weighted = build_criterion(small_cfg(no_object_weight=0.1), NUM_CLASSES)
+    assert weighted(changed, targets)["loss_ce"] > weighted(outputs, targets)["loss_ce"]
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, TARGET_SIZE, TARGET_SIZE,
+                                                                                   dtype=torch.bool)}] * 2
+    losses = criterion(random_outputs(2, requires_grad=True), empty)
+    assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_ce"]) == 0.0

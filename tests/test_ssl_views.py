@@ -130,6 +130,9 @@ def test_the_teachers_own_ensemble_weight_is_configuration():
     assert load_config("synth", ["ssl.teacher_alpha_clip=0.2"]).ssl.teacher_alpha_clip == 0.2
     with pytest.raises(ConfigError, match=r"ssl\.teacher_alpha_clip"):
         load_config("synth", ["ssl.teacher_alpha_clip=1.5"])
+    assert load_config("ade20k-base").ssl.unlabeled_no_object_weight == -1.0  # upstream: the model's weight
+    with pytest.raises(ConfigError, match=r"ssl\.unlabeled_no_object_weight"):
+        load_config("synth", ["ssl.unlabeled_no_object_weight=-0.5"])
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,10 @@ class SetCriterion(nn.Module):
         if weight.numel() != num_classes + 1:  # class-agnostic with another vocabulary size
             weight = torch.ones(num_classes + 1, device=logits.device)
             weight[-1] = self.cfg.no_object_weight
+        if weight[-1] == 0 and batch_idx.numel() == 0:
+            # Nothing matched and "no object" weighs nothing: a zero loss (the weighted mean would be 0/0),
+            # still tied to the graph for distributed data parallel.
+            return logits.sum() * 0.0
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
 
     def loss_masks(self, outputs: dict, targets: Targets, indices: Indices,

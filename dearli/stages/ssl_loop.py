@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -84,6 +85,10 @@ class StudentLoop:
         torch.manual_seed(cfg.train.seed)  # a random (tiny) backbone is then the same in every process
         self.model = build_m2f_lang(cfg.model, self.info.categories.synonyms).to(self.device)
         self.criterion = build_criterion(cfg.model.loss, self.info.categories.num_classes).to(self.device)
+        self.criterion_u = self.criterion  # the loss on pseudo-labels; "no object" may weigh less there
+        if cfg.ssl.unlabeled_no_object_weight >= 0:
+            loss_u = dataclasses.replace(cfg.model.loss, no_object_weight=cfg.ssl.unlabeled_no_object_weight)
+            self.criterion_u = build_criterion(loss_u, self.info.categories.num_classes).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_poly_scheduler(self.optimizer, cfg.train.max_steps, cfg.optim.poly_power)
         self.scaler = make_grad_scaler(self.device, cfg.ssl.precision == "amp")
@@ -166,7 +171,7 @@ class StudentLoop:
         burning_in = self.step < self.cfg.ssl.burn_in_steps  # labeled images only (see ssl.burn_in_steps)
         logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
                                    self.cfg, self.scaler, self.device,
-                                   0.0 if burning_in else self.cfg.ssl.unlabeled_weight)
+                                   0.0 if burning_in else self.cfg.ssl.unlabeled_weight, self.criterion_u)
         self.scheduler.step()
         self.step, self.position = self.step + 1, self.position + 1
         self._update_teacher()

@@ -37,14 +37,15 @@ def split_outputs(outputs: dict, count: int) -> tuple[dict, dict]:
 
 def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                       labeled_batch: dict[str, Any], unlabeled_batch: dict[str, Any], cfg: Config,
-                      scaler: torch.amp.GradScaler, device: torch.device, unlabeled_weight: float
-                      ) -> dict[str, float]:
+                      scaler: torch.amp.GradScaler, device: torch.device, unlabeled_weight: float,
+                      criterion_u: nn.Module | None = None) -> dict[str, float]:
     """loss = supervised loss on ``labeled_batch`` + ``unlabeled_weight`` × loss on ``unlabeled_batch``.
 
     Both batches are in :func:`dearli.training.data.collate`'s format (the unlabeled one from
     :func:`dearli.training.pseudo_labels.collate_pseudo`) with crops of one size: they go through the model
     as ONE concatenated forward, so a DistributedDataParallel model sees one forward per backward.
-    Precision is ``cfg.ssl.precision`` (fp32 unless "amp", as upstream trains this stage).
+    Precision is ``cfg.ssl.precision`` (fp32 unless "amp", as upstream trains this stage). ``criterion_u``
+    scores the pseudo-labels (default ``criterion``); a weight of 0 leaves the unlabeled images out.
 
     Returns:
         {"loss", "loss_sup", "loss_unsup", "grad_norm"} and the final layer's terms ("loss_ce", "loss_mask",
@@ -63,7 +64,7 @@ def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.o
     # Losses in fp32, as train_step: the point-sampled BCE and dice are sensitive to fp16 rounding.
     outputs_l, outputs_u = split_outputs(outputs_to_float(outputs), images_l.shape[0])
     losses_sup = criterion(outputs_l, targets_l)
-    losses_unsup = criterion(outputs_u, targets_u) if unlabeled_weight > 0 else {}
+    losses_unsup = (criterion_u or criterion)(outputs_u, targets_u) if unlabeled_weight > 0 else {}
     loss_sup = total_loss(losses_sup)
     loss_unsup = total_loss(losses_unsup) if losses_unsup else torch.zeros((), device=loss_sup.device)
     loss = loss_sup + unlabeled_weight * loss_unsup
