@@ -131,7 +131,11 @@ def cell_config(b: Bench, budget: str, seed: int, extra: tuple[str, ...] = ()) -
     s = b.settings
     overrides = (*s["overrides"], f"train.seed={seed}", f"train.max_steps={s['steps']}",
                  f"warmup.max_steps={s['warmup_steps']}", "train.eval_every=0", *extra)
-    return base_config(s["preset"], overrides, b.dataset, b.workdir, budget, b.out.name)[0]
+    cfg = base_config(s["preset"], overrides, b.dataset, b.workdir, budget, b.out.name)[0]
+    # The preset's burn-in is a share of its own steps: keep that share of the bench's (shorter) runs.
+    preset = base_config(s["preset"], tuple(s["overrides"]), b.dataset, b.workdir, budget, b.out.name)[0]
+    burn_in = preset.ssl.burn_in_steps * s["steps"] // preset.train.max_steps
+    return dataclasses.replace(cfg, ssl=dataclasses.replace(cfg.ssl, burn_in_steps=burn_in))
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -40,6 +40,12 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     from dearli.stages.teacher import start_teacher_pool, stop_teacher_pool
     from dearli.training.supervised import labeled_stems
 
+    if cfg.ssl.burn_in_steps >= cfg.train.max_steps:
+        from dearli.errors import ConfigError
+
+        raise ConfigError(f"ssl.burn_in_steps: {cfg.ssl.burn_in_steps} burn-in steps leave none of the "
+                          f"{cfg.train.max_steps} steps (train.max_steps) to the unlabeled images; lower it "
+                          "(ssl.burn_in_steps=0 turns it off)")
     cfg, init = common.with_absolute_paths(cfg), common.absolute(init)
     info = load_dataset(cfg.data.dataset)
     labeled = labeled_stems(info, cfg)
