@@ -177,3 +177,13 @@ def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
     assert all(torch.equal(a, b) for a, b in zip(*updated))
     with pytest.raises(ConfigError, match=r"ssl\.burn_in_steps"):
         load_config("tiny", ["ssl.burn_in_steps=-1"])
+
+
+def test_a_burn_in_that_leaves_no_step_is_refused_before_anything_starts(tmp_path):
+    from dearli.stages.ssl import run_ssl
+
+    cfg = load_config("tiny", ["ssl.burn_in_steps=5", "train.max_steps=5"])
+    with pytest.raises(ConfigError, match=r"^ssl\.burn_in_steps: 5 burn-in steps leave none of the 5 steps"):
+        run_ssl(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert load_config("synth").ssl.burn_in_steps < load_config("synth").train.max_steps

@@ -48,8 +48,9 @@ def run_bench_ssl(args: argparse.Namespace) -> int:
     ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:
         world = write_synth_dataset(Path(tmp) / "synth", num_images=64, seed=0, num_val=4)
+        # No burn-in: every timed step trains on labeled and unlabeled images.
         base = [f"data.dataset={world}", "data.partition=1_4", "train.log_every=1", "train.eval_every=0",
-                f"train.checkpoint_every={10 ** 6}", *args.overrides]
+                f"train.checkpoint_every={10 ** 6}", "ssl.burn_in_steps=0", *args.overrides]
         print("teacher pool (pseudo-labelled views/s):")
         for actors in _counts(args.actors):
             cfg = load_config(args.preset, [*base, f"ssl.teacher_actors={actors}"])
