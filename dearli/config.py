@@ -287,6 +287,9 @@ class SSLConfig:
     prefetch: int = 2  # pseudo-label requests each Train worker keeps in flight (hides the teacher's latency)
     max_staleness: int = 10  # pseudo-labels made by weights older than this many steps are never used
     min_confidence: float = 0.0  # pseudo-label segments whose class probability is lower are left unlabeled
+    # The same floor for thing segments alone; -1 = min_confidence, above 1 = the student gets no thing
+    # pseudo-label at all (stuff only). For a teacher whose things are mostly wrong.
+    thing_min_confidence: float = -1.0
     # CE weight of "no object" for the queries no pseudo-label segment matched; -1 = model.loss.no_object_weight
     # (as upstream). A teacher that misses objects leaves them unlabeled, not absent: a lower weight keeps
     # the student from learning that what the teacher missed is nothing.
@@ -298,6 +301,10 @@ class SSLConfig:
     # fp32 (a plain trainer, unlike its AMP warm-up and supervised runs): pseudo-labels come from softmaxes of
     # cosine logits ×100, where bf16 rounding (~2⁻⁸ per cosine, ~0.4 logit) flips close class decisions.
     precision: str = "fp32"
+
+    def thing_floor(self) -> float | None:
+        """The confidence floor of thing pseudo-labels, None when it is ``min_confidence``."""
+        return None if self.thing_min_confidence == -1.0 else self.thing_min_confidence
 
     def validate(self) -> None:
         for name in ("labeled_batch_size", "unlabeled_batch_size", "teacher_actors", "publish_every"):
@@ -312,6 +319,8 @@ class SSLConfig:
         _require(self.unlabeled_no_object_weight == -1.0 or self.unlabeled_no_object_weight >= 0,
                  "ssl.unlabeled_no_object_weight", "must be -1 (model.loss.no_object_weight) or >= 0, "
                  f"got {self.unlabeled_no_object_weight}")
+        _require(self.thing_min_confidence == -1.0 or self.thing_min_confidence >= 0, "ssl.thing_min_confidence",
+                 f"must be -1 (ssl.min_confidence) or >= 0, got {self.thing_min_confidence}")
         _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
                  f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller

@@ -164,6 +164,16 @@ def test_to_targets_merges_stuff_drops_unconfident_and_leaves_unlabeled_pixels_t
     assert empty["masks"].shape == (0, 1, 2) and empty["labels"].shape == (0,)
 
 
+def test_thing_floor_filters_things_alone():
+    label = _label([[1, 2, 3]], [_seg(1, 0, True, 0.9), _seg(2, 1, False, 0.2), _seg(3, 0, True, 0.4)])
+    assert to_targets(label, 0.0, thing_min_confidence=0.5)["labels"].tolist() == [0, 1]
+    stuff_only = to_targets(label, 0.0, thing_min_confidence=1.01)
+    assert stuff_only["labels"].tolist() == [1] and stuff_only["masks"][0].int().tolist() == [[0, 1, 0]]
+    assert pseudo_label_stats([label], 0.0, 1.01)["things_per_image"] == 0.0
+    batch = collate_pseudo(torch.zeros(1, 3, 1, 3, dtype=torch.uint8), [label], 0.3, thing_min_confidence=0.5)
+    assert batch["targets"][0]["labels"].tolist() == [0]  # the stuff floor 0.3 drops the stuff at 0.2
+
+
 def test_from_prediction_clears_padding_and_stats_count_image_pixels():
     prediction = Prediction(panoptic=np.array([[1, 1, 2], [1, 3, 3]], dtype=np.int32),
                             segments=[_seg(1, 0, True, 0.5), _seg(2, 1, False, 1.0), _seg(3, 1, False, 0.75)],

@@ -203,8 +203,9 @@ class StudentLoop:
                                           self.cfg.ssl.strong_view)
             views.append(view)
             mixed.append(label)
-        batch = collate_pseudo(views, mixed, self.cfg.ssl.min_confidence, result["stems"][:count])
-        pl_stats = {f"pl/{k}": v for k, v in pseudo_label_stats(labels, self.cfg.ssl.min_confidence).items()}
+        ssl = self.cfg.ssl
+        batch = collate_pseudo(views, mixed, ssl.min_confidence, result["stems"][:count], ssl.thing_floor())
+        pl_stats = {f"pl/{k}": v for k, v in pseudo_label_stats(labels, ssl.min_confidence, ssl.thing_floor()).items()}
         pl_stats.update(truth_rates(result.get("truth") or {}))
         return batch, stats, pl_stats
 

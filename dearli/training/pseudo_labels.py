@@ -64,20 +64,25 @@ def _segment(seg: dict) -> dict:
             "score": float(seg.get("score", 1.0))}
 
 
-def kept_segments(label: PseudoLabel, min_confidence: float) -> list[dict]:
-    """Segments with at least one pixel and a score >= ``min_confidence`` (a segment without score counts 1)."""
+def kept_segments(label: PseudoLabel, min_confidence: float, thing_min_confidence: float | None = None) -> list[dict]:
+    """Segments with at least one pixel and a score >= ``min_confidence`` (a segment without score counts 1);
+    thing segments need ``thing_min_confidence`` instead when it is given (above 1: no thing is kept)."""
     present = label.present_ids()
-    return [s for s in label.segments if int(s["id"]) in present and s.get("score", 1.0) >= min_confidence]
+    thing_floor = min_confidence if thing_min_confidence is None else thing_min_confidence
+    return [s for s in label.segments if int(s["id"]) in present
+            and s.get("score", 1.0) >= (thing_floor if s["isthing"] else min_confidence)]
 
 
-def to_targets(label: PseudoLabel, min_confidence: float = 0.0) -> dict[str, torch.Tensor]:
+def to_targets(label: PseudoLabel, min_confidence: float = 0.0,
+               thing_min_confidence: float | None = None) -> dict[str, torch.Tensor]:
     """Hard Mask2Former targets: {"masks": N×H×W bool, "labels": N int64}.
 
     One target per thing segment and one per stuff class (stuff segments of one class, e.g. from the two
     images of a CutMix, are merged, as a panoptic map allows one segment per stuff class). Segments below
-    ``min_confidence`` are dropped: their pixels are left to no target (no background segment is made).
+    ``min_confidence`` (things: ``thing_min_confidence`` when given) are dropped: their pixels are left to no
+    target (no background segment is made).
     """
-    kept = kept_segments(label, min_confidence)
+    kept = kept_segments(label, min_confidence, thing_min_confidence)
     height, width = label.panoptic.shape
     if not kept:
         return {"masks": torch.zeros(0, height, width, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.int64)}
@@ -96,8 +101,9 @@ def to_targets(label: PseudoLabel, min_confidence: float = 0.0) -> dict[str, tor
     return {"masks": torch.stack(masks).cpu(), "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
-def pseudo_label_stats(labels: Sequence[PseudoLabel], min_confidence: float = 0.0) -> dict[str, float]:
-    """Numbers to log about a batch of pseudo-labels (segments counted only if kept by ``min_confidence``).
+def pseudo_label_stats(labels: Sequence[PseudoLabel], min_confidence: float = 0.0,
+                       thing_min_confidence: float | None = None) -> dict[str, float]:
+    """Numbers to log about a batch of pseudo-labels (segments counted only if kept, as :func:`kept_segments`).
 
     Returns:
         segments_per_image: mean number of kept segments per image; things_per_image: of them thing segments;
@@ -106,7 +112,7 @@ def pseudo_label_stats(labels: Sequence[PseudoLabel], min_confidence: float = 0.
     """
     segments, things, labeled, pixels, scores = 0, 0, 0, 0, []
     for label in labels:
-        kept = kept_segments(label, min_confidence)
+        kept = kept_segments(label, min_confidence, thing_min_confidence)
         segments += len(kept)
         things += sum(1 for s in kept if s["isthing"])
         scores.extend(float(s.get("score", 1.0)) for s in kept)
@@ -183,7 +189,8 @@ def thing_agreement(predicted: PseudoLabel, truth: PseudoLabel, iou: float = 0.5
 
 
 def collate_pseudo(images: torch.Tensor | Sequence[torch.Tensor], labels: Sequence[PseudoLabel],
-                   min_confidence: float = 0.0, stems: Sequence[str] | None = None) -> dict[str, Any]:
+                   min_confidence: float = 0.0, stems: Sequence[str] | None = None,
+                   thing_min_confidence: float | None = None) -> dict[str, Any]:
     """A student batch of strong views and their pseudo-labels, in :func:`dearli.training.data.collate`'s format.
 
     Args:
@@ -201,6 +208,6 @@ def collate_pseudo(images: torch.Tensor | Sequence[torch.Tensor], labels: Sequen
     return {
         "images": images,
         "valid": torch.stack([label.valid_mask() for label in labels]),
-        "targets": [to_targets(label, min_confidence) for label in labels],
+        "targets": [to_targets(label, min_confidence, thing_min_confidence) for label in labels],
         "stems": list(stems) if stems is not None else [""] * len(labels),
     }
