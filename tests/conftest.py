@@ -22,3 +22,12 @@ def mlflow_url(tmp_path_factory):
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 4-image synthetic dataset of 64×64 images (2 val): for tests where the data's size proves nothing."""
+    from dearli.data.synth.writer import write_synth_dataset
+
+    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=4, seed=1, num_val=2,
+                               image_size=(64, 64))

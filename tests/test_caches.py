@@ -242,3 +242,37 @@ def test_superseded_writer_cannot_commit_and_duplicates_are_dropped(tmp_path):
     assert store.drop_duplicate_rows() == 2
     stems = [pa.parquet.read_table(p).column("stem").to_pylist() for p in store.part_files()]
     assert sorted(sum(stems, [])) == ["a", "b", "c"]
+
+
+def _sam_cache_with(tmp_path, mask_counts: list[int]) -> str:
+    """A committed SAM cache whose image i holds ``mask_counts[i]`` 4×4 masks."""
+    from dearli.caches.generators import MaskRecord
+
+    uri = str(tmp_path / "sam")
+    store = CacheStore(uri)
+    store.open_for_writing("sam", {"kind": "test"})
+    full = np.ones((4, 4), bool)
+    rows = [sam_row(str(i), f"s{i}", 4, 4, [MaskRecord(full, 16, (0, 0, 4, 4), 0.9, 0.9)] * n)
+            for i, n in enumerate(mask_counts)]
+    store.commit(pa.Table.from_pylist(rows, schema=SAM_SCHEMA), "r1")
+    return uri
+
+
+def test_sam_cache_reports_images_without_masks_and_warmup_refuses_an_empty_cache(tmp_path, capsys):
+    from dearli.caches.commands import _report_empty
+    from dearli.caches.readers import without_masks
+    from dearli.config import load_config
+    from dearli.stages.warmup import run_warmup
+
+    some = _sam_cache_with(tmp_path / "a", [2, 0, 1, 0])
+    assert read_sam_cache(some).mask_counts() == {"s0": 2, "s1": 0, "s2": 1, "s3": 0}
+    assert without_masks(read_sam_cache(some)) == ["s1", "s3"]
+    _report_empty(some)
+    assert "WARNING 2 of 4 images hold no mask (s1, s3)" in capsys.readouterr().out
+    _report_empty(_sam_cache_with(tmp_path / "b", [1]))
+    assert capsys.readouterr().out == ""
+    empty = _sam_cache_with(tmp_path / "c", [0, 0, 0])
+    # Refused before Ray starts or a run folder is made: nothing to learn from.
+    with pytest.raises(DataError, match=r"none of the SAM cache's 3 images holds a mask.*cache.sam_checkpoint"):
+        run_warmup(load_config("tiny"), tmp_path / "warmup", empty, echo=lambda *_: None)
+    assert not (tmp_path / "warmup").exists()

@@ -154,10 +154,28 @@ def run_sam(args: argparse.Namespace) -> int:
                          points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                          pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
     spec.validate()
+    spec.check_weights()
     _, rows = image_rows(args.dataset, args.split)
     worker_kwargs = {"spec": dataclasses.asdict(spec), **_worker_extra(args)}
     summary = run_cache_job(args.out, "sam", spec.settings(), rows, SamWorker, worker_kwargs, **_job_options(args))
-    return _report("sam", args.out, summary)
+    status = _report("sam", args.out, summary)
+    _report_empty(args.out)
+    return status
+
+
+def _report_empty(uri: str) -> None:
+    """Say which cached images hold no mask: a SAM whose checkpoint does not fit --sam-type, or thresholds
+    no mask passes, would otherwise leave the warm-up nothing to learn without a word."""
+    from dearli.caches.readers import read_sam_cache, without_masks
+
+    reader = read_sam_cache(uri)
+    empty = without_masks(reader)
+    if not empty:
+        return
+    shown = ", ".join(empty[:10]) + (f", ... ({len(empty) - 10} more)" if len(empty) > 10 else "")
+    print(f"sam cache {uri}: WARNING {len(empty)} of {len(reader)} images hold no mask ({shown}); "
+          "if that is most of them, check --sam-checkpoint against --sam-type, or lower --pred-iou-thresh "
+          "and --stability-score-thresh")
 
 
 def clip_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dearli.config import CacheConfig
-from dearli.errors import ConfigError, DataError
+from dearli.errors import ConfigError, DataError, checkpoint_error
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")  # "tiny": small random SAM for tests and benchmarks
 GENERATOR_KINDS = ("sam", "felzenszwalb")
@@ -80,6 +80,26 @@ class GeneratorSpec:
             if self.points_per_side < 1 or self.points_per_batch < 1:
                 raise ConfigError("points_per_side / points_per_batch: must be positive")
 
+    def check_weights(self) -> None:
+        """Fail fast in the calling process when the SAM checkpoint does not hold ``sam_type``'s weights (the
+        model is built on the meta device and the file memory-mapped: names and shapes are checked, no
+        arithmetic), instead of in every cache actor."""
+        if self.kind != "sam" or self.sam_type == "tiny":
+            return
+        import torch
+        from segment_anything import sam_model_registry
+
+        try:
+            with torch.device("meta"):
+                model = sam_model_registry[self.sam_type](checkpoint=None)
+            try:
+                state = torch.load(self.sam_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # files written before torch's zip format cannot be memory-mapped
+                state = torch.load(self.sam_checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, assign=True)
+        except Exception as err:  # torch's unpickler and load_state_dict raise several types
+            raise checkpoint_error(self.sam_checkpoint, f"SAM {self.sam_type} (--sam-type)", err) from err
+
     def settings(self) -> dict[str, Any]:
         """The settings that change the output (device does not)."""
         values = dataclasses.asdict(self)
@@ -107,7 +127,10 @@ class SamGenerator:
 
                 model = build_tiny_sam(checkpoint=spec.sam_checkpoint or None)
             else:
-                model = sam_model_registry[spec.sam_type](checkpoint=spec.sam_checkpoint)
+                try:
+                    model = sam_model_registry[spec.sam_type](checkpoint=spec.sam_checkpoint)
+                except Exception as err:  # torch's unpickler and load_state_dict raise several types
+                    raise checkpoint_error(spec.sam_checkpoint, f"SAM {spec.sam_type} (--sam-type)", err) from err
         model.to(spec.device).eval()
         self.spec = spec
         self._auto = SamAutomaticMaskGenerator(

@@ -57,6 +57,15 @@ class CacheReader(Mapping):
             self._part = (path, pq.read_table(path, filesystem=self.store.fs))
         return self._part[1].slice(i, 1).to_pylist()[0]
 
+    def mask_counts(self) -> dict[str, int]:
+        """stem -> number of masks, for a SAM cache (reads only the ``stem`` and ``area`` columns)."""
+        counts: dict[str, int] = {}
+        for path in self.store.part_files():
+            table = pq.read_table(path, columns=["stem", "area"], filesystem=self.store.fs)
+            for stem, areas in zip(table.column("stem").to_pylist(), table.column("area").to_pylist()):
+                counts.setdefault(stem, len(areas or []))
+        return counts
+
     def errors(self) -> pa.Table:
         """Images that failed and are still missing: image_id, stem, image_path, reason, run_id."""
         return self.store.read_errors()
@@ -77,6 +86,11 @@ def read_clip_cache(uri: str) -> CacheReader:
     return CacheReader(uri, "clip")
 
 
+def without_masks(reader: CacheReader) -> list[str]:
+    """Stems of a SAM cache's images that hold no mask (sorted)."""
+    return sorted(stem for stem, count in reader.mask_counts().items() if count == 0)
+
+
 def decode_masks(row: dict[str, Any]) -> np.ndarray:
     """A SAM cache row -> N×H×W bool masks (in the row's mask order)."""
     return decode_rles(row["rle_counts"], row["height"], row["width"])
@@ -92,5 +106,5 @@ def read_text_embeddings(uri: str) -> pa.Table:
         raise DataError(path, f"cannot read the cache's text embeddings ({err})") from err
 
 
-__all__ = ["CacheReader", "read_sam_cache", "read_clip_cache", "decode_masks", "decode_feature",
+__all__ = ["CacheReader", "read_sam_cache", "without_masks", "read_clip_cache", "decode_masks", "decode_feature",
            "read_text_embeddings", "ERRORS_DIR"]

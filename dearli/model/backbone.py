@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from importlib import resources
 
 import torch
 from torch import nn
 
 from dearli.config import PROJECT_CLIP, BackboneConfig
-from dearli.errors import ConfigError, DataError
+from dearli.errors import ConfigError, DataError, checkpoint_error
 
 CLIP_CONFIG_DIR = "clip"  # open_clip model configs shipped in dearli/configs/clip/*.json
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
@@ -94,14 +95,33 @@ def create_random_clip(model_name: str) -> nn.Module:
     return _create_clip(model_name, "")
 
 
-def _open_clip_model(model_name: str, pretrained: str) -> nn.Module:
+def _open_clip_model(model_name: str, pretrained: str, device: str = "cpu") -> nn.Module:
     import open_clip
 
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained or None)
-    except RuntimeError as err:
+        return open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    except Exception as err:  # torch's unpickler and load_state_dict raise several types
+        if pretrained and os.path.isfile(pretrained):
+            raise checkpoint_error(pretrained, f"open_clip {model_name} (model.backbone.clip_model)", err) from err
+        if not isinstance(err, RuntimeError):
+            raise
         raise ConfigError(f"model.backbone: cannot build {model_name!r} with pretrained={pretrained!r}: {err}") \
             from err
+
+
+def check_clip_weights(model_name: str, pretrained: str) -> None:
+    """Fail fast, in the calling process, when ``pretrained`` is a local file that is missing or does not hold
+    ``model_name``'s weights: the model is built on the meta device (no memory, ~1 s) and the file loaded
+    into it, so the names and shapes are checked before workers on other machines try the same."""
+    looks_like_path = os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+    if not pretrained or pretrained == PROJECT_CLIP or not looks_like_path:
+        return
+    if not os.path.isfile(pretrained):
+        raise DataError(pretrained, "CLIP checkpoint file not found (model.backbone.pretrained)")
+    register_dearli_clip_configs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op", once per weight
+        _open_clip_model(model_name, pretrained, device="meta")
 
 
 class FrozenClipBackbone(nn.Module):

@@ -106,10 +106,14 @@ def absolute(path: str | None) -> str | None:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with the local paths its workers open (dataset, a CLIP weights file) made absolute."""
+    """``cfg`` with the local paths its workers open (dataset, a CLIP weights file) made absolute, after
+    checking here that a CLIP weights file holds the configured model (a clear error before any worker starts)."""
     import dataclasses
 
+    from dearli.model.backbone import check_clip_weights
+
     backbone = cfg.model.backbone
+    check_clip_weights(backbone.clip_model, str(Path(backbone.pretrained).expanduser()) if backbone.pretrained else "")
     if backbone.pretrained and Path(backbone.pretrained).expanduser().is_file():
         backbone = dataclasses.replace(backbone, pretrained=absolute(backbone.pretrained))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=absolute(cfg.data.dataset)),

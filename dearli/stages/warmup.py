@@ -35,19 +35,27 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
     import ray
     from ray.train.torch import TorchTrainer
 
-    from dearli.caches.readers import read_sam_cache
+    from dearli.caches.readers import read_sam_cache, without_masks
 
     cfg = common.with_absolute_paths(cfg)
     sam_cache = sam_cache if "://" in str(sam_cache) else str(Path(sam_cache).expanduser().resolve())
     reader = read_sam_cache(sam_cache)  # checks that it is a SAM cache before anything starts
     if len(reader) == 0:
         raise DataError(sam_cache, "the SAM cache holds no images; run 'dearli cache sam' on the train split")
+    empty = len(without_masks(reader))
+    if empty == len(reader):
+        raise DataError(sam_cache, f"none of the SAM cache's {len(reader)} images holds a mask: the warm-up would "
+                        "learn nothing (loss 0). Check cache.sam_checkpoint against cache.sam_type, or lower "
+                        "cache.pred_iou_thresh / cache.stability_score_thresh, and build the cache again")
     run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
     common.ensure_ray()
     parts = reader.store.part_files()
     # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
     dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs).select_columns(
         ["stem", "rle_counts", "height", "width"])
+    if empty:
+        echo(f"[{STAGE}] WARNING {empty} of {len(reader)} images of the SAM cache hold no mask (they teach only "
+             "'no object')")
     echo(f"[{STAGE}] {len(reader)} images with SAM masks from {sam_cache}; {cfg.warmup.max_steps} steps, "
          f"batch {cfg.warmup.batch_size} on {cfg.train.num_workers} worker(s); run dir {run_dir}")
     trainer = TorchTrainer(
