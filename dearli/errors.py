@@ -37,7 +37,8 @@ def checkpoint_error(path: str | Path, expected: str, err: BaseException) -> Dat
     line naming the file, the model it should hold and what differed (counts of missing, unexpected and
     reshaped weights from torch's ``load_state_dict`` message, or the reader's first line)."""
     text = str(err)
-    sections = {"missing": r"Missing key\(s\) in state_dict: (.*)", "unexpected": r"Unexpected key\(s\) in state_dict: (.*)"}
+    sections = {"missing": r"Missing key\(s\) in state_dict: (.*)",
+                "unexpected": r"Unexpected key\(s\) in state_dict: (.*)"}
     found = {name: re.findall(r'"([^"]+)"', (re.search(pattern, text) or [None, ""])[1])
              for name, pattern in sections.items()}
     reshaped = re.findall(r"size mismatch for ([^:]+):", text)
