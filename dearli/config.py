@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dearli.config_io import from_dict, merge, parse_override, read_yaml, to_dict
+from dearli.config_io import flatten_params, from_dict, merge, parse_override, read_yaml, to_dict
 from dearli.errors import ConfigError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override on a command line: key.sub=value
@@ -385,17 +385,32 @@ def save_config(config: Config, path: str | Path) -> Path:
     """Write the resolved configuration as YAML (refuses to overwrite a different existing one).
 
     A file saved by an older dearli, without the fields added since, is the same configuration when those
-    fields take their defaults here: it is left as it is, so a run continues across an upgrade.
+    fields take their defaults here (:func:`config_differences`): it is left as it is, so a run continues
+    across an upgrade.
     """
     path = Path(path)
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     if path.exists() and path.read_text() != text:
-        if _saved_config(path) != config:
-            raise ConfigError(f"{path}: a different configuration is already saved here; use a new run dir")
+        differ = config_differences(config, path)
+        if differ:
+            raise ConfigError(f"{path}: a different configuration is already saved here ({', '.join(differ[:5])}); "
+                              "use a new run dir")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def config_differences(config: Config, path: str | Path) -> list[str]:
+    """The keys (``ssl.ema_decay``) whose values differ between ``config`` and the configuration saved in
+    ``path``, read with today's defaults: a field added since the file was written counts as its default.
+    The one rule for "same configuration" (saving a run's config, continuing a run). A file that no longer
+    reads differs as a whole: ["<path> (no longer a valid configuration)"]."""
+    saved = _saved_config(Path(path))
+    if saved is None:
+        return [f"{path} (no longer a valid configuration)"]
+    before, now = flatten_params(to_dict(saved)), flatten_params(to_dict(config))
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def _saved_config(path: Path) -> Config | None:

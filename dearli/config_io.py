@@ -6,6 +6,7 @@ configuration (config.py defines those), so every rule here holds for every sect
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from importlib import resources
@@ -161,3 +162,17 @@ def read_yaml(path_or_preset: str, relative_to: Path | None = None, chain: tuple
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"{source}: '{PRESET_PARENT_KEY}' must name a preset or a YAML file, got {parent!r}")
     return merge(read_yaml(parent, folder, chain + (source,)), values)
+
+
+def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"optim.lr": "0.001"}: every leaf as a string (lists as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, (list, tuple, dict)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = str(value)
+    return out

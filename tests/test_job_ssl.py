@@ -16,6 +16,7 @@ import pytest
 from _services import BIN, ray_env, ray_head
 from mlflow.tracking import MlflowClient
 
+from dearli.config_io import to_dict
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import ConfigError
 from dearli.stages import registry, tracking
@@ -127,6 +128,27 @@ def test_a_continued_run_keeps_its_configuration(synth, tmp_path):
         save_run_config(changed, tmp_path / "run")
 
 
+def test_a_run_saved_before_a_field_existed_continues(synth, tmp_path):
+    """A config.yaml written before a field was added (here model.ensemble.on_valid_mask) is the same
+    configuration when the field takes its default: the run continues, and the old file is left as it is."""
+    import yaml
+
+    opts = PipelineOptions(dataset=str(synth), preset="tiny", sam_generator="felzenszwalb")
+    cfg, _ = build_config(opts, synth, tmp_path, "run")
+    values = to_dict(cfg)
+    del values["model"]["ensemble"]["on_valid_mask"]
+    old = tmp_path / "run" / "config.yaml"
+    old.parent.mkdir()
+    old.write_text(yaml.safe_dump(values, sort_keys=False))
+    before = old.read_text()
+    save_run_config(cfg, tmp_path / "run")
+    assert old.read_text() == before
+    values["model"]["ensemble"]["alpha_clip"] = 0.25  # a real difference is still refused, by name
+    old.write_text(yaml.safe_dump(values, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"\(model\.ensemble\.alpha_clip\)"):
+        save_run_config(cfg, tmp_path / "run")
+
+
 def submit(address: str, home: Path, mlflow_url: str, *args: str) -> subprocess.CompletedProcess:
     """``ray job submit`` of jobs/ssl.py from the repository root, as the README does it."""
     runtime_env = {"excludes": [".venv", ".git", "runs"], "env_vars": {"MLFLOW_TRACKING_URI": mlflow_url}}
@@ -154,6 +176,13 @@ def test_ray_job_runs_the_pipeline_into_mlflow(mlflow_url, tmp_path, monkeypatch
         again = submit(address, home, mlflow_url, *args, "--run-name", "ssl_000")  # the same run continues
         assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-2000:]
     assert "warmup: done before" in again.stdout and "ssl: done before" in again.stdout
+    # what each stage cost, in the log and in stages.json (a continued run keeps the first run's figures)
+    costs = json.loads((workdir / "runs" / "ssl_000" / "stages.json").read_text())["costs"]
+    assert set(costs) == {"cache", "warmup", "ssl", "evaluate"}
+    assert all(c["seconds"] > 0 and c["driver_peak_mb"] > 50 for c in costs.values())
+    assert costs["warmup"]["worker_peak_mb"] > 50 and costs["ssl"]["teacher_peak_mb"] > 50
+    assert re.search(r"cost of ssl: \d+ s; peak memory: driver \d+ MiB, Train worker \d+ MiB, teacher actor \d+ MiB",
+                     first.stdout)
     assert (workdir / "datasets" / "synth_16_4" / "dataset.yaml").is_file()
 
     client = MlflowClient(mlflow_url)
@@ -185,6 +214,8 @@ def test_ray_job_runs_the_pipeline_into_mlflow(mlflow_url, tmp_path, monkeypatch
     for name in ("staleness", "wait_fraction", "pl/labeled_fraction", "pl/mean_confidence", "images_per_s"):
         history = client.get_metric_history(by_stage["ssl"].info.run_id, name)
         assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[name])) for r in steps], name
+    assert by_stage["warmup"].data.metrics["cost/warmup/worker_peak_mb"] == pytest.approx(
+        costs["warmup"]["worker_peak_mb"])
 
     versions = client.search_model_versions("name = 'dearli-job'")
     assert [(v.version, v.run_id) for v in versions] == [("1", parent.info.run_id)]

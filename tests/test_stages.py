@@ -47,9 +47,12 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     from dearli.stages.ssl import run_ssl
     from dearli.stages.warmup import run_warmup
 
-    cfg = load_config("tiny", [f"data.dataset={world}", *TINY, "warmup.max_steps=4", "warmup.batch_size=4",
+    # A batch of 3 on 2 workers: 2 each (rounded up, as every stage splits a batch), said in the log.
+    cfg = load_config("tiny", [f"data.dataset={world}", *TINY, "warmup.max_steps=4", "warmup.batch_size=3",
                                "train.num_workers=2", "train.checkpoint_every=2"])
-    warm = run_warmup(cfg, tmp_path / "warmup", str(sam_cache), echo=lambda *_: None)
+    said: list[str] = []
+    warm = run_warmup(cfg, tmp_path / "warmup", str(sam_cache), echo=said.append)
+    assert any("batch 3 (effective batch 4: 2 per worker on 2 workers) on 2 worker(s)" in line for line in said)
     payload = load_checkpoint(warm["checkpoint"])
     assert payload["step"] == 4 and sorted(p.name for p in (tmp_path / "warmup" / "checkpoints").iterdir()) == [
         "step_0000002.pt", "step_0000004.pt"]
@@ -57,6 +60,8 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     assert [m["step"] for m in losses] == [1, 2, 3, 4] and all("loss_ce" not in m or m["loss_ce"] == 0 for m in losses)
     workers = [json.loads(line) for line in (tmp_path / "warmup" / "workers.jsonl").read_text().splitlines()]
     assert sorted(w["rank"] for w in workers) == [0, 1]
+    costs = [json.loads(line) for line in (tmp_path / "warmup" / "costs.jsonl").read_text().splitlines()]
+    assert sorted(c["rank"] for c in costs if c["peak_rss_mb"] > 50) == [0, 1]  # what each worker's loop cost
 
     # An unreadable unlabeled image is recorded and skipped; the run goes on.
     labeled = set((world / "partitions" / "1_4" / "labeled.txt").read_text().split())

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dearli.cli import main
 from dearli.config import load_config
-from dearli.config_io import to_dict
+from dearli.config_io import flatten_params, to_dict
 from dearli.data.dataset import load_dataset
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
@@ -67,7 +67,7 @@ def pipeline_run(server, synth, checkpoint, tmp_path_factory):
     cfg = load_config("tiny", [f"data.dataset={synth}", *FAST])
     (run_dir / "config.yaml").write_text("data: {}\n")
     tracker = PipelineTracker.open(server, "pipeline-test", "ssl_000", run_dir)
-    tracker.log_params(tracking.flatten_params(to_dict(cfg)))
+    tracker.log_params(flatten_params(to_dict(cfg)))
     with tracker.stage("warmup") as spec:
         StepLogger(run_dir / "warmup" / "metrics.jsonl", spec).log(
             3, {"loss": 2.5, "lr": 1e-3, "pl": {"segments_per_image": 4.0}, "note": "not a number"})
@@ -89,7 +89,7 @@ def test_parent_run_holds_config_params_and_eval_metrics(server, pipeline_run):
     assert run.info.run_name == "ssl_000"
     assert run.data.tags[tracking.RUN_DIR_TAG] == str(pipeline_run["run_dir"])
     cfg = pipeline_run["cfg"]
-    assert run.data.params == tracking.flatten_params(to_dict(cfg))
+    assert run.data.params == flatten_params(to_dict(cfg))
     assert run.data.params["optim.lr"] == str(cfg.optim.lr)
     assert run.data.params["model.backbone.clip_model"] == "dearli-convnext-atto"
     assert run.data.params["optim.betas"] == "[0.9, 0.999]"

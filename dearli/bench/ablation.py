@@ -43,6 +43,7 @@ from typing import Any
 
 from dearli.bench.ablation_report import ROW_BY_NUMBER, Row, budget_label, write_report
 from dearli.config import Config
+from dearli.config_io import flatten_params
 from dearli.errors import ConfigError, DataError
 
 # Default steps: these shares of the preset's train.max_steps and warmup.max_steps. Measured with the synth
@@ -203,7 +204,7 @@ def run_bench_ablation(args: argparse.Namespace) -> int:
                 "warmup_steps": args.warmup_steps or max(1, round(WARMUP_SHARE * cfg.warmup.max_steps))}
     out = prepare_out(args.out, workdir, settings)
     tracker = tracking.PipelineTracker.open(tracking.resolve_tracking_uri(workdir), args.experiment, out.name, out)
-    tracker.log_params(tracking.flatten_params(settings, "bench."))
+    tracker.log_params(flatten_params(settings, "bench."))
     tracker.set_tags({"dearli.budgets": ",".join(budgets), "dearli.seeds": ",".join(map(str, seeds)),
                       "dearli.rows": ",".join(map(str, rows))})
     echo(f"[ablation] {out}: rows {rows} at budgets {budgets}, seeds {seeds}; {settings['steps']} steps, "

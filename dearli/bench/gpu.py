@@ -124,8 +124,8 @@ def _validate(args: argparse.Namespace) -> list[int]:
 
 
 def _device(name: str) -> Any:
+    from dearli.device import resolve_device
     from dearli.errors import ConfigError
-    from dearli.training.step import resolve_device
 
     try:
         return resolve_device(name)

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     from dearli.config import load_config
+    from dearli.device import resolve_device
     from dearli.errors import ConfigError
-    from dearli.training.step import resolve_device
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if not presets:
@@ -156,10 +156,10 @@ def build_step_parts(cfg: Any, seed: int = 0) -> StepParts:
     import torch
 
     from dearli.data.synth.classes import CLASSES
+    from dearli.device import resolve_device
     from dearli.losses.criterion import build_criterion
     from dearli.model.m2f_lang import build_m2f_lang
     from dearli.training.optim import build_optimizer
-    from dearli.training.step import resolve_device
 
     device = resolve_device(cfg.train.device)
     torch.manual_seed(seed)

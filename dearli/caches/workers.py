@@ -24,10 +24,9 @@ STATUS_FAILED = "failed"
 
 
 def _device() -> str:
-    import torch
+    from dearli.device import resolve_device
 
-    # Inside a GPU actor the scheduler exposes exactly the GPUs assigned to it.
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 class CacheWorker:

@@ -37,11 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dearli.data.dataset import load_dataset
+    from dearli.device import resolve_device
     from dearli.errors import ConfigError
     from dearli.model.m2f_lang import build_m2f_lang
     from dearli.training.checkpoint import load_checkpoint, restore
     from dearli.training.evaluate import evaluate_model
-    from dearli.training.step import resolve_device
 
     if args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0:
         raise ConfigError(f"--alpha-clip must lie in [0, 1], got {args.alpha_clip}")

@@ -22,6 +22,7 @@ from dearli.caches.store import StaleWriterError
 from dearli.caches.workers import CacheWorker
 from dearli.data.coco_format import id2rgb
 from dearli.data.panoptic import CategoryMap
+from dearli.device import resolve_device
 from dearli.model.predictor import predict_image
 from dearli.predict.outputs import PANOPTIC_DIR, ROW_SCHEMA, keep_confident, segment_records, write_atomic
 
@@ -49,8 +50,7 @@ def load_predictor(checkpoint: str | Path | dict[str, Any], categories: Category
 
 
 def _device() -> str:
-    # Inside a GPU actor the scheduler exposes exactly the GPUs assigned to it.
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 def png_bytes(panoptic: np.ndarray) -> bytes:

@@ -61,7 +61,9 @@ def scaling_config(cfg: Config):
     """``train.num_workers`` workers, GPU ones when asked or (auto) when the cluster has GPUs."""
     from ray.train import ScalingConfig
 
-    use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus())
+    # train.device=cpu keeps the workers off the GPUs even where the cluster has them.
+    use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus()
+                                             and cfg.train.device != "cpu")
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
     if use_gpu:
         resources["GPU"] = 1
@@ -144,9 +146,12 @@ def config_from_loop(config: dict[str, Any]) -> Config:
 
 
 def worker_device(cfg: Config) -> torch.device:
+    """The device of a Train worker: ``train.device`` when set, else (auto) the one Ray Train assigned."""
     from ray.train.torch import get_device
 
-    return get_device()
+    from dearli.device import resolve_device
+
+    return get_device() if cfg.train.device == "auto" else resolve_device(cfg.train.device)
 
 
 def report_checkpoint(rank: int, run_dir: Path, step: int, metrics: dict[str, Any], write) -> None:
@@ -214,6 +219,56 @@ def record_worker(run_dir: Path, stage: str, rank: int) -> None:
              "time": time.time()}
     with open(run_dir / "workers.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
+
+
+def per_rank(total: int, world: int) -> int:
+    """Images per worker per step: a configured batch split across ``world`` workers, rounded up (a step never
+    sees fewer images than configured; at least one each). The one rule of every Ray Train stage."""
+    return max(1, -(-total // world))
+
+
+def batch_note(total: int, world: int, what: str = "batch") -> str:
+    """"" when ``total`` splits evenly over ``world`` workers, else what a step really takes, for the log."""
+    effective = per_rank(total, world) * world
+    if effective == total:
+        return ""
+    return f" (effective {what} {effective}: {per_rank(total, world)} per worker on {world} workers)"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def record_cost(run_dir: Path, stage: str, rank: int, **values: float) -> None:
+    """Append what this worker's loop cost (``peak_rss_mb``, ``teacher_peak_rss_mb``) to ``costs.jsonl``."""
+    import json
+
+    with open(Path(run_dir) / COSTS_FILE, "a") as fh:
+        fh.write(json.dumps({"stage": stage, "rank": rank, "time": time.time(), **values}) + "\n")
+
+
+COSTS_FILE = "costs.jsonl"  # a stage's per-worker costs, written at the end of each worker's loop
+
+
+def worker_peaks(run_dir: Path) -> dict[str, float]:
+    """The largest peaks a stage's workers recorded in ``costs.jsonl``: {"worker_peak_mb", "teacher_peak_mb"}
+    (a key is absent when no worker recorded it, e.g. a stage that was killed)."""
+    import json
+
+    path, peaks = Path(run_dir) / COSTS_FILE, {}
+    if not path.is_file():
+        return peaks
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        for key, name in (("peak_rss_mb", "worker_peak_mb"), ("teacher_peak_rss_mb", "teacher_peak_mb")):
+            if key in entry:
+                peaks[name] = max(peaks.get(name, 0.0), float(entry[key]))
+    return peaks
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

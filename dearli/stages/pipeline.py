@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dearli.config import Config, load_config
-from dearli.config_io import to_dict
+from dearli.config_io import flatten_params, to_dict
 from dearli.errors import ConfigError, DearliError
 from dearli.pretrain.resolve import CACHE_FOLDER, resolve_clip
 from dearli.stages import tracking, workspace
@@ -147,13 +147,12 @@ def build_config(opts: PipelineOptions, dataset: Path, workdir: Path, run_name: 
 
 
 def check_same_config(cfg: Config, run_dir: Path) -> None:
-    """A continued run must keep its configuration: the error names the keys that differ."""
-    import yaml
+    """A continued run must keep its configuration (fields added since it started count as their defaults):
+    the error names the keys that differ."""
+    from dearli.config import config_differences
 
     path = run_dir / "config.yaml"
-    saved = tracking.flatten_params(yaml.safe_load(path.read_text()) or {})
-    now = tracking.flatten_params(to_dict(cfg))
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    differ = config_differences(cfg, path)
     if differ:
         raise ConfigError(f"{path}: run {run_dir.name!r} was started with another configuration ("
                           f"{', '.join(differ[:5])}); continue it with the same arguments or choose a new "
@@ -242,7 +241,7 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
                                             run_dir)
     echo(f"MLflow: {'continuing ' if tracker.continued else ''}run {tracker.run_id} of experiment "
          f"{opts.experiment!r} in {tracker.uri}")
-    tracker.log_params(tracking.flatten_params(to_dict(cfg)))
+    tracker.log_params(flatten_params(to_dict(cfg)))
     context = steps.StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker, state=read_state(run_dir),
                                  save_state=functools.partial(write_state, run_dir), echo=echo)
     try:

@@ -6,7 +6,9 @@ them and hands the rest ``resume=True`` so an interrupted stage continues from i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,34 @@ class StageContext:
     def record(self, stage: str, result: dict[str, Any]) -> None:
         self.state[stage] = result
         self.save_state(self.state)
+
+    @contextmanager
+    def measured(self, stage: str, stage_dir: Path | None = None) -> Iterator[None]:
+        """What ``stage`` cost, recorded under "costs" in ``stages.json`` and logged to MLflow
+        (``cost/<stage>/seconds``, ``.../driver_peak_mb``, and the workers' peaks they wrote in ``stage_dir``).
+        The driver's peak is the process's peak so far: it never goes down from one stage to the next."""
+        from dearli.stages.common import peak_rss_mb, worker_peaks
+
+        started = time.perf_counter()
+        yield
+        cost = {"seconds": time.perf_counter() - started, "driver_peak_mb": peak_rss_mb(),
+                **(worker_peaks(stage_dir) if stage_dir is not None else {})}
+        self.state.setdefault(COSTS, {})[stage] = cost
+        self.save_state(self.state)
+        self.tracker.log_metrics({f"cost/{stage}/{k}": v for k, v in cost.items()}, 0)
+
+
+COSTS = "costs"  # the key of stages.json that holds each stage's seconds and peak memory
+
+
+def cost_lines(state: dict[str, Any]) -> list[str]:
+    """One line per measured stage: seconds and peak memory (MiB) of the driver, a Train worker, a teacher."""
+    names = (("driver_peak_mb", "driver"), ("worker_peak_mb", "Train worker"), ("teacher_peak_mb", "teacher actor"))
+    lines = []
+    for stage, cost in state.get(COSTS, {}).items():
+        peaks = ", ".join(f"{label} {cost[key]:.0f} MiB" for key, label in names if key in cost)
+        lines.append(f"cost of {stage}: {cost['seconds']:.0f} s; peak memory: {peaks}")
+    return lines
 
 
 def connect_ray() -> None:
@@ -68,7 +98,7 @@ def caches(ctx: StageContext, generator: str) -> None:
             ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
         ctx.tracker.reused("cache", tags)
         return
-    with ctx.tracker.stage("cache") as spec:
+    with ctx.tracker.stage("cache") as spec, ctx.measured("cache"):
         ctx.tracker.set_tags(tags, spec.run_id)
         actors = cache_actors()
         for kind, split, uri, options in jobs:
@@ -96,7 +126,7 @@ def warmup(ctx: StageContext) -> dict[str, Any]:
     from dearli.stages.warmup import run_warmup
 
     stage_dir = ctx.run_dir / "warmup"
-    with ctx.tracker.stage("warmup") as spec:
+    with ctx.tracker.stage("warmup") as spec, ctx.measured("warmup", stage_dir):
         result = run_warmup(ctx.cfg, stage_dir, ctx.cfg.cache.sam_cache, resume=stage_dir.exists(), echo=ctx.echo,
                             tracking=spec)
         ctx.tracker.set_tags({"dearli.checkpoint": result["checkpoint"]}, spec.run_id)
@@ -112,7 +142,7 @@ def mean_teacher(ctx: StageContext, init: str) -> dict[str, Any]:
     from dearli.stages.ssl import ORACLE_TAG, ORACLE_WARNING, run_ssl
 
     stage_dir = ctx.run_dir / "ssl"
-    with ctx.tracker.stage("ssl") as spec:
+    with ctx.tracker.stage("ssl") as spec, ctx.measured("ssl", stage_dir):
         if ctx.cfg.ssl.oracle_labels:
             for run_id in (None, spec.run_id):  # the pipeline's run and the stage's
                 ctx.tracker.set_tags({ORACLE_TAG: ORACLE_WARNING}, run_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dearli.stages import registry, tracking, workspace
-from dearli.stages.pipeline_steps import StageContext
+from dearli.stages.pipeline_steps import StageContext, cost_lines
 
 TEACHER, STUDENT = "teacher", "student"  # ensembled variants; "<variant>_noens" without the ensemble
 
@@ -116,7 +116,7 @@ def evaluate(ctx: StageContext, ssl_result: dict[str, Any], model_name: str, max
 
     info = load_dataset(ctx.cfg.data.dataset)
     tracker = ctx.tracker
-    with tracker.stage("evaluate") as spec:
+    with tracker.stage("evaluate") as spec, ctx.measured("evaluate"):
         tracker.log_metrics(tracking.eval_metrics(ssl_result["metrics"]), int(ssl_result["step"]), (spec.run_id,))
         table = write_per_class_table(info.categories, ssl_result, ctx.run_dir / "per_class.csv")
         tracker.log_artifact(ctx.run_dir / "config.yaml")
@@ -164,4 +164,6 @@ def closing_lines(ctx: StageContext, ssl_result: dict[str, Any], report: dict[st
          f"--dataset {ctx.cfg.data.dataset} --out PRED_DIR)")
     echo(f"MLflow run: {tracker.run_id} ({ctx.run_dir.name}) in {tracker.uri}")
     echo(f"look at it: {tracker.where()}")
+    for line in cost_lines(ctx.state):
+        echo(line)
     echo(f"wall time: {seconds / 60:.1f} min")

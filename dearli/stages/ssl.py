@@ -61,7 +61,9 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
     echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
-         f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images on "
+         f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images"
+         f"{common.batch_note(cfg.ssl.labeled_batch_size, cfg.train.num_workers, 'labeled batch')}"
+         f"{common.batch_note(cfg.ssl.unlabeled_batch_size, cfg.train.num_workers, 'unlabeled batch')} on "
          f"{cfg.train.num_workers} worker(s), {len(teachers)} teacher actor(s); run dir {run_dir}")
     labeled_ds = ray.data.from_items([{"index": i} for i in range(len(labeled))])
     trainer = TorchTrainer(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,6 @@ STAGE = "ssl"
 # Evaluated models: (name, which weights, CLIP ensemble on). The paper reports the ensembled teacher.
 VARIANTS = {"teacher": ("teacher", True), "teacher_noens": ("teacher", False),
             "student": ("student", True), "student_noens": ("student", False)}
-
-
-def per_rank(total: int, world: int) -> int:
-    """Images per rank per step: the configured total split across ranks (at least one each)."""
-    return max(1, math.ceil(total / world))
 
 
 def views_per_step(unlabeled: int, cutmix_prob: float) -> int:
@@ -79,6 +73,7 @@ class StudentLoop:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         common.record_worker(self.run_dir, STAGE, self.rank)
+        self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
         self.device = common.worker_device(cfg)
         self.info = load_dataset(cfg.data.dataset)
         self.split = self.info.split(cfg.data.train_split)
@@ -100,7 +95,7 @@ class StudentLoop:
         self.evaluate = config.get("evaluate", True)
         self.store = config["store"]
         self.feed = PseudoLabelFeed(config["teachers"], config["unlabeled"],
-                                    views_per_step(per_rank(cfg.ssl.unlabeled_batch_size, self.world),
+                                    views_per_step(common.per_rank(cfg.ssl.unlabeled_batch_size, self.world),
                                                    cfg.ssl.cutmix_prob), self.rank, self.world,
                                     cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step)
         self.window: dict[str, list[float]] = {}
@@ -130,8 +125,8 @@ class StudentLoop:
         self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
         self._publish()
         progress = common.Progress(self.cfg.train.max_steps, self.step,
-                                   (per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-                                    + per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
+                                   (common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+                                    + common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
         shard = ray.train.get_dataset_shard("labeled")
         try:
             while self.step < self.cfg.train.max_steps:
@@ -144,6 +139,8 @@ class StudentLoop:
             self._maybe_evaluate()
         finally:
             self.feed.close()
+            common.record_cost(self.run_dir, STAGE, self.rank, peak_rss_mb=common.peak_rss_mb(),
+                                 teacher_peak_rss_mb=self.teacher_peak_mb)
 
     def _labeled_batches(self, shard):
         """Batches of this rank's labeled images for one epoch (skipping what a resumed epoch already used)."""
@@ -151,7 +148,7 @@ class StudentLoop:
 
         dataset = PanopticTrainDataset(self.split, self.labeled, self.cfg.data, seed=self.cfg.train.seed + self.rank)
         dataset.set_epoch(self.epoch)
-        size = per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+        size = common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
         batch, index, skip = [], 0, self.position * size
         for row in common.shuffled_rows(shard, self.cfg.train.seed + self.epoch, buffer=16):
             index += 1
@@ -191,10 +188,11 @@ class StudentLoop:
         from dearli.training.strong_augment import student_view
 
         result, stats = self.feed.next(self.step + 1)
+        self.teacher_peak_mb = max(self.teacher_peak_mb, float(result.get("peak_rss_mb", 0.0)))
         self._record_failures()
         images, labels = unpack_pseudo_labels(result)
         generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)
-        count = min(len(labels), per_rank(self.cfg.ssl.unlabeled_batch_size, self.world))
+        count = min(len(labels), common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world))
         views, mixed = [], []
         for i in range(count):
             j = (i + 1) % len(labels)  # CutMix partner: the next view (views_per_step asks for at least two)

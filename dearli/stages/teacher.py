@@ -31,7 +31,9 @@ import torch
 
 from dearli.config import Config
 from dearli.config_io import from_dict, to_dict
+from dearli.device import resolve_device
 from dearli.errors import DataError
+from dearli.stages.common import peak_rss_mb
 
 
 @ray.remote(num_cpus=0)
@@ -69,7 +71,7 @@ class TeacherWorker:
         # its node died could not read it back.
         self.store = ray.get_actor(store_name)
         self.labeled_fraction = labeled_fraction
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device()  # the actor's own GPU when it was given one
         info = load_dataset(self.cfg.data.dataset)
         self.split = info.split(self.cfg.data.train_split)
         self.thing_ids = self.split.categories.thing_ids
@@ -102,7 +104,8 @@ class TeacherWorker:
 
         Returns:
             {"images": B×3×S×S uint8, "valid": B×S×S bool, "panoptic": B×S×S int32, "segments": B lists of
-             {id, category_id, isthing, score}, "stems", "version", "node_id", "seconds",
+             {id, category_id, isthing, score}, "stems", "version", "node_id", "seconds", "peak_rss_mb" (of
+             this actor's process),
              "truth": the teacher's labels against the ground truth of the same views (sums over the batch,
              see :func:`truth_stats`; {} when the images have no annotation),
              "failed": [(stem, path, reason)] for unreadable images (left out of the batch)}
@@ -144,6 +147,7 @@ class TeacherWorker:
             out["panoptic"] = np.stack([label.panoptic.numpy() for label in labels])
             out["segments"] = [label.segments for label in labels]
         out["seconds"] = time.perf_counter() - started
+        out["peak_rss_mb"] = peak_rss_mb()
         return out
 
     def _weak_view(self, record: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -112,20 +112,6 @@ def flatten_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
-def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config dict -> {"optim.lr": "0.001"}: every leaf as a string (lists as JSON)."""
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten_params(value, f"{name}."))
-        elif isinstance(value, (list, tuple, dict)):
-            out[name] = json.dumps(value)
-        else:
-            out[name] = str(value)
-    return out
-
-
 def eval_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """{"teacher": {"PQ": ..}, "student": ..} -> {"eval/PQ": .., "eval_student/PQ": ..}."""
     out = {}

@@ -57,7 +57,8 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
         echo(f"[{STAGE}] WARNING {empty} of {len(reader)} images of the SAM cache hold no mask (they teach only "
              "'no object')")
     echo(f"[{STAGE}] {len(reader)} images with SAM masks from {sam_cache}; {cfg.warmup.max_steps} steps, "
-         f"batch {cfg.warmup.batch_size} on {cfg.train.num_workers} worker(s); run dir {run_dir}")
+         f"batch {cfg.warmup.batch_size}{common.batch_note(cfg.warmup.batch_size, cfg.train.num_workers)} on "
+         f"{cfg.train.num_workers} worker(s); run dir {run_dir}")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader)),
@@ -107,7 +108,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         epoch, position = payload["extra"]["epoch"], payload["extra"]["position"]
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     scaler = make_grad_scaler(device, cfg.train.amp)
-    per_worker = max(1, cfg.warmup.batch_size // world)
+    per_worker = common.per_rank(cfg.warmup.batch_size, world)
     logger = StepLogger(run_dir / "metrics.jsonl", config["tracking"]) if rank == 0 else None
     progress = common.Progress(cfg.warmup.max_steps, step, per_worker * world)
     shard = ray.train.get_dataset_shard("sam")
@@ -131,6 +132,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if step >= cfg.warmup.max_steps:
                 break
         epoch, position = epoch + 1, 0
+    common.record_cost(run_dir, STAGE, rank, peak_rss_mb=common.peak_rss_mb())
 
 
 def _after_step(cfg: Config, step: int, logged: dict[str, float], optimizer, logger: StepLogger | None,

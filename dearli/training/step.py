@@ -13,16 +13,6 @@ from dearli.losses.criterion import total_loss
 from dearli.training.optim import clip_gradients
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the first GPU when one exists, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
-    return device
-
-
 def autocast_for(device: torch.device, enabled: bool):
     """Mixed precision on GPUs (bf16 where supported, else fp16); full precision on the CPU."""
     if device.type != "cuda" or not enabled:

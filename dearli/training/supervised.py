@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from dearli.config import Config, save_config, supervised_config
 from dearli.data.dataset import load_dataset
+from dearli.device import resolve_device
 from dearli.errors import DataError
 from dearli.losses.criterion import build_criterion
 from dearli.model.m2f_lang import build_m2f_lang
@@ -23,7 +24,7 @@ from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, resto
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
 from dearli.training.evaluate import evaluate_model
 from dearli.training.optim import build_optimizer, build_poly_scheduler
-from dearli.training.step import make_grad_scaler, resolve_device, train_step
+from dearli.training.step import make_grad_scaler, train_step
 
 
 def prepare_run_dir(run_dir: str | Path, cfg: Config, resume: bool) -> Path:

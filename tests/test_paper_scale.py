@@ -1,0 +1,157 @@
+"""The paper-scale path as a user runs it offline: real SAM ViT-B and OpenCLIP convnext_base_w_320 loaded from
+local weights files (random weights: nothing is downloaded), the ADE20K preset's crop, scales, 200 queries and
+9 decoder layers, through ``dearli data prepare-ade20k``, ``jobs/ssl.py`` (caches, DeWa, Mean Teacher with the
+teacher pool, evaluation, registry) and ``dearli pseudo-label``; one step of the COCO preset on a COCO panoptic
+tree. Cut down only in steps, batch (1+1), image count and SAM points per side.
+
+Slow (about ten minutes on 2 CPU cores): marked ``paper``, left out of the default run and run by ``.ci/run``
+(``pytest -m paper``). The per-stage seconds and peak memory print at the end of the job's log (``-s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _panoptic_factory import random_image, write_partition, write_split
+from PIL import Image
+
+from dearli.cli import main
+
+pytestmark = pytest.mark.paper
+REPO = Path(__file__).resolve().parents[1]
+# SceneParsing labels (1-based) and the instance-challenge classes of the scenes below.
+WALL, SKY, FLOOR, BED, PERSON = 1, 3, 4, 8, 13
+INST_BED, INST_PERSON = 1, 4
+
+
+def _ade_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image H×W×3, semantic H×W, instance H×W×3) of a room: wall, sky, floor, a bed and a person."""
+    sem = np.full((height, width), WALL, np.uint8)
+    sem[: height // 4, width // 2:] = SKY
+    sem[height // 2:] = FLOOR
+    ins = np.zeros((height, width, 3), np.uint8)
+    for index, (label, inst) in enumerate(((BED, INST_BED), (PERSON, INST_PERSON)), start=1):
+        h, w = int(rng.integers(height // 5, height // 3)), int(rng.integers(width // 6, width // 4))
+        y, x = int(rng.integers(height // 3, height - h)), int(rng.integers(0, width - w))
+        sem[y:y + h, x:x + w] = label
+        ins[y:y + h, x:x + w] = (inst, index, 0)
+    colours = {WALL: (200, 190, 170), SKY: (120, 170, 230), FLOOR: (110, 80, 60), BED: (230, 230, 240),
+               PERSON: (200, 120, 90)}
+    image = np.zeros((height, width, 3), np.uint8)
+    for label, colour in colours.items():
+        image[sem == label] = colour
+    noise = rng.integers(-12, 13, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), sem, ins
+
+
+def _ade_tree(root: Path, counts: dict[str, int], size: tuple[int, int] = (96, 128)) -> Path:
+    """An ``ADEChallengeData2016`` tree (images, annotations, annotations_instance) of small rooms."""
+    rng = np.random.default_rng(0)
+    for split, folder in (("train", "training"), ("val", "validation")):
+        for sub in ("images", "annotations", "annotations_instance"):
+            (root / sub / folder).mkdir(parents=True)
+        for i in range(counts[split]):
+            stem = f"ADE_{split}_{i + 1:08d}"
+            image, sem, ins = _ade_scene(rng, *size)
+            Image.fromarray(image).save(root / "images" / folder / f"{stem}.jpg", quality=95)
+            Image.fromarray(sem, mode="L").save(root / "annotations" / folder / f"{stem}.png")
+            Image.fromarray(ins, mode="RGB").save(root / "annotations_instance" / folder / f"{stem}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, str]:
+    """Random weights of the real models, saved as files the way users keep downloaded checkpoints."""
+    import open_clip
+    from segment_anything import sam_model_registry
+
+    root = tmp_path_factory.mktemp("weights")
+    files = {"sam": root / "sam_vit_b_01ec64.pth", "clip": root / "convnext_base_w_320.pt"}
+    torch.manual_seed(0)
+    torch.save(sam_model_registry["vit_b"]().state_dict(), files["sam"])
+    torch.save(open_clip.create_model("convnext_base_w_320").state_dict(), files["clip"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # open_clip and torch hub would write here, never download
+    return env
+
+
+def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
+    root = _ade_tree(tmp_path / "ADEChallengeData2016", {"train": 4, "val": 2})
+    splits = tmp_path / "splits"
+    write_partition(splits, "1_2", ["ADE_train_00000001", "ADE_train_00000003"], image_dir="images/training")
+    dataset = tmp_path / "ade20k"
+    assert main(["data", "prepare-ade20k", str(root), "--out", str(dataset), "--partitions",
+                 str(splits / "partitions"), "--no-progress"]) == 0
+    workdir = tmp_path / "work"
+    cut = ["warmup.max_steps=2", "warmup.batch_size=1", "train.max_steps=2", "ssl.labeled_batch_size=1",
+           "ssl.unlabeled_batch_size=1", "train.num_workers=1", "train.checkpoint_every=2",
+           "cache.points_per_side=2", "cache.pred_iou_thresh=0", "cache.stability_score_thresh=0"]
+    job = subprocess.run(
+        [sys.executable, "jobs/ssl.py", "--preset", "ade20k-base", "--dataset", str(dataset), "--partition", "1_2",
+         "--workdir", str(workdir), "--sam-generator", "sam", "--visualise", "1", "cache.sam_type=vit_b",
+         f"cache.sam_checkpoint={weights['sam']}", f"model.backbone.pretrained={weights['clip']}", *cut],
+        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=1800)
+    log = job.stdout + job.stderr
+    print(job.stdout[-4000:])
+    assert job.returncode == 0, log[-8000:]
+    run_dir = workdir / "runs" / "ssl_000"
+    saved = (run_dir / "config.yaml").read_text()
+    # the paper's shapes, untouched by the cuts
+    for line in ("crop_size: 640", "num_queries: 200", "num_layers: 9", "clip_model: convnext_base_w_320"):
+        assert line in saved, line
+    assert "sam cache" in log and "hold no mask" not in log  # thresholds 0: a random SAM still yields masks
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["warmup"]["step"] == 2 and stages["ssl"]["step"] == 2
+    assert 0 <= stages["ssl"]["metrics"]["teacher"]["PQ"] <= 100
+    assert re.search(r"registered the final teacher as models:/dearli/1", log)
+    costs = stages["costs"]
+    assert set(costs) == {"cache", "warmup", "ssl", "evaluate"}
+    assert costs["ssl"]["teacher_peak_mb"] > 500 and costs["warmup"]["worker_peak_mb"] > 500  # a ConvNeXt-B each
+
+    checkpoint = stages["ssl"]["checkpoint"]
+    images = dataset / "images" / "validation"
+    listing = tmp_path / "two.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(images.glob("*.jpg"))[:2]) + "\n")
+    labels = subprocess.run(
+        [sys.executable, "-m", "dearli.cli", "pseudo-label", "--checkpoint", checkpoint, "--images", str(listing),
+         "--out", str(tmp_path / "pl")], cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True, text=True,
+        timeout=900)
+    assert labels.returncode == 0, (labels.stdout + labels.stderr)[-4000:]
+    assert len(list((tmp_path / "pl" / "panoptic").glob("*.png"))) == 2
+    assert len(json.loads((tmp_path / "pl" / "panoptic.json").read_text())["annotations"]) == 2
+
+
+COCO_CATS = [{"id": 1, "name": "person", "isthing": 1}, {"id": 3, "name": "car", "isthing": 1},
+             {"id": 92, "name": "banner", "isthing": 0}, {"id": 184, "name": "tree-merged", "isthing": 0}]
+
+
+def test_coco_base_takes_a_step_on_a_coco_panoptic_tree(weights, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "coco"
+    for split, ids in (("train", (9, 25)), ("val", (139,))):
+        images = [random_image(f"{i:012d}", rng, height=96, width=128, image_id=i, categories=COCO_CATS)
+                  for i in ids]
+        write_split(root, split, images, COCO_CATS, semantic=False)
+        (root / "images" / split).rename(root / f"{split}2017")  # the standard COCO layout
+        (root / f"annotations/panoptic_{split}.json").rename(root / f"annotations/panoptic_{split}2017.json")
+        (root / f"annotations/panoptic_{split}").rename(root / f"panoptic_{split}2017")
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "coco-base", "--dataset", str(root), "--out", str(out), "train.max_steps=1",
+                 "train.batch_size=1", "train.num_workers=1", f"model.backbone.pretrained={weights['clip']}"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "checkpoints" / "step_0000001.pt").is_file()
+    saved = (out / "config.yaml").read_text()
+    assert "crop_size: 512" in saved and "num_queries: 200" in saved
+    assert re.search(r"PQ \d+\.\d+", printed)
