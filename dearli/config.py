@@ -42,7 +42,6 @@ class BackboneConfig:
     clip_model: str = "convnext_base_w_320"  # open_clip model name whose vision tower is a timm ConvNeXt
     # open_clip pretrained tag, local checkpoint, PROJECT_CLIP, or "" (random weights)
     pretrained: str = "laion_aesthetic_s13b_b82k_augreg"
-    input_size: int = 0  # unused by ConvNeXt (fully convolutional); kept 0, reserved for ViT towers
 
     def validate(self) -> None:
         _require(bool(self.clip_model), "model.backbone.clip_model", "must name an open_clip model")

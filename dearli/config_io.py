@@ -67,10 +67,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+RETIRED_KEYS = frozenset({"model.backbone.input_size"})  # removed fields: ignored where old files hold them
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (possibly partial) nested dict, validating every field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    # Fields that no longer exist are read past in files written before they went (checkpoints, saved runs).
+    values = {k: v for k, v in values.items() if (f"{prefix}.{k}" if prefix else k) not in RETIRED_KEYS}
     unknown = sorted(set(values) - names)
     if unknown:
         where = prefix or "config"

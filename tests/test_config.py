@@ -105,3 +105,12 @@ def test_preset_files_extend_presets_and_files(tmp_path):
     with pytest.raises(ConfigError, match="'extends' must name a preset or a YAML file"):
         load_config(str(tmp_path / "bad.yaml"))
     assert "extends" not in to_dict(cfg)
+
+
+def test_a_file_written_before_a_field_was_removed_still_reads():
+    values = to_dict(load_config("tiny"))
+    values["model"]["backbone"]["input_size"] = 0  # BackboneConfig.input_size, removed (it was never read)
+    assert from_dict(Config, values) == load_config("tiny")
+    values["model"]["backbone"]["input_sise"] = 0  # a typo is still refused
+    with pytest.raises(ConfigError, match=r"model\.backbone: unknown key\(s\) input_sise"):
+        from_dict(Config, values)

@@ -88,12 +88,6 @@ def read_classes_json(path: str | Path) -> list[Category]:
     return [Category.from_dict(e, path) for e in entries]
 
 
-def write_classes_json(path: str | Path, categories: list[Category]) -> None:
-    """Write categories in the ``classes.json`` format, one per line."""
-    rows = [json.dumps(c.to_dict()) for c in sorted(categories, key=lambda c: c.id)]
-    Path(path).write_text("[\n  " + ",\n  ".join(rows) + "\n]\n", encoding="utf-8")
-
-
 def parse_vocabulary(text: str, source: str | Path, offset: int = 0) -> dict[int, tuple[str, ...]]:
     """``ID:name,synonym,...`` lines -> {dataset category id (ID - offset): synonyms}.
 

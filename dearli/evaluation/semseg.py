@@ -74,12 +74,6 @@ class SemSegEvaluator:
         flat[ignored] = self.num_classes
         return flat
 
-    def add_confusion(self, conf: np.ndarray) -> None:
-        """Add a (K+1)×(K+1) confusion matrix computed elsewhere (same layout)."""
-        if conf.shape != self.conf.shape:
-            raise ValueError(f"confusion matrix shape {conf.shape} != {self.conf.shape}")
-        self.conf += conf
-
     def compute(self) -> dict:
         """Metrics so far: see :func:`metrics_from_confusion`."""
         return metrics_from_confusion(self.conf)

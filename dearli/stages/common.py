@@ -271,11 +271,6 @@ def worker_peaks(run_dir: Path) -> dict[str, float]:
     return peaks
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
 class Progress:
     """Rates of a stage: images/s since its (re)start and the ETA, logged with each step."""
 

@@ -53,9 +53,6 @@ class WeightsStore:
     def latest(self) -> tuple[int, list | None]:
         return self.version, None if self.ref is None else [self.ref]
 
-    def current_version(self) -> int:
-        return self.version
-
 
 class TeacherWorker:
     """One teacher model; ``label(requests, step)`` -> weak views + pseudo-labels (see :meth:`label`)."""
