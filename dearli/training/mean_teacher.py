@@ -2,7 +2,7 @@
 
 The loss on pseudo-labels is the plain Mask2Former loss (the same criterion, hard targets from
 :func:`dearli.training.pseudo_labels.to_targets`), as upstream DEARLi trains its student. Forward, backward,
-clipping and the optimizer step are :func:`dearli.training.step.train_step`'s pieces.
+clipping and the optimizer step are :func:`dearli.training.step.optimizer_step`, as in every loop.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from torch import nn
 
 from dearli.config import Config
 from dearli.losses.criterion import total_loss
-from dearli.training.optim import clip_gradients
-from dearli.training.step import autocast_for, move_batch, outputs_to_float
+from dearli.training.step import autocast_for, loss_terms, move_batch, optimizer_step, outputs_to_float
 
 # The outputs the criterion reads; the rest (query features, dense CLIP features) is not split.
 _CRITERION_KEYS = ("pred_logits", "pred_masks")
@@ -68,17 +67,7 @@ def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.o
     loss_sup = total_loss(losses_sup)
     loss_unsup = total_loss(losses_unsup) if losses_unsup else torch.zeros((), device=loss_sup.device)
     loss = loss_sup + unlabeled_weight * loss_unsup
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = clip_gradients(model.parameters(), cfg.optim.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    logged = {"loss": float(loss.detach()), "loss_sup": float(loss_sup.detach()),
-              "loss_unsup": float(loss_unsup.detach()), "grad_norm": grad_norm}
-    for key in ("loss_ce", "loss_mask", "loss_dice"):
-        if key in losses_sup:
-            logged[key] = float(losses_sup[key].detach())
-        if key in losses_unsup:
-            logged[f"{key}_unsup"] = float(losses_unsup[key].detach())
-    return logged
+    grad_norm = optimizer_step(loss, model, optimizer, scaler, cfg.optim.clip_grad)
+    return {"loss": float(loss.detach()), "loss_sup": float(loss_sup.detach()),
+            "loss_unsup": float(loss_unsup.detach()), "grad_norm": grad_norm, **loss_terms(losses_sup),
+            **loss_terms(losses_unsup, "_unsup")}

@@ -46,17 +46,27 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     outputs = outputs_to_float(outputs)
     losses = criterion(outputs, targets)
     loss = total_loss(losses)
+    grad_norm = optimizer_step(loss, model, optimizer, scaler, cfg.optim.clip_grad)
+    return {"loss": float(loss.detach()), "grad_norm": grad_norm, **loss_terms(losses)}
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, clip_grad: float) -> float:
+    """Backward of ``loss``, gradient clipping (on unscaled gradients) and the optimizer step: the one update
+    of every training loop. Returns the gradient norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    grad_norm = clip_gradients(model.parameters(), cfg.optim.clip_grad)
+    grad_norm = clip_gradients(model.parameters(), clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    logged = {"loss": float(loss.detach()), "grad_norm": grad_norm}
-    for key in ("loss_ce", "loss_mask", "loss_dice"):
-        if key in losses:
-            logged[key] = float(losses[key].detach())
-    return logged
+    return grad_norm
+
+
+def loss_terms(losses: dict[str, torch.Tensor], suffix: str = "") -> dict[str, float]:
+    """The final layer's loss terms to log ({"loss_ce", "loss_mask", "loss_dice"} + ``suffix``)."""
+    return {f"{key}{suffix}": float(losses[key].detach()) for key in ("loss_ce", "loss_mask", "loss_dice")
+            if key in losses}
 
 
 def outputs_to_float(outputs: Any) -> Any:
