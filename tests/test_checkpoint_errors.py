@@ -68,3 +68,18 @@ def test_load_state_dict_messages_become_counts():
         "w.pt: not the weights of M: weights 2 of another shape (e.g. weight)")
     assert str(checkpoint_error("w.pt", "M", names.value)) == (
         "w.pt: not the weights of M: weights 2 missing (e.g. weight), 2 unexpected (e.g. 0.weight)")
+
+
+def test_the_main_job_checks_both_weights_files_before_it_computes_anything(files, small_world, tmp_path, capsys):
+    from dearli.stages.pipeline import main as job
+
+    common = ["--workdir", str(tmp_path / "work"), "--dataset", str(small_world), "--preset", "tiny",
+              "--partition", "1_4"]
+    assert job([*common, "--sam-generator", "felzenszwalb", f"model.backbone.pretrained={files['wrong']}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wrong.pt: not the weights of open_clip dearli-convnext-atto" in err[0]
+    assert job([*common, "--dry-run", "--sam-generator", "sam", "cache.sam_type=vit_h",
+                f"cache.sam_checkpoint={files['sam_b']}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sam_vit_b.pth: not the weights of SAM vit_h" in err[0]
+    assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "caches").exists()

@@ -180,6 +180,19 @@ def check_dataset(cfg: Config) -> None:
         info.partition(cfg.data.partition)
 
 
+def check_weights(cfg: Config, generator: str) -> None:
+    """The weights files the run will load (CLIP always, SAM when its cache is built with it), checked for
+    the configured models in this process before anything is computed: one line naming the file if not."""
+    from dearli.caches.generators import GeneratorSpec
+    from dearli.model.backbone import check_clip_weights
+
+    check_clip_weights(cfg.model.backbone.clip_model, cfg.model.backbone.pretrained)
+    if generator == "sam" and cfg.cache.sam_type != "tiny":
+        spec = GeneratorSpec(kind="sam", sam_type=cfg.cache.sam_type, sam_checkpoint=cfg.cache.sam_checkpoint)
+        spec.validate()
+        spec.check_weights()
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -226,6 +239,7 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         dataset = Path(opts.dataset).expanduser().resolve()
     run_name, run_dir = choose_run(workdir / "runs", opts.run_name, opts.resume)
     cfg, generator = build_config(opts, dataset, workdir, run_name)  # a bad config stops before any write
+    check_weights(cfg, generator)
     if opts.dry_run:
         return dry_run(cfg, dataset, run_dir, generator, workdir)
     if opts.run_name is None and not opts.resume:  # a new run: take its name for good
