@@ -289,6 +289,11 @@ class SSLConfig:
     # The same floor for thing segments alone; -1 = min_confidence, above 1 = the student gets no thing
     # pseudo-label at all (stuff only). For a teacher whose things are mostly wrong.
     thing_min_confidence: float = -1.0
+    # The teacher's pixel hand-out (evaluation keeps Mask2Former's): things first where a thing query's mask is
+    # >= 0.5, so a stuff mask spread over a small thing does not label it stuff; and stuff pixels only where
+    # the stuff mask reaches ssl.pseudo_stuff_min_mask (the rest unlabeled). Off/0.5 = upstream.
+    pseudo_things_first: bool = False
+    pseudo_stuff_min_mask: float = 0.5
     # CE weight of "no object" for the queries no pseudo-label segment matched; -1 = model.loss.no_object_weight
     # (as upstream). A teacher that misses objects leaves them unlabeled, not absent: a lower weight keeps
     # the student from learning that what the teacher missed is nothing.
@@ -318,6 +323,8 @@ class SSLConfig:
         _require(self.unlabeled_no_object_weight == -1.0 or self.unlabeled_no_object_weight >= 0,
                  "ssl.unlabeled_no_object_weight", "must be -1 (model.loss.no_object_weight) or >= 0, "
                  f"got {self.unlabeled_no_object_weight}")
+        _require(0.5 <= self.pseudo_stuff_min_mask <= 1.0, "ssl.pseudo_stuff_min_mask",
+                 f"must lie in [0.5, 1], got {self.pseudo_stuff_min_mask}")
         _require(self.thing_min_confidence == -1.0 or self.thing_min_confidence >= 0, "ssl.thing_min_confidence",
                  f"must be -1 (ssl.min_confidence) or >= 0, got {self.thing_min_confidence}")
         _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dearli.model.inference import (
+    PanopticRule,
     pad_to_multiple,
     panoptic_inference,
     postprocess_masks,
@@ -100,6 +101,26 @@ def test_thresholds_drop_queries():
     void = confident([2, 2], 2)  # both predict void
     seg, segments = panoptic_inference(void, masks, [0], 0.0, 0.8)
     assert segments == [] and seg.eq(0).all() and seg.shape == (4, 4)
+
+
+def test_teacher_rule_things_first_and_confident_stuff():
+    # A confident stuff query (class 1) spreads over the whole 4×6 image; a less confident thing query (class 0)
+    # covers a 2×2 block; Mask2Former's rule gives the block to the stuff (score·mask is higher there).
+    masks = torch.full((2, 4, 6), 4.0)
+    masks[0, :, 4:] = 0.3  # stuff mask probability ~0.57 on the last two columns
+    masks[1] = -10.0
+    masks[1, 1:3, 1:3] = 10.0
+    cls = confident([1, 0], 2)
+    cls[1] = torch.tensor([0.0, -1.0, -1.0])  # thing query: class 0 with probability ~0.58
+    seg, segments = panoptic_inference(cls, masks, [0], 0.0, 0.5)
+    assert [s["isthing"] for s in segments] == [False]  # the thing lost its pixels to the stuff
+    rule = PanopticRule(things_first=True)
+    seg, segments = panoptic_inference(cls, masks, [0], 0.0, 0.5, rule=rule)
+    assert [(s["id"], s["isthing"]) for s in segments] == [(1, False), (2, True)]
+    assert seg[1:3, 1:3].eq(2).all() and int(seg.eq(1).sum()) == 24 - 4
+    rule = PanopticRule(things_first=True, stuff_min_mask=0.9)
+    seg, _ = panoptic_inference(cls, masks, [0], 0.0, 0.5, rule=rule)
+    assert seg[:, 4:].eq(0).all() and int(seg.eq(1).sum()) == 16 - 4  # unsure stuff pixels are left unlabeled
 
 
 def test_shortest_edge_size():

@@ -12,6 +12,7 @@ so pad the raw [0, 255] image with the backbone's ``pixel_mean`` instead: it nor
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,27 @@ def _class_probs(mask_cls: torch.Tensor, probs: bool) -> torch.Tensor:
     return mask_cls if probs else F.softmax(mask_cls, dim=-1)
 
 
+@dataclass(frozen=True)
+class PanopticRule:
+    """How pixels are handed to segments. The defaults are Mask2Former's rule; the teacher may label with
+    another (``ssl.pseudo_things_first``, ``ssl.pseudo_stuff_min_mask``).
+
+    things_first: where a kept thing query's mask is >= 0.5, the pixel goes to the best such thing query before
+        stuff competes (a stuff mask that also covers a small thing does not take its pixels);
+    stuff_min_mask: a stuff segment keeps only the pixels where its own mask probability reaches this
+        (>= 0.5); the others stay unlabeled.
+    """
+
+    things_first: bool = False
+    stuff_min_mask: float = 0.5
+
+
+MASK2FORMER_RULE = PanopticRule()
+
+
 def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_ids: Iterable[int],
                        object_mask_threshold: float, overlap_threshold: float,
-                       probs: bool = False) -> tuple[torch.Tensor, list[dict]]:
+                       probs: bool = False, rule: PanopticRule = MASK2FORMER_RULE) -> tuple[torch.Tensor, list[dict]]:
     """Q×(K+1) class scores + Q×H×W mask logits -> (panoptic_seg H×W int32, segments).
 
     Queries predicting void or scoring <= ``object_mask_threshold`` are dropped; each pixel goes to the
@@ -31,8 +50,8 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     only if that visible area is >= ``overlap_threshold`` of its full (>= 0.5) mask. Segment ids count
     from 1 in query order; 0 is unassigned. Stuff queries of an already-placed stuff class paint into that
     class's existing segment (one segment per stuff class) without a new entry; things are never merged.
-    ``segments``: list of {"id", "isthing", "category_id" (contiguous class id), "score" (the kept query's
-    class score)}.
+    ``rule`` changes the pixel hand-out (default: Mask2Former's). ``segments``: list of {"id", "isthing",
+    "category_id" (contiguous class id), "score" (the kept query's class score)}.
     """
     thing_set = {int(t) for t in thing_ids}
     num_classes = mask_cls.shape[-1] - 1
@@ -44,11 +63,11 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     segments: list[dict] = []
     if cur_masks.shape[0] == 0:
         return panoptic_seg, segments
-    owner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    is_thing = torch.tensor([int(c) in thing_set for c in cur_classes.tolist()], device=cur_masks.device)
+    owner = _owners(cur_scores.view(-1, 1, 1) * cur_masks, cur_masks, is_thing, rule.things_first)
     stuff_segment: dict[int, int] = {}
     for k in range(cur_classes.shape[0]):
-        category = int(cur_classes[k])
-        isthing = category in thing_set
+        category, isthing = int(cur_classes[k]), bool(is_thing[k])
         own = cur_masks[k] >= 0.5
         won = owner == k
         visible = won & own
@@ -58,12 +77,27 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
         # Mask2Former compares the argmax-won area (not the visible one) to the full mask area.
         if won_area / own_area < overlap_threshold:
             continue
+        if not isthing and rule.stuff_min_mask > 0.5:
+            visible = visible & (cur_masks[k] >= rule.stuff_min_mask)
+            if not visible.any():
+                continue
         before = len(segments)
         paint_segment(panoptic_seg, visible, category, isthing, segments, stuff_segment)
         # The class score of the query that made the segment (the best one for a merged stuff segment).
         seg = segments[-1] if len(segments) > before else segments[stuff_segment[category] - 1]
         seg["score"] = max(seg.get("score", 0.0), float(cur_scores[k]))
     return panoptic_seg, segments
+
+
+def _owners(weighted: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor, things_first: bool) -> torch.Tensor:
+    """Per pixel, the index of the query that wins it: the argmax of score·mask (Q×H×W ``weighted``); with
+    ``things_first``, among the thing queries alone wherever one of their masks is >= 0.5."""
+    owner = weighted.argmax(0)
+    if not things_first or not bool(is_thing.any()):
+        return owner
+    thing_zone = (masks[is_thing] >= 0.5).any(0)
+    thing_owner = weighted.masked_fill(~is_thing.view(-1, 1, 1), -1.0).argmax(0)
+    return torch.where(thing_zone, thing_owner, owner)
 
 
 def paint_segment(panoptic_seg, region, category: int, isthing: bool, segments: list[dict],

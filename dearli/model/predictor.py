@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from dearli.config import ModelConfig
 from dearli.model.ensemble import geometric_ensemble
 from dearli.model.inference import (
+    MASK2FORMER_RULE,
+    PanopticRule,
     pad_to_multiple,
     panoptic_inference,
     postprocess_masks,
@@ -78,11 +80,12 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, t
 
 @torch.no_grad()
 def predict_batch(model: torch.nn.Module, images: torch.Tensor, cfg: ModelConfig, thing_ids: tuple[int, ...],
-                  alpha_clip: float) -> list[Prediction]:
+                  alpha_clip: float, rule: PanopticRule = MASK2FORMER_RULE) -> list[Prediction]:
     """Predictions of a batch of same-sized images at their own resolution (no test-time resize).
 
     Args:
         images: B×3×H×W RGB in [0, 255]; H and W multiples of ``cfg.inference.size_divisibility``.
+        rule: the panoptic pixel hand-out (default Mask2Former's; the teacher may use its own).
     Returns:
         B predictions of size H×W; each segment carries its class probability as ``score``.
     """
@@ -91,13 +94,13 @@ def predict_batch(model: torch.nn.Module, images: torch.Tensor, cfg: ModelConfig
     scores, probs = class_scores(model, outputs, alpha_clip, cfg.ensemble.on_valid_mask)
     size = tuple(images.shape[-2:])
     masks = F.interpolate(outputs["pred_masks"].float(), size=size, mode="bilinear", align_corners=False)
-    return [_infer(scores[b], probs, masks[b], cfg, thing_ids) for b in range(images.shape[0])]
+    return [_infer(scores[b], probs, masks[b], cfg, thing_ids, rule) for b in range(images.shape[0])]
 
 
 def _infer(scores: torch.Tensor, probs: bool, masks: torch.Tensor, cfg: ModelConfig,
-           thing_ids: tuple[int, ...]) -> Prediction:
+           thing_ids: tuple[int, ...], rule: PanopticRule = MASK2FORMER_RULE) -> Prediction:
     """Q×(K+1) scores + Q×H×W mask logits -> :class:`Prediction`."""
     panoptic, segments = panoptic_inference(scores, masks, thing_ids, cfg.inference.object_mask_threshold,
-                                            cfg.inference.overlap_threshold, probs=probs)
+                                            cfg.inference.overlap_threshold, probs=probs, rule=rule)
     semantic = semantic_inference(scores, masks, probs=probs).argmax(0)
     return Prediction(panoptic.cpu().numpy(), segments, semantic.to(torch.uint8).cpu().numpy())

@@ -108,6 +108,7 @@ class TeacherWorker:
              "failed": [(stem, path, reason)] for unreadable images (left out of the batch)}
         """
         from dearli.model.ensemble import alpha_schedule
+        from dearli.model.inference import PanopticRule
         from dearli.model.predictor import predict_batch
         from dearli.training.pseudo_labels import from_prediction
 
@@ -133,7 +134,8 @@ class TeacherWorker:
             if alpha < 0:  # the model's own ensemble, as upstream's teacher
                 alpha = alpha_schedule(self.cfg.model.ensemble, max(self.version, 0), self.cfg.train.max_steps,
                                        self.labeled_fraction)
-            predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha)
+            rule = PanopticRule(self.cfg.ssl.pseudo_things_first, self.cfg.ssl.pseudo_stuff_min_mask)
+            predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha, rule)
             labels = [from_prediction(p, v) for p, v in zip(predictions, valids)]
             if all(t is not None for t in truths):
                 out["truth"] = truth_stats(labels, truths)
