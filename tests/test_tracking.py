@@ -16,7 +16,6 @@ from dearli.cli import main
 from dearli.config import load_config
 from dearli.config_io import flatten_params, to_dict
 from dearli.data.dataset import load_dataset
-from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.stages import registry, tracking
@@ -43,9 +42,8 @@ def own_environment(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=4, seed=1, num_val=2,
-                               image_size=(64, 64))
+def synth(small_world):
+    return small_world  # conftest's 4-image world, written once per session
 
 
 @pytest.fixture(scope="module")

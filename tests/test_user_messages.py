@@ -11,7 +11,6 @@ import torch
 from dearli.caches.clip_features import build_cache_backbone
 from dearli.cli import main
 from dearli.config import load_config
-from dearli.data.synth.writer import write_synth_dataset
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.training.checkpoint import save_checkpoint
 
@@ -20,9 +19,8 @@ TINY_CLIP = "dearli-convnext-atto"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=4, seed=1, num_val=2,
-                               image_size=(64, 64))
+def world(small_world):
+    return small_world  # conftest's 4-image world, written once per session
 
 
 @pytest.fixture(scope="module")
