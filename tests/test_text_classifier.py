@@ -96,6 +96,46 @@ def test_disk_cache_for_pretrained_backbones(backbone, monkeypatch, tmp_path):
     assert counter.calls == 0
     assert torch.equal(first.embeddings, again.embeddings)
     assert torch.equal(first.synonym_to_class, again.synonym_to_class)
+    # New text weights under the same tag (a file replaced at the same path): encoded again, in a new file.
+    tc._MEMORY_CACHE.clear()
+    weight = next(p for n, p in backbone.named_parameters() if ".visual." not in f".{n}")
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.5)
+    try:
+        changed = class_text_embeddings(backbone, CLASSES, cache_dir=tmp_path)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert counter.calls == 1 and len(list(tmp_path.glob("*.pt"))) == 2
+    assert not torch.allclose(changed.embeddings, first.embeddings)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no half file left
+
+
+def test_models_keep_text_embeddings_where_every_process_finds_them(monkeypatch, tmp_path):
+    from dearli.model.m2f_lang import build_m2f_lang
+
+    monkeypatch.setenv("DEARLI_TEXT_CACHE", str(tmp_path / "text"))
+    assert tc.text_cache_dir() == tmp_path / "text"
+    monkeypatch.delenv("DEARLI_TEXT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tc.text_cache_dir() == tmp_path / "xdg" / "dearli" / "text"
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    build_m2f_lang(cfg, CLASSES)  # random weights: nothing written
+    assert not (tmp_path / "xdg").exists()
+    import dataclasses
+
+    from dearli.model.backbone import create_random_clip
+
+    weights = tmp_path / "clip.pt"
+    torch.save(create_random_clip(cfg.backbone.clip_model).state_dict(), weights)
+    local = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(weights)))
+    first = build_m2f_lang(local, CLASSES)  # weights from a file, as users give them: kept on disk
+    assert len(list((tmp_path / "xdg" / "dearli" / "text").glob("text_*.pt"))) == 1
+    tc._MEMORY_CACHE.clear()
+    again = build_m2f_lang(local, CLASSES)  # another process would read the file
+    assert torch.equal(first.text.embeddings, again.text.embeddings)
 
 
 def test_bad_class_lists(backbone):

@@ -20,7 +20,7 @@ from dearli.caches.records import TEXT_SCHEMA
 from dearli.config import BackboneConfig
 from dearli.model.backbone import DENSE_FEATURE, FrozenClipBackbone, build_backbone
 from dearli.model.inference import pad_to_multiple, resize_shortest_edge, shortest_edge_size
-from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings
+from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings, text_cache_dir
 
 RANDOM_INIT_SEED = 0  # random-weight backbones are seeded so every worker (and the reader) builds the same
 
@@ -83,7 +83,7 @@ def masks_to_feature_frame(masks: np.ndarray, row: dict[str, Any]) -> torch.Tens
 
 def text_table(backbone: FrozenClipBackbone, synonyms: list[tuple[str, ...]], category_ids: list[int]) -> pa.Table:
     """Text embeddings of a class list as a table: one row per synonym (class index, category id, text)."""
-    text = class_text_embeddings(backbone, [list(s) for s in synonyms])
+    text = class_text_embeddings(backbone, [list(s) for s in synonyms], text_cache_dir())
     rows = []
     flat = [s for syns in synonyms for s in syns]
     for row, (emb, k) in enumerate(zip(text.embeddings.cpu().float(), text.synonym_to_class.tolist())):

@@ -14,7 +14,7 @@ from torch import nn
 from dearli.config import ModelConfig, load_config
 from dearli.model.backbone import FrozenClipBackbone, build_backbone
 from dearli.model.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
-from dearli.model.text_classifier import TextClassifier, TextEmbeddings, class_text_embeddings
+from dearli.model.text_classifier import TextClassifier, TextEmbeddings, class_text_embeddings, text_cache_dir
 from dearli.model.transformer_decoder import MultiScaleMaskedTransformerDecoder, build_transformer_decoder
 from dearli.model.zero_shot import zero_shot_logits
 
@@ -51,7 +51,7 @@ class M2FLang(nn.Module):
         """Install the vocabulary: one list of synonyms per class (K classes)."""
         names = [[s] if isinstance(s, str) else list(s) for s in class_names]
         self.class_names = names
-        self.text = class_text_embeddings(self.backbone, names)
+        self.text = class_text_embeddings(self.backbone, names, text_cache_dir())
         self.classifier.set_text_embeddings(self.text.embeddings, self.text.synonym_to_class)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

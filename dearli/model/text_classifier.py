@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -82,11 +83,23 @@ def _encode(backbone: nn.Module, names: tuple[tuple[str, ...], ...]) -> TextEmbe
     return TextEmbeddings(F.normalize(mean, dim=-1), index)
 
 
-def _cache_file(backbone: nn.Module, names: tuple, cache_dir: str | Path) -> Path | None:
+def text_cache_dir() -> Path:
+    """Where class text embeddings of pretrained CLIPs are kept between processes: ``$DEARLI_TEXT_CACHE``, else
+    ``$XDG_CACHE_HOME/dearli/text``, else ``~/.cache/dearli/text``. A 150-class vocabulary with synonyms is
+    ~5,600 prompts through the text tower (minutes on a CPU for ConvNeXt-B); every Train worker, teacher
+    actor and evaluation of a run needs the same embeddings."""
+    if os.environ.get("DEARLI_TEXT_CACHE"):
+        return Path(os.environ["DEARLI_TEXT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dearli" / "text"
+
+
+def _cache_file(backbone: nn.Module, names: tuple, fingerprint: tuple, cache_dir: str | Path) -> Path | None:
     pretrained = getattr(backbone, "pretrained", "")
-    if not pretrained:  # random weights: embeddings are not reproducible from the name
+    if not pretrained:  # random weights: one file per process would pile up, never to be read again
         return None
-    blob = json.dumps([getattr(backbone, "model_name", ""), pretrained, VILD_TEMPLATES, names])
+    # The text weights' fingerprint is in the key: a file replaced at the same path gets new embeddings.
+    blob = json.dumps([getattr(backbone, "model_name", ""), pretrained, fingerprint, VILD_TEMPLATES, names])
     return Path(cache_dir) / f"text_{hashlib.sha1(blob.encode()).hexdigest()[:16]}.pt"
 
 
@@ -94,25 +107,34 @@ def class_text_embeddings(backbone: nn.Module, class_names: list[list[str]],
                           cache_dir: str | Path | None = None) -> TextEmbeddings:
     """Synonym lists (K classes) -> ``TextEmbeddings(S×D normalised, synonym_to_class (S,))``.
 
-    Cached in memory per (backbone instance, class list, text weights); with ``cache_dir`` also on disk for pretrained
-    backbones (keyed by model name, tag, templates and names; an existing file is read, never rewritten).
+    Cached in memory per (backbone instance, class list, text weights); with ``cache_dir`` also on disk for
+    pretrained backbones (keyed by model name, tag, text weights, templates and names; written atomically,
+    an existing file is read, never rewritten).
     """
     names = _check_class_names(class_names)
     per_backbone = _MEMORY_CACHE.setdefault(backbone, {})
-    key = (names, _text_fingerprint(backbone))
+    fingerprint = _text_fingerprint(backbone)
+    key = (names, fingerprint)
     if key not in per_backbone:
-        path = _cache_file(backbone, names, cache_dir) if cache_dir is not None else None
+        path = _cache_file(backbone, names, fingerprint, cache_dir) if cache_dir is not None else None
         if path is not None and path.is_file():
             stored = torch.load(path, map_location="cpu", weights_only=True)
             per_backbone[key] = TextEmbeddings(stored["embeddings"], stored["synonym_to_class"])
         else:
             per_backbone[key] = _encode(backbone, names)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(per_backbone[key]._asdict(), path)
+                _save_atomically(per_backbone[key]._asdict(), path)
     cached = per_backbone[key]
     device = next(iter(backbone.buffers()), torch.empty(0)).device
     return TextEmbeddings(cached.embeddings.to(device), cached.synonym_to_class.to(device))
+
+
+def _save_atomically(values: dict, path: Path) -> None:
+    """Processes that compute the same embeddings at once each write a file of their own, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(values, tmp)
+    os.replace(tmp, path)
 
 
 def synonym_table(synonym_to_class: torch.Tensor, num_classes: int) -> torch.Tensor:
