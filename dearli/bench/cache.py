@@ -50,9 +50,10 @@ def run_bench_cache(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dearli.caches.generators import GeneratorSpec
-    from dearli.caches.job import ray_session, run_cache_job
+    from dearli.caches.job import run_cache_job
     from dearli.caches.workers import SamWorker
     from dearli.errors import ConfigError
+    from dearli.runtime import ray_session
 
     try:
         counts = [int(v) for v in args.actors.split(",") if v.strip()]

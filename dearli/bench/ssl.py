@@ -43,7 +43,7 @@ def _counts(text: str) -> list[int]:
 def run_bench_ssl(args: argparse.Namespace) -> int:
     from dearli.config import load_config
     from dearli.data.synth.writer import write_synth_dataset
-    from dearli.stages.common import ensure_ray
+    from dearli.runtime import ensure_ray
 
     ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dearli.config import CacheConfig, InferenceConfig
+from dearli.runtime import add_actor_pool_arguments
 
 _CACHE = CacheConfig()
 _INFERENCE = InferenceConfig()
@@ -23,21 +24,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split whose images are cached (default: train)")
     parser.add_argument("--out", required=True, metavar="URI",
                         help="cache location: a local directory or a filesystem URI such as s3://bucket/path")
-    parser.add_argument("--actors", type=int, default=1, metavar="N",
-                        help="actors in the pool, each holding one copy of the model (default: 1)")
-    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
-                        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
-    parser.add_argument("--resources", default=None, metavar="JSON",
-                        help="custom Ray resources per actor, e.g. '{\"dearli_cache\": 1}': the actors run only on "
-                        "nodes that offer them (default: any node)")
+    add_actor_pool_arguments(parser, "dearli_cache")
     parser.add_argument("--images-per-part", type=int, default=_CACHE.images_per_part, metavar="K",
                         help=f"images per committed part (default: {_CACHE.images_per_part})")
     parser.add_argument("--limit", type=int, default=0, metavar="N",
                         help="process at most N missing images in this run (default: all)")
-    parser.add_argument("--max-pixels", type=int, default=None, metavar="P",
-                        help="images with more pixels are recorded as failures (default: 64M)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own logs and progress bars (default: warnings and our progress only)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

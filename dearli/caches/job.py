@@ -12,27 +12,23 @@ pool for the images that are still missing (``max_attempts``), as a rerun of the
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dearli.caches.store import CacheStore, new_run_id
 from dearli.caches.workers import STATUS_DONE, STATUS_FAILED
+from dearli.runtime import default_gpus_per_actor, ensure_ray
 
 MAX_ATTEMPTS = 3  # pools in a row that may lose actors before committing anything (then the job fails)
 RETRY_WAIT_S = 10.0  # before a pool that follows one lost without progress (doubling): Ray's node health
 # checks notice a lost node in ~15-30 s by default, and a pool started sooner may be placed on it again
 PROGRESS_STEPS = 10  # progress lines per run (every 10% of the images)
-# Notices that are true but need no action: token authentication is on for a local instance, and
-# Ray Data's progress bars are off (we print our own progress).
-_NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
+
 
 
 @dataclass
@@ -56,90 +52,6 @@ class JobSummary:
         if len(self.nodes) > 1:
             text += f"; actors on {len(self.nodes)} nodes"
         return text
-
-
-def _hide_lost_actors(record: logging.LogRecord) -> bool:
-    """False for Ray Data's console records about an actor lost with its node or process (errors with
-    tracebacks): ``_process`` starts a new pool and says so in one line. An actor whose constructor raised
-    stays visible."""
-    import ray.exceptions
-
-    # Ray Data logs some of them without exc_info, from inside the ``except`` that handles the error.
-    error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-    return not (isinstance(error, ray.exceptions.RayActorError) and not error.actor_init_failed)
-
-
-def quiet_ray_logging(verbose: bool = False) -> None:
-    """Ray's driver-side logging at WARNING (``verbose``: everything, with Ray Data's progress bars).
-
-    Ray Data configures its own logger with an INFO console handler and prints progress; users see
-    our progress lines and real problems instead. Ray Data's full log stays in the session's log files.
-    """
-    import ray.data
-
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("ray").setLevel(level)
-    for name in _NOTICE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console; its file handler keeps everything
-            handler.setLevel(level)
-            (handler.removeFilter if verbose else handler.addFilter)(_hide_lost_actors)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = verbose
-    context.print_on_execution_start = verbose
-
-
-PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-LOCAL_PARQUET_FOOTER_ACTORS = 2
-
-
-def ensure_ray(verbose: bool = False) -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start a local one, unless already connected.
-
-    Without RAY_ADDRESS the instance is always a new one of this process (not whichever Ray another
-    program started on the machine last), with at least 4 logical CPUs: actors and Data stages each
-    hold one, and a small machine would make them wait for each other. Without ``verbose`` Ray logs
-    warnings and errors only and worker output stays in Ray's log files.
-    """
-    local = os.environ.get("RAY_ADDRESS", "local") == "local"
-    if local:
-        # Ray Data reads Parquet footers with a pool of 32 actors by default (made for object stores
-        # full of files): on a laptop that is 32 worker processes, raylet warnings and half a minute of
-        # start-up for a cache of a few files. Set before ray.data is imported and the local Ray starts,
-        # so the driver and every worker see it; a user's own setting wins.
-        os.environ.setdefault(PARQUET_FOOTER_ACTORS_ENV, str(LOCAL_PARQUET_FOOTER_ACTORS))
-    import ray
-
-    quiet_ray_logging(verbose)
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
-    if local:
-        kwargs.update(address="local", num_cpus=max(4, os.cpu_count() or 1))
-    ray.init(**kwargs)
-
-
-@contextmanager
-def ray_session(verbose: bool = False) -> Iterator[None]:
-    """Use the Ray instance already connected, or start one (RAY_ADDRESS or local) for the block only."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    ensure_ray(verbose)
-    try:
-        yield
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def default_gpus_per_actor() -> float:
-    """1 when the Ray cluster has GPUs, else 0 (CPU actors)."""
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 class _Progress:

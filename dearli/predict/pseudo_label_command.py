@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dearli.config import CacheConfig
+from dearli.runtime import add_actor_pool_arguments
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CACHE = CacheConfig()
@@ -43,19 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha-clip", type=float, default=None, metavar="A",
                         help="CLIP weight of the ensemble in [0, 1] (default: the checkpoint's "
                         "model.ensemble.alpha_clip)")
-    parser.add_argument("--actors", type=int, default=1, metavar="N",
-                        help="actors in the pool, each holding one copy of the model (default: 1)")
-    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
-                        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
-    parser.add_argument("--resources", default=None, metavar="JSON",
-                        help="custom Ray resources per actor, e.g. '{\"gpu_node\": 1}': the actors run only on "
-                        "nodes that offer them (default: any node)")
+    add_actor_pool_arguments(parser, "gpu_node")
     parser.add_argument("--batch-size", type=int, default=_CACHE.images_per_part, metavar="B",
                         help=f"images per actor call and per committed part (default: {_CACHE.images_per_part})")
-    parser.add_argument("--max-pixels", type=int, default=None, metavar="P",
-                        help="images with more pixels are recorded as failures (default: 64M)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own logs and progress bars (default: warnings and our progress only)")
     parser.set_defaults(handler=_run)
 
 

@@ -9,7 +9,6 @@ group, or a rerun with ``--resume`` (same run name and storage), continues from 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 import time
@@ -21,40 +20,10 @@ import torch
 from dearli.config import Config
 from dearli.config_io import from_dict, to_dict
 from dearli.errors import DataError, DearliError
+from dearli.runtime import cluster_has_gpus, quiet
 from dearli.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "state.pt"  # the dearli checkpoint inside a Ray Train checkpoint directory
-
-
-def ensure_ray(verbose: bool = False) -> None:
-    """Connect to RAY_ADDRESS or start a local Ray (as the caches do), with quiet logging."""
-    from dearli.caches.job import ensure_ray as connect
-
-    connect(verbose)
-    quiet(verbose)
-
-
-def quiet(verbose: bool = False) -> None:
-    """Our progress and real problems, not library internals: INFO logs of open_clip, Ray Data progress bars
-    and Ray Train's INFO lines stay hidden unless ``verbose``. Call in the driver and in every worker."""
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger().setLevel(level)
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(level)
-    try:
-        from ray.data import DataContext
-
-        context = DataContext.get_current()
-        context.enable_progress_bars = verbose
-        context.print_on_execution_start = verbose
-    except ImportError:  # pragma: no cover - ray[data] is a dependency
-        pass
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def scaling_config(cfg: Config):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dearli import runtime
 from dearli.config import Config
 from dearli.stages import workspace
 from dearli.stages.tracking import PipelineTracker
@@ -69,9 +70,7 @@ def cost_lines(state: dict[str, Any]) -> list[str]:
 
 def connect_ray() -> None:
     """The cluster in RAY_ADDRESS (set by ``ray job submit``), else a new local instance of this process."""
-    from dearli.stages import common
-
-    common.ensure_ray()
+    runtime.ensure_ray()
 
 
 def cache_actors() -> int:

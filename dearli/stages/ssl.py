@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dearli import runtime
 from dearli.config import Config
 from dearli.stages import common
 from dearli.stages.ssl_loop import STAGE, VARIANTS
@@ -55,9 +56,9 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
 
         raise DataError(cfg.data.dataset, f"partition {cfg.data.partition!r} leaves no unlabeled image")
     run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
-    common.ensure_ray()
+    runtime.ensure_ray()
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
-    store, teachers = start_teacher_pool(cfg, fraction, common.cluster_has_gpus())
+    store, teachers = start_teacher_pool(cfg, fraction, runtime.cluster_has_gpus())
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
     echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "

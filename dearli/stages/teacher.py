@@ -60,7 +60,7 @@ class TeacherWorker:
     def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float):
         from dearli.data.dataset import load_dataset
         from dearli.model.m2f_lang import build_m2f_lang
-        from dearli.stages.common import quiet
+        from dearli.runtime import quiet
 
         quiet()
         self.cfg: Config = from_dict(Config, cfg_dict)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dearli import runtime
 from dearli.config import Config
 from dearli.errors import DataError
 from dearli.stages import common
@@ -48,7 +49,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
                         "learn nothing (loss 0). Check cache.sam_checkpoint against cache.sam_type, or lower "
                         "cache.pred_iou_thresh / cache.stability_score_thresh, and build the cache again")
     run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
-    common.ensure_ray()
+    runtime.ensure_ray()
     parts = reader.store.part_files()
     # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
     dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs).select_columns(
