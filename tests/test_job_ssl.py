@@ -241,3 +241,20 @@ def test_supervised_job_writes_absolute_paths_under_its_workdir(tmp_path):
     assert f"checkpoint: {run_dir / 'checkpoints' / 'step_0000001.pt'}" in done.stdout
     assert f"run directory: {run_dir} (" in done.stdout
     assert (run_dir / "eval" / "step_0000001" / "metrics.json").is_file()
+
+
+def test_cache_locations_follow_what_the_caches_hold(synth, tmp_path):
+    """The default cache folders are a hash of the cache settings: how a cache is computed (actors, images per
+    part) shares it, what it holds (SAM settings, the CLIP's test scale) does not."""
+    opts = PipelineOptions(dataset=str(synth), preset="tiny", sam_generator="sam",
+                           overrides=("cache.sam_type=tiny",))
+
+    def caches(*overrides: str) -> tuple[str, str]:
+        cfg, _ = build_config(dataclasses.replace(opts, overrides=(*opts.overrides, *overrides)), synth, tmp_path,
+                              "run")
+        return cfg.cache.sam_cache, cfg.cache.clip_cache
+
+    base = caches()
+    assert caches("cache.images_per_part=3") == base
+    assert caches("cache.points_per_side=8")[0] != base[0] and caches("cache.points_per_side=8")[1] == base[1]
+    assert caches("model.inference.test_short_side=96")[1] != base[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,39 @@ def image_rows(dataset: str, split: str) -> tuple[Any, list[dict[str, Any]]]:
     return info, rows
 
 
-def _job_options(args: argparse.Namespace) -> dict[str, Any]:
-    from dearli.errors import ConfigError
+@dataclass(frozen=True)
+class PoolOptions:
+    """How a cache job runs (none of it changes what is cached): actors, their GPUs and resources, images per
+    committed part, an image limit, the largest image, Ray's verbosity."""
 
-    if args.actors < 1 or args.images_per_part < 1 or args.limit < 0:
-        raise ConfigError("--actors and --images-per-part must be positive, --limit >= 0")
-    return {"actors": args.actors, "gpus_per_actor": args.gpus_per_actor, "resources": parse_resources(args.resources),
-            "images_per_part": args.images_per_part, "limit": args.limit, "verbose": args.verbose, "echo": print}
+    actors: int = 1
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    resources: dict[str, float] = field(default_factory=dict)
+    images_per_part: int = _CACHE.images_per_part
+    limit: int = 0
+    max_pixels: int | None = None
+    verbose: bool = False
+
+    def validate(self) -> None:
+        from dearli.errors import ConfigError
+
+        if self.actors < 1 or self.images_per_part < 1 or self.limit < 0:
+            raise ConfigError("--actors and --images-per-part must be positive, --limit >= 0")
+
+    def job_kwargs(self, echo: Any) -> dict[str, Any]:
+        return {"actors": self.actors, "gpus_per_actor": self.gpus_per_actor, "resources": self.resources,
+                "images_per_part": self.images_per_part, "limit": self.limit, "verbose": self.verbose, "echo": echo}
+
+    def worker_extra(self) -> dict[str, Any]:
+        return {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+
+
+def _pool_options(args: argparse.Namespace) -> PoolOptions:
+    options = PoolOptions(actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                          resources=parse_resources(args.resources), images_per_part=args.images_per_part,
+                          limit=args.limit, max_pixels=args.max_pixels, verbose=args.verbose)
+    options.validate()
+    return options
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
@@ -119,42 +146,46 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return {k: float(v) for k, v in value.items()}
 
 
-def _worker_extra(args: argparse.Namespace) -> dict[str, Any]:
-    return {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-
-
-def _report(kind: str, uri: str, summary: Any) -> int:
-    print(f"{kind} cache {summary.line(uri)}")
+def _report(kind: str, uri: str, summary: Any, echo: Any = print) -> int:
+    echo(f"{kind} cache {summary.line(uri)}")
     for stem, reason in summary.failures[:20]:
-        print(f"  failed {stem}: {reason}")
+        echo(f"  failed {stem}: {reason}")
     if summary.failed:
-        print(f"  all failures: {uri.rstrip('/')}/errors/ (dearli.caches.readers.CacheReader.errors())")
+        echo(f"  all failures: {uri.rstrip('/')}/errors/ (dearli.caches.readers.CacheReader.errors())")
     return 0
 
 
 def run_sam(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from dearli.caches.generators import GeneratorSpec
-    from dearli.caches.job import run_cache_job
-    from dearli.caches.workers import SamWorker
 
     # The actors load the weights: on a cluster that is another node, in another working directory.
     checkpoint = str(Path(args.sam_checkpoint).expanduser().resolve()) if args.sam_checkpoint else ""
     spec = GeneratorSpec(kind=args.generator, sam_type=args.sam_type, sam_checkpoint=checkpoint,
                          points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                          pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
+    return build_sam_cache(args.dataset, args.split, args.out, spec, _pool_options(args))
+
+
+def build_sam_cache(dataset: str | Path, split: str, out: str, spec: Any, pool: PoolOptions = PoolOptions(),
+                    echo: Any = print) -> int:
+    """``dearli cache sam`` as a function: the masks of ``spec`` (a GeneratorSpec) for every image of
+    ``split`` missing from ``out``; prints the summary and the images without masks; returns 0."""
+    import dataclasses
+
+    from dearli.caches.job import run_cache_job
+    from dearli.caches.workers import SamWorker
+
     spec.validate()
     spec.check_weights()
-    _, rows = image_rows(args.dataset, args.split)
-    worker_kwargs = {"spec": dataclasses.asdict(spec), **_worker_extra(args)}
-    summary = run_cache_job(args.out, "sam", spec.settings(), rows, SamWorker, worker_kwargs, **_job_options(args))
-    status = _report("sam", args.out, summary)
-    _report_empty(args.out)
+    _, rows = image_rows(str(dataset), split)
+    worker_kwargs = {"spec": dataclasses.asdict(spec), **pool.worker_extra()}
+    summary = run_cache_job(out, "sam", spec.settings(), rows, SamWorker, worker_kwargs, **pool.job_kwargs(echo))
+    status = _report("sam", out, summary, echo)
+    _report_empty(out, echo)
     return status
 
 
-def _report_empty(uri: str) -> None:
+def _report_empty(uri: str, echo: Any = print) -> None:
     """Say which cached images hold no mask: a SAM whose checkpoint does not fit --sam-type, or thresholds
     no mask passes, would otherwise leave the warm-up nothing to learn without a word."""
     from dearli.caches.readers import read_sam_cache, without_masks
@@ -164,7 +195,7 @@ def _report_empty(uri: str) -> None:
     if not empty:
         return
     shown = ", ".join(empty[:10]) + (f", ... ({len(empty) - 10} more)" if len(empty) > 10 else "")
-    print(f"sam cache {uri}: WARNING {len(empty)} of {len(reader)} images hold no mask ({shown}); "
+    echo(f"sam cache {uri}: WARNING {len(empty)} of {len(reader)} images hold no mask ({shown}); "
           "if that is most of them, check --sam-checkpoint against --sam-type, or lower --pred-iou-thresh "
           "and --stability-score-thresh")
 
@@ -186,17 +217,23 @@ def clip_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_clip(args: argparse.Namespace) -> int:
+    return build_clip_cache(args.dataset, args.split, args.out, clip_settings_from_args(args), _pool_options(args))
+
+
+def build_clip_cache(dataset: str | Path, split: str, out: str, settings: dict[str, Any],
+                     pool: PoolOptions = PoolOptions(), echo: Any = print) -> int:
+    """``dearli cache clip`` as a function: dense CLIP features of ``settings`` (see
+    :func:`dearli.caches.clip_features.clip_settings`) for every image of ``split`` missing from ``out``, and
+    the text table of the dataset's classes; prints the summary; returns 0."""
     from dearli.caches.clip_features import write_text_table
     from dearli.caches.job import run_cache_job
     from dearli.caches.store import CacheStore
     from dearli.caches.workers import ClipWorker
 
-    settings = clip_settings_from_args(args)
-    info, rows = image_rows(args.dataset, args.split)
-    options = _job_options(args)
+    info, rows = image_rows(str(dataset), split)
     # Check the location and the class list before spending any compute on images.
-    CacheStore(args.out).open_for_writing("clip", settings)
-    write_text_table(args.out, settings, info.categories)
-    worker_kwargs = {"settings": settings, **_worker_extra(args)}
-    summary = run_cache_job(args.out, "clip", settings, rows, ClipWorker, worker_kwargs, **options)
-    return _report("clip", args.out, summary)
+    CacheStore(out).open_for_writing("clip", settings)
+    write_text_table(out, settings, info.categories)
+    worker_kwargs = {"settings": settings, **pool.worker_extra()}
+    summary = run_cache_job(out, "clip", settings, rows, ClipWorker, worker_kwargs, **pool.job_kwargs(echo))
+    return _report("clip", out, summary, echo)

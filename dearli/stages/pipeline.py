@@ -131,14 +131,13 @@ def build_config(opts: PipelineOptions, dataset: Path, workdir: Path, run_name: 
                  *opts.overrides]
     cfg = resolve_clip(load_config(opts.preset, overrides), workdir / CACHE_FOLDER, log=echo, train=not opts.dry_run)
     generator = opts.sam_generator or ("felzenszwalb" if opts.dataset is None else "sam")
-    if generator == "sam" and not cfg.cache.sam_cache and not cfg.cache.sam_checkpoint:
+    if generator == "sam" and cfg.cache.sam_type != "tiny" and not cfg.cache.sam_cache and not cfg.cache.sam_checkpoint:
         raise ConfigError("cache.sam_checkpoint: SAM needs its weights file (cache.sam_checkpoint=PATH), or pass "
                           "an existing cache (cache.sam_cache=URI), or use --sam-generator felzenszwalb")
     cache = cfg.cache
-    sam = cache.sam_cache or workspace.default_cache_uri(workdir, str(dataset), f"sam-{generator}",
-                                                         workspace.sam_cache_args(cfg, generator))
-    clip = cache.clip_cache or workspace.default_cache_uri(workdir, str(dataset), "clip",
-                                                           workspace.clip_cache_args(cfg))
+    settings = workspace.cache_settings(cfg, generator)
+    sam = cache.sam_cache or workspace.default_cache_uri(workdir, str(dataset), f"sam-{generator}", settings["sam"])
+    clip = cache.clip_cache or workspace.default_cache_uri(workdir, str(dataset), "clip", settings["clip"])
     train = cfg.train
     if train.storage_path:  # a shared Train storage (e.g. s3://...) holds many runs: one folder per run name
         train = dataclasses.replace(train, storage_path=f"{train.storage_path.rstrip('/')}/{run_name}")
@@ -180,14 +179,18 @@ def check_dataset(cfg: Config) -> None:
         info.partition(cfg.data.partition)
 
 
-def check_weights(cfg: Config, generator: str) -> None:
+def check_weights(cfg: Config, generator: str, workdir: Path) -> None:
     """The weights files the run will load (CLIP always, SAM when its cache is built with it), checked for
-    the configured models in this process before anything is computed: one line naming the file if not."""
+    the configured models in this process before anything is computed: one line naming the file if not.
+    The project's own CLIP, not yet pre-trained (a dry run), is not there to check."""
     from dearli.caches.generators import GeneratorSpec
     from dearli.model.backbone import check_clip_weights
 
-    check_clip_weights(cfg.model.backbone.clip_model, cfg.model.backbone.pretrained)
-    if generator == "sam" and cfg.cache.sam_type != "tiny":
+    pretrained = cfg.model.backbone.pretrained
+    to_be_trained = Path(pretrained).parent == workdir / CACHE_FOLDER and not Path(pretrained).exists()
+    if not to_be_trained:
+        check_clip_weights(cfg.model.backbone.clip_model, pretrained)
+    if generator == "sam" and cfg.cache.sam_type != "tiny" and cfg.cache.sam_checkpoint:
         spec = GeneratorSpec(kind="sam", sam_type=cfg.cache.sam_type, sam_checkpoint=cfg.cache.sam_checkpoint)
         spec.validate()
         spec.check_weights()
@@ -239,7 +242,7 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         dataset = Path(opts.dataset).expanduser().resolve()
     run_name, run_dir = choose_run(workdir / "runs", opts.run_name, opts.resume)
     cfg, generator = build_config(opts, dataset, workdir, run_name)  # a bad config stops before any write
-    check_weights(cfg, generator)
+    check_weights(cfg, generator, workdir)
     if opts.dry_run:
         return dry_run(cfg, dataset, run_dir, generator, workdir)
     if opts.run_name is None and not opts.resume:  # a new run: take its name for good

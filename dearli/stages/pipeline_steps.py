@@ -87,25 +87,24 @@ def caches(ctx: StageContext, generator: str) -> None:
     """SAM masks of the train split and CLIP features of the val split, computed only where missing."""
     cfg = ctx.cfg
     dataset = cfg.data.dataset
-    jobs = [("sam", workspace.SAM_SPLIT, cfg.cache.sam_cache, workspace.sam_cache_args(cfg, generator)),
-            ("clip", workspace.CLIP_SPLIT, cfg.cache.clip_cache, workspace.clip_cache_args(cfg))]
+    jobs = [("sam", workspace.SAM_SPLIT, cfg.cache.sam_cache), ("clip", workspace.CLIP_SPLIT, cfg.cache.clip_cache)]
     tags = {"dearli.sam_cache": cfg.cache.sam_cache, "dearli.clip_cache": cfg.cache.clip_cache,
             "dearli.sam_generator": generator}
-    missing = {kind: workspace.missing_images(uri, kind, dataset, split) for kind, split, uri, _ in jobs}
+    missing = {kind: workspace.missing_images(uri, kind, dataset, split) for kind, split, uri in jobs}
     if not any(missing.values()):
-        for kind, split, uri, _ in jobs:
+        for kind, split, uri in jobs:
             ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
         ctx.tracker.reused("cache", tags)
         return
     with ctx.tracker.stage("cache") as spec, ctx.measured("cache"):
         ctx.tracker.set_tags(tags, spec.run_id)
         actors = cache_actors()
-        for kind, split, uri, options in jobs:
+        for kind, split, uri in jobs:
             if not missing[kind]:
                 ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
                 continue
             ctx.echo(f"cache {kind}: {missing[kind]} {split} images to compute into {uri} ({actors} actors)")
-            workspace.run_cache_command(kind, dataset, split, uri, options, actors)
+            workspace.build_cache(kind, cfg, generator, split, uri, actors, ctx.echo)
 
 
 def _done_before(ctx: StageContext, stage: str) -> dict[str, Any] | None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from dearli.config import DEFAULT_WORKDIR, Config
-from dearli.errors import DataError
 
 __all__ = ["DEFAULT_WORKDIR"]  # re-exported: the jobs and the report read it from here
 SYNTH_SEED = 0  # the embedded default world
@@ -65,29 +64,36 @@ def cache_folder(workdir: Path, dataset: str | Path) -> Path:
     return workdir / "caches" / f"{dataset.name}-{_short_hash(str(dataset))}"
 
 
-def sam_cache_args(cfg: Config, generator: str) -> list[str]:
-    """``dearli cache sam`` options from the config's cache section (everything that changes the masks)."""
+def sam_spec(cfg: Config, generator: str) -> Any:
+    """The GeneratorSpec of the run's SAM cache (``generator``: sam, or the felzenszwalb stand-in)."""
+    from dearli.caches.generators import GeneratorSpec
+
     c = cfg.cache
-    args = ["--generator", generator, "--images-per-part", str(c.images_per_part)]
-    if generator == "sam":
-        args += ["--sam-type", c.sam_type, "--sam-checkpoint", c.sam_checkpoint,
-                 "--points-per-side", str(c.points_per_side), "--points-per-batch", str(c.points_per_batch),
-                 "--pred-iou-thresh", str(c.pred_iou_thresh), "--stability-score-thresh",
-                 str(c.stability_score_thresh)]
-    return args
+    if generator != "sam":
+        return GeneratorSpec(kind=generator)
+    checkpoint = str(Path(c.sam_checkpoint).expanduser().resolve()) if c.sam_checkpoint else ""
+    return GeneratorSpec(kind="sam", sam_type=c.sam_type, sam_checkpoint=checkpoint,
+                         points_per_side=c.points_per_side, points_per_batch=c.points_per_batch,
+                         pred_iou_thresh=c.pred_iou_thresh, stability_score_thresh=c.stability_score_thresh)
 
 
-def clip_cache_args(cfg: Config) -> list[str]:
-    """``dearli cache clip`` options: the config's backbone and test-time scale."""
+def clip_cache_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of the run's CLIP cache: the config's backbone and test-time scale."""
+    from dearli.caches.clip_features import clip_settings
+
     m = cfg.model
-    return ["--model", m.backbone.clip_model, "--pretrained", m.backbone.pretrained,
-            "--short-side", str(m.inference.test_short_side), "--max-size", str(m.inference.test_max_size),
-            "--images-per-part", str(cfg.cache.images_per_part)]
+    return clip_settings(m.backbone.clip_model, m.backbone.pretrained, m.inference.test_short_side,
+                         m.inference.test_max_size, m.inference.size_divisibility)
 
 
-def default_cache_uri(workdir: Path, dataset: str, kind: str, args: list[str]) -> str:
+def cache_settings(cfg: Config, generator: str) -> dict[str, dict[str, Any]]:
+    """{"sam": ..., "clip": ...}: everything that changes what each cache holds (its manifest's settings)."""
+    return {"sam": sam_spec(cfg, generator).settings(), "clip": clip_cache_settings(cfg)}
+
+
+def default_cache_uri(workdir: Path, dataset: str, kind: str, settings: dict[str, Any]) -> str:
     """``<workdir>/caches/<dataset>/<kind>-<hash of the settings>``: other settings, other cache."""
-    return str(cache_folder(workdir, dataset) / f"{kind}-{_short_hash(args)}")
+    return str(cache_folder(workdir, dataset) / f"{kind}-{_short_hash(settings)}")
 
 
 def missing_images(uri: str, kind: str, dataset: str, split: str) -> int:
@@ -103,19 +109,17 @@ def missing_images(uri: str, kind: str, dataset: str, split: str) -> int:
     return sum(r["stem"] not in cached for r in rows)
 
 
-def run_cache_command(kind: str, dataset: str, split: str, uri: str, options: list[str], actors: int) -> None:
-    """Run ``dearli cache KIND`` in this process (errors propagate as DearliError)."""
-    import argparse
+def build_cache(kind: str, cfg: Config, generator: str, split: str, uri: str, actors: int,
+                echo: Callable[[str], Any] = print) -> None:
+    """Compute the images of ``split`` missing from the run's ``kind`` cache at ``uri``, in this process
+    (Ray actor pools; errors propagate as DearliError)."""
+    from dearli.caches.commands import PoolOptions, build_clip_cache, build_sam_cache
 
-    from dearli.caches import commands as cache_commands
-
-    parser = argparse.ArgumentParser(prog="dearli")
-    cache_commands.register(parser.add_subparsers(dest="command"))
-    argv = ["cache", kind, "--dataset", dataset, "--split", split, "--out", uri, "--actors", str(actors), *options]
-    args = parser.parse_args(argv)
-    code = args.handler(args)
-    if code:
-        raise DataError(uri, f"'dearli {' '.join(argv[:2])}' failed with exit code {code}")
+    pool = PoolOptions(actors=actors, images_per_part=cfg.cache.images_per_part)
+    if kind == "sam":
+        build_sam_cache(cfg.data.dataset, split, uri, sam_spec(cfg, generator), pool, echo)
+    else:
+        build_clip_cache(cfg.data.dataset, split, uri, clip_cache_settings(cfg), pool, echo)
 
 
 def run_names(runs_dir: Path, prefix: str) -> list[str]:
