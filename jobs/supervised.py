@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 
@@ -36,21 +37,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from dearli.cli import main as dearli
+    from dearli.errors import DearliError
+    from dearli.pretrain.resolve import load_resolved_config
+    from dearli.training.supervised import train_supervised
 
     echo = functools.partial(print, flush=True)  # a Ray job's stdout is a pipe
-    workdir = resolve_workdir(args.workdir)
-    echo(f"workdir: {workdir}")
-    dataset = synth_dataset(workdir, args.num_images, args.val_images, echo)
-    # the project's CLIP (preset synth) is cached where jobs/ssl.py keeps it: trained once for both jobs
-    os.environ.setdefault(CACHE_ENV, str(workdir / CACHE_FOLDER))
-    run_dir = workdir / "runs" / next_run_name(workdir / "runs", "supervised")  # never reuse a finished run
-    echo(f"run directory: {run_dir}")
-    code = dearli(["train", "--dataset", str(dataset), "--partition", args.partition, "--out", str(run_dir),
-                   "--preset", args.preset, f"train.max_steps={args.steps}", *args.overrides])
-    if code == 0:
-        echo(f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, eval/)")
-    return code
+    try:
+        workdir = resolve_workdir(args.workdir)
+        echo(f"workdir: {workdir}")
+        dataset = synth_dataset(workdir, args.num_images, args.val_images, echo)
+        # the project's CLIP (preset synth) is cached where jobs/ssl.py keeps it: trained once for both jobs
+        os.environ.setdefault(CACHE_ENV, str(workdir / CACHE_FOLDER))
+        # JSON strings are valid YAML scalars, so a path like "2017" stays a string.
+        cfg = load_resolved_config(args.preset, [f"data.dataset={json.dumps(str(dataset))}",
+                                                 f"data.partition={json.dumps(args.partition)}",
+                                                 f"train.max_steps={args.steps}", *args.overrides])
+        run_dir = workdir / "runs" / next_run_name(workdir / "runs", "supervised")  # never reuse a finished run
+        echo(f"run directory: {run_dir}")
+        result = train_supervised(cfg, run_dir)
+    except DearliError as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    echo(f"checkpoint: {result['checkpoint']}")
+    echo(f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/, eval/)")
+    return 0
 
 
 if __name__ == "__main__":
