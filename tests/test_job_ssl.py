@@ -258,3 +258,38 @@ def test_cache_locations_follow_what_the_caches_hold(synth, tmp_path):
     assert caches("cache.images_per_part=3") == base
     assert caches("cache.points_per_side=8")[0] != base[0] and caches("cache.points_per_side=8")[1] == base[1]
     assert caches("model.inference.test_short_side=96")[1] != base[1]
+
+
+def test_the_project_clip_is_a_pipeline_step_of_its_own(tmp_path):
+    """The synth preset's CLIP is resolved to its cache path without training; the pipeline's first step
+    records it in stages.json and as a nested MLflow run (here reused: the file is already cached)."""
+    from mlflow.tracking import MlflowClient
+
+    from dearli.pretrain.resolve import CACHE_FOLDER
+    from dearli.stages import pipeline_steps
+    from dearli.stages.pipeline import read_state, write_state
+
+    opts = PipelineOptions(preset="synth", sam_generator="felzenszwalb")
+    workdir, run_dir = tmp_path / "work", tmp_path / "work" / "runs" / "run"
+    cfg, _ = build_config(opts, tmp_path / "data", workdir, "run")
+    clip = Path(cfg.model.backbone.pretrained)
+    assert clip.parent == workdir / CACHE_FOLDER and not clip.exists()  # resolved, not trained
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"cached")  # as an earlier run left it
+    run_dir.mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.PipelineTracker.open(uri, "clip-step", "run", run_dir)
+    said: list[str] = []
+    ctx = pipeline_steps.StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker, state={},
+                                      save_state=lambda state: write_state(run_dir, state), echo=said.append)
+    pipeline_steps.pretrain_clip(ctx, workdir / CACHE_FOLDER)
+    assert read_state(run_dir)["clip"] == {"checkpoint": str(clip), "reused": True}
+    assert said == [f"clip: reusing the project's CLIP {clip}"]
+    children = MlflowClient(uri).search_runs([tracker.experiment_id],
+                                            f"tags.mlflow.parentRunId = '{tracker.run_id}'")
+    assert [(r.info.run_name, r.data.tags[tracking.REUSED_TAG]) for r in children] == [("clip", "true")]
+    other, _ = build_config(PipelineOptions(preset="tiny", sam_generator="felzenszwalb"), tmp_path / "data",
+                            workdir, "run")
+    ctx.cfg, ctx.state = other, {}
+    pipeline_steps.pretrain_clip(ctx, workdir / CACHE_FOLDER)  # another CLIP: no step at all
+    assert ctx.state == {}

@@ -119,10 +119,13 @@ def _list(text: str, option: str, cast: Callable[[str], Any] = str) -> list[Any]
 def base_config(preset: str, overrides: tuple[str, ...], dataset: Path, workdir: Path, budget: str,
                 run_name: str) -> tuple[Config, str]:
     """(config, SAM generator) as the pipeline builds it (CLIP resolved, cache locations), at ``budget``."""
+    from dearli.pretrain.resolve import CACHE_FOLDER, is_project_clip, pretrain_project_clip
     from dearli.stages.pipeline import PipelineOptions, build_config
 
     cfg, generator = build_config(PipelineOptions(partition=budget, preset=preset, overrides=overrides), dataset,
                                   workdir, run_name)
+    if is_project_clip(cfg.model.backbone.pretrained, workdir / CACHE_FOLDER):
+        pretrain_project_clip(workdir / CACHE_FOLDER, echo)  # once; every later cell finds it
     # Same step budget for every row: no per-partition supervised schedule.
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, supervised_steps={})), generator
 

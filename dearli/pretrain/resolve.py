@@ -50,15 +50,31 @@ def resolve_clip(cfg: Config, cache_dir: str | Path | None = None, log: Callable
     root = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
     path = cached_path(root, options)
     if train and not path.exists():
-        log(f"[clip] pre-training the project's CLIP once ({options.steps} steps); cached as {path}")
-
-        def progress(step: int, metrics: dict) -> None:
-            if step % LOG_EVERY == 0 or step == options.steps:
-                log(f"[clip] step {step}/{options.steps}: loss {metrics['loss']:.3f}, {metrics['seconds']:.0f} s")
-
-        path = ensure_pretrained_clip(root, options=options, log=progress)
+        path = pretrain_project_clip(root, log)
     backbone = dataclasses.replace(backbone, pretrained=str(path))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
+
+
+def pretrain_project_clip(cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Train the project's CLIP into ``cache_dir`` unless it is there; returns its checkpoint path."""
+    options = PretrainOptions()
+    root = Path(cache_dir).expanduser().absolute()
+    path = cached_path(root, options)
+    if path.exists():
+        return path
+    log(f"[clip] pre-training the project's CLIP once ({options.steps} steps); cached as {path}")
+
+    def progress(step: int, metrics: dict) -> None:
+        if step % LOG_EVERY == 0 or step == options.steps:
+            log(f"[clip] step {step}/{options.steps}: loss {metrics['loss']:.3f}, {metrics['seconds']:.0f} s")
+
+    return ensure_pretrained_clip(root, options=options, log=progress)
+
+
+def is_project_clip(pretrained: str, cache_dir: str | Path) -> bool:
+    """Whether ``pretrained`` is the project CLIP's checkpoint path in ``cache_dir`` (trained or not yet)."""
+    return bool(pretrained) and Path(pretrained) == cached_path(Path(cache_dir).expanduser().absolute(),
+                                                                PretrainOptions())
 
 
 def load_resolved_config(preset: str, overrides: list[str] | tuple[str, ...] = (),

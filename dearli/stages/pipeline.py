@@ -129,7 +129,8 @@ def build_config(opts: PipelineOptions, dataset: Path, workdir: Path, run_name: 
     """The run's config (preset <- dataset/partition <- overrides <- cache locations); and the SAM generator."""
     overrides = [f"data.dataset={json.dumps(str(dataset))}", f"data.partition={json.dumps(opts.partition)}",
                  *opts.overrides]
-    cfg = resolve_clip(load_config(opts.preset, overrides), workdir / CACHE_FOLDER, log=echo, train=not opts.dry_run)
+    # Only the project CLIP's path: pre-training it is the pipeline's first step (steps.pretrain_clip).
+    cfg = resolve_clip(load_config(opts.preset, overrides), workdir / CACHE_FOLDER, log=echo, train=False)
     generator = opts.sam_generator or ("felzenszwalb" if opts.dataset is None else "sam")
     if generator == "sam" and cfg.cache.sam_type != "tiny" and not cfg.cache.sam_cache and not cfg.cache.sam_checkpoint:
         raise ConfigError("cache.sam_checkpoint: SAM needs its weights file (cache.sam_checkpoint=PATH), or pass "
@@ -185,10 +186,10 @@ def check_weights(cfg: Config, generator: str, workdir: Path) -> None:
     The project's own CLIP, not yet pre-trained (a dry run), is not there to check."""
     from dearli.caches.generators import GeneratorSpec
     from dearli.model.backbone import check_clip_weights
+    from dearli.pretrain.resolve import is_project_clip
 
     pretrained = cfg.model.backbone.pretrained
-    to_be_trained = Path(pretrained).parent == workdir / CACHE_FOLDER and not Path(pretrained).exists()
-    if not to_be_trained:
+    if not (is_project_clip(pretrained, workdir / CACHE_FOLDER) and not Path(pretrained).exists()):
         check_clip_weights(cfg.model.backbone.clip_model, pretrained)
     if generator == "sam" and cfg.cache.sam_type != "tiny" and cfg.cache.sam_checkpoint:
         spec = GeneratorSpec(kind="sam", sam_type=cfg.cache.sam_type, sam_checkpoint=cfg.cache.sam_checkpoint)
@@ -262,6 +263,7 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     context = steps.StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker, state=read_state(run_dir),
                                  save_state=functools.partial(write_state, run_dir), echo=echo)
     try:
+        steps.pretrain_clip(context, workdir / CACHE_FOLDER)
         steps.connect_ray()
         steps.caches(context, generator)
         warm = steps.warmup(context)

@@ -73,6 +73,25 @@ def connect_ray() -> None:
     runtime.ensure_ray()
 
 
+def pretrain_clip(ctx: StageContext, cache_dir: Path) -> None:
+    """Stage 1 in miniature: the project's CLIP (preset synth), pre-trained once into ``cache_dir`` and reused
+    by every later run; its own line in stages.json and its own nested MLflow run. Nothing for other CLIPs."""
+    from dearli.pretrain.resolve import is_project_clip, pretrain_project_clip
+
+    path = ctx.cfg.model.backbone.pretrained
+    if not is_project_clip(path, cache_dir):
+        return
+    if Path(path).exists():
+        ctx.echo(f"clip: reusing the project's CLIP {path}")
+        ctx.tracker.reused("clip", {"dearli.checkpoint": path})
+        ctx.record("clip", {"checkpoint": path, "reused": True})
+        return
+    with ctx.tracker.stage("clip") as spec, ctx.measured("clip"):
+        trained = pretrain_project_clip(cache_dir, ctx.echo)
+        ctx.tracker.set_tags({"dearli.checkpoint": str(trained)}, spec.run_id)
+    ctx.record("clip", {"checkpoint": str(trained)})
+
+
 def cache_actors() -> int:
     """Actors per cache job: one per GPU, else half the logical CPUs (2 to 4) so Train can start next."""
     import ray
