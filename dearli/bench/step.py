@@ -148,26 +148,19 @@ class StepParts:
     criterion: Any  # dearli.losses.criterion.SetCriterion
     optimizer: Any  # torch.optim.Optimizer
     device: Any  # torch.device
-    build_s: float  # seconds to build the model (random init and the text embeddings of the classes)
+    build_s: float  # seconds to build model, criterion and optimizer (random init, text embeddings of the classes)
 
 
 def build_step_parts(cfg: Any, seed: int = 0) -> StepParts:
     """Model (synthetic-world vocabulary), criterion and optimizer of ``cfg``, on ``cfg.train.device``."""
-    import torch
-
     from dearli.data.synth.classes import CLASSES
     from dearli.device import resolve_device
-    from dearli.losses.criterion import build_criterion
-    from dearli.model.m2f_lang import build_m2f_lang
-    from dearli.training.optim import build_optimizer
+    from dearli.training.parts import build_training_parts
 
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model = build_m2f_lang(cfg.model, [c.names for c in CLASSES]).to(device)
-    build_s = time.perf_counter() - t0
-    criterion = build_criterion(cfg.model.loss, model.num_classes).to(device)
-    return StepParts(model, criterion, build_optimizer(model, cfg.optim), device, build_s)
+    parts = build_training_parts(cfg, [c.names for c in CLASSES], len(CLASSES), resolve_device(cfg.train.device),
+                                 max(1, cfg.train.max_steps), cfg.train.amp, seed=seed)
+    return StepParts(parts.model, parts.criterion, parts.optimizer, parts.device, time.perf_counter() - t0)
 
 
 def time_steps(parts: StepParts, batch: dict[str, Any], cfg: Any, warmup: int,

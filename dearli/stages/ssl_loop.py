@@ -64,9 +64,7 @@ class StudentLoop:
     def __init__(self, config: dict[str, Any]):
         from dearli.data.dataset import load_dataset
         from dearli.losses.criterion import build_criterion
-        from dearli.model.m2f_lang import build_m2f_lang
-        from dearli.training.optim import build_optimizer, build_poly_scheduler
-        from dearli.training.step import make_grad_scaler
+        from dearli.training.parts import build_training_parts
 
         self.cfg = cfg = common.config_from_loop(config)
         self.run_dir = Path(config["run_dir"])
@@ -77,16 +75,14 @@ class StudentLoop:
         self.device = common.worker_device(cfg)
         self.info = load_dataset(cfg.data.dataset)
         self.split = self.info.split(cfg.data.train_split)
-        torch.manual_seed(cfg.train.seed)  # a random (tiny) backbone is then the same in every process
-        self.model = build_m2f_lang(cfg.model, self.info.categories.synonyms).to(self.device)
-        self.criterion = build_criterion(cfg.model.loss, self.info.categories.num_classes).to(self.device)
+        parts = build_training_parts(cfg, self.info.categories.synonyms, self.info.categories.num_classes,
+                                     self.device, cfg.train.max_steps, cfg.ssl.precision == "amp")
+        self.model, self.criterion, self.optimizer, self.scheduler, self.scaler = (
+            parts.model, parts.criterion, parts.optimizer, parts.scheduler, parts.scaler)
         self.criterion_u = self.criterion  # the loss on pseudo-labels; "no object" may weigh less there
         if cfg.ssl.unlabeled_no_object_weight >= 0:
             loss_u = dataclasses.replace(cfg.model.loss, no_object_weight=cfg.ssl.unlabeled_no_object_weight)
             self.criterion_u = build_criterion(loss_u, self.info.categories.num_classes).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_poly_scheduler(self.optimizer, cfg.train.max_steps, cfg.optim.poly_power)
-        self.scaler = make_grad_scaler(self.device, cfg.ssl.precision == "amp")
         self.teacher = None
         self.step, self.epoch, self.position = 0, 0, 0
         self.warm_started = self._restore(config.get("init"))

@@ -13,8 +13,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dearli import runtime
 from dearli.config import Config
 from dearli.errors import DataError
@@ -82,12 +80,10 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from dearli.caches.readers import decode_masks
     from dearli.data.dataset import load_dataset
-    from dearli.losses.criterion import build_criterion
-    from dearli.model.m2f_lang import build_m2f_lang
     from dearli.training.checkpoint import restore
     from dearli.training.data import collate
-    from dearli.training.optim import build_optimizer, build_poly_scheduler
-    from dearli.training.step import make_grad_scaler, train_step
+    from dearli.training.parts import build_training_parts
+    from dearli.training.step import train_step
     from dearli.training.warmup_data import sam_sample, sample_generator
 
     cfg = warmup_config(common.config_from_loop(config))
@@ -98,17 +94,15 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = common.worker_device(cfg)
     info = load_dataset(cfg.data.dataset)
     split = info.split(cfg.data.train_split)
-    torch.manual_seed(cfg.train.seed)  # a random (tiny) backbone is then the same in every process and stage
-    model = build_m2f_lang(cfg.model, info.categories.synonyms).to(device)
-    criterion = build_criterion(cfg.model.loss, info.categories.num_classes).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_poly_scheduler(optimizer, cfg.warmup.max_steps, cfg.optim.poly_power)
+    parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
+                                 cfg.warmup.max_steps, cfg.train.amp)
+    model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
+                                                      parts.scheduler, parts.scaler)
     step, epoch, position = 0, 0, 0
     if (payload := common.latest_stage_checkpoint(device, run_dir)) is not None:
         step = restore(model, payload, optimizer, scheduler)
         epoch, position = payload["extra"]["epoch"], payload["extra"]["position"]
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    scaler = make_grad_scaler(device, cfg.train.amp)
     per_worker = common.per_rank(cfg.warmup.batch_size, world)
     logger = StepLogger(run_dir / "metrics.jsonl", config["tracking"]) if rank == 0 else None
     progress = common.Progress(cfg.warmup.max_steps, step, per_worker * world)

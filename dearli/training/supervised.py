@@ -18,13 +18,11 @@ from dearli.config import Config, save_config, supervised_config
 from dearli.data.dataset import load_dataset
 from dearli.device import resolve_device
 from dearli.errors import DataError
-from dearli.losses.criterion import build_criterion
-from dearli.model.m2f_lang import build_m2f_lang
 from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
 from dearli.training.evaluate import evaluate_model
-from dearli.training.optim import build_optimizer, build_poly_scheduler
-from dearli.training.step import make_grad_scaler, train_step
+from dearli.training.parts import build_training_parts
+from dearli.training.step import train_step
 
 
 def prepare_run_dir(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
@@ -73,15 +71,14 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     """
     cfg = supervised_config(cfg)  # the preset's per-partition schedule (train.supervised_steps), if any
     run_dir = prepare_run_dir(run_dir, cfg, resume)
-    torch.manual_seed(cfg.train.seed)
     info = load_dataset(cfg.data.dataset)
     split = info.split(cfg.data.train_split)
     stems = labeled_stems(info, cfg)
     device = resolve_device(cfg.train.device)
-    model = build_m2f_lang(cfg.model, info.categories.synonyms).to(device)
-    criterion = build_criterion(cfg.model.loss, info.categories.num_classes).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_poly_scheduler(optimizer, cfg.train.max_steps, cfg.optim.poly_power)
+    parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
+                                 cfg.train.max_steps, cfg.train.amp)
+    model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
+                                                      parts.scheduler, parts.scaler)
     step = 0
     if resume and (last := latest_checkpoint(run_dir)) is not None:
         step = restore(model, load_checkpoint(last, device), optimizer, scheduler)
@@ -90,7 +87,6 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     loader = DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    scaler = make_grad_scaler(device, cfg.train.amp)
     echo(f"training on {len(stems)} labeled images of {cfg.data.dataset} ({info.categories.num_classes} classes), "
          f"device {device}, {cfg.train.max_steps} steps")
     batches = infinite_batches(loader, dataset)
