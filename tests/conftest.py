@@ -4,6 +4,13 @@ later ``ray.init()`` calls."""
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the session's Ray carries the ``ray`` marker (``-m "not ray"``: the fast part)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     ray = pytest.importorskip("ray")

@@ -20,7 +20,7 @@ from _two_nodes import TwoNodeCluster
 
 from dearli.stages.common import train_run_name
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.ray]
 
 DEARLI = str(Path(sys.executable).parent / "dearli")
 TINY = ["model.loss.num_points=256", "data.crop_size=64", "data.short_sides=[64,80]", "data.max_size=160",

@@ -25,7 +25,7 @@ from PIL import Image
 
 from dearli.cli import main
 
-pytestmark = pytest.mark.paper
+pytestmark = [pytest.mark.paper, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 # SceneParsing labels (1-based) and the instance-challenge classes of the scenes below.
 WALL, SKY, FLOOR, BED, PERSON = 1, 3, 4, 8, 13
