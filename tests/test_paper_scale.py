@@ -25,7 +25,7 @@ from PIL import Image
 
 from dearli.cli import main
 
-pytestmark = [pytest.mark.paper, pytest.mark.ray]
+pytestmark = pytest.mark.paper
 REPO = Path(__file__).resolve().parents[1]
 # SceneParsing labels (1-based) and the instance-challenge classes of the scenes below.
 WALL, SKY, FLOOR, BED, PERSON = 1, 3, 4, 8, 13
@@ -87,6 +87,7 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.ray
 def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
     root = _ade_tree(tmp_path / "ADEChallengeData2016", {"train": 4, "val": 2})
     splits = tmp_path / "splits"
