@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "dearli.stages.commands",  # dearli train [supervised] | warmup | ssl
     "dearli.predict.commands",  # dearli predict
     "dearli.predict.pseudo_label_command",  # dearli pseudo-label
+    "dearli.predict.suggest_command",  # dearli suggest
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.pretrain.commands",  # dearli pretrain-clip

@@ -1,0 +1,107 @@
+"""``dearli suggest``: which unlabeled images to label next, written as the next partition's labeled.txt."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+from dearli.predict.uncertainty import SCORES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "suggest", help="rank the unlabeled images by how unsure the model is; write the next labeled.txt",
+        description="Score every unlabeled image of a partition with a trained checkpoint (the teacher's "
+        "test-time path) by how unsure the model is: where the decoder and zero-shot CLIP disagree on a mask's "
+        "class (Jensen-Shannon divergence), where the ensemble's best class score is low, or both (combined, "
+        "the default). Writes OUT/labeled.txt: the partition's labeled images followed by the --budget most "
+        "unsure ones, in the partition format 'dearli train --partition' reads, and OUT/suggestions.csv with "
+        "every image's scores, most unsure first. An existing OUT/labeled.txt is never replaced.",
+        epilog="example: dearli suggest --checkpoint runs/ssl/checkpoints/step_0002000.pt --dataset runs/synth "
+        "--partition 1_8 --budget 20 --out runs/synth/partitions/1_8_next",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file or a registered MLflow model (models:/dearli/3)")
+    parser.add_argument("--dataset", required=True, help="dataset directory (with dataset.yaml)")
+    parser.add_argument("--partition", required=True, help="the current partition: its unlabeled images are ranked")
+    parser.add_argument("--split", default="train", help="the split the partition selects from (default: train)")
+    parser.add_argument("--budget", type=int, required=True, metavar="N", help="images to add to the labeled list")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder of the new partition (e.g. DATASET/partitions/1_8_next for --partition "
+                        "1_8_next later)")
+    parser.add_argument("--score", choices=SCORES, default="combined", help="what 'unsure' means (default: combined)")
+    parser.add_argument("--alpha-clip", type=float, default=None, metavar="A",
+                        help="CLIP weight of the ensemble (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dearli.data.dataset import load_dataset
+    from dearli.errors import ConfigError, DataError
+
+    if args.budget < 1:
+        raise ConfigError(f"--budget must be positive, got {args.budget}")
+    out = Path(args.out)
+    if (out / "labeled.txt").exists():
+        raise DataError(out / "labeled.txt", "exists already; choose a new --out (nothing is replaced)")
+    info = load_dataset(args.dataset)
+    partition = info.partition(args.partition)
+    split = info.split(args.split)
+    unlabeled = partition.unlabeled(split)
+    if not unlabeled:
+        raise DataError(partition.path, "the partition leaves no unlabeled image to suggest")
+    rows = rank_images(args, info, split, unlabeled)
+    chosen = [row["stem"] for row in rows[: args.budget]]
+    write_partition(out, partition, split, chosen, Path(args.dataset))
+    _write_table(out / "suggestions.csv", rows)
+    print(f"suggest: {len(chosen)} of {len(unlabeled)} unlabeled images by {args.score} "
+          f"(most unsure {rows[0]['stem']}: {rows[0][args.score]:.3f}); labeled.txt with "
+          f"{len(partition.labeled) + len(chosen)} images in {out}")
+    return 0
+
+
+def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every stem with its signals, most unsure (by ``args.score``) first; ties in stem order."""
+    from dearli.device import resolve_device
+    from dearli.predict.uncertainty import image_signals
+    from dearli.predict.worker import load_predictor
+
+    checkpoint = args.checkpoint
+    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
+        from dearli.stages.registry import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)
+    model, cfg = load_predictor(checkpoint, info.categories, resolve_device(args.device))
+    alpha = cfg.model.ensemble.alpha_clip if args.alpha_clip is None else args.alpha_clip
+    rows = []
+    for stem in stems:
+        signals = image_signals(model, split.load_image(split.record(stem)), cfg.model, alpha)
+        rows.append({"stem": stem, **signals})
+    return sorted(rows, key=lambda r: (-r[args.score], r["stem"]))
+
+
+def write_partition(out: Path, partition: Any, split: Any, chosen: list[str], dataset: Path) -> Path:
+    """OUT/labeled.txt: the partition's own lines, then one 'image annotation' line per chosen stem."""
+    lines = [ln.strip() for ln in partition.path.read_text().splitlines() if ln.strip()] if partition.path else []
+    # The mask column names the annotation as the partition's own lines do (only the image names the stem).
+    mask_dir = Path(lines[0].split()[1]).parent if lines and len(lines[0].split()) > 1 else Path("annotations")
+    root = dataset.resolve()
+    for stem in chosen:
+        image = Path(split.record(stem).image_path).resolve()
+        image = image.relative_to(root) if image.is_relative_to(root) else image
+        lines.append(f"{image.as_posix()} {(mask_dir / f'{stem}.png').as_posix()}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "labeled.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["rank", "stem", "combined", "disagreement", "low_score", "segments"])
+        writer.writeheader()
+        for rank, row in enumerate(rows, start=1):
+            writer.writerow({"rank": rank, **{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}})

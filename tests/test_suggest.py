@@ -1,0 +1,69 @@
+"""``dearli suggest``: the unsure-image signals, and the next partition it writes."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from dearli.cli import main
+from dearli.config import load_config
+from dearli.data.dataset import load_dataset
+from dearli.data.partitions import read_partition_file
+from dearli.model.m2f_lang import build_m2f_lang
+from dearli.predict.uncertainty import combined_score, js_divergence, query_signals
+from dearli.training.checkpoint import save_checkpoint
+
+
+def test_signals_weigh_masks_by_area_and_skip_void_and_empty_queries():
+    # 3 classes + void; 3 queries on a 2×4 image: q0 (6 px) decoder and CLIP agree, q1 (2 px) they disagree
+    # completely, q2 predicts void (not counted).
+    big = 20.0
+    dec = torch.tensor([[big, 0, 0, 0], [big, 0, 0, 0], [0, 0, 0, big]])
+    clip = torch.tensor([[big, 0, 0], [0, big, 0], [big, 0, 0]])
+    ensemble = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    masks = torch.full((3, 2, 4), -10.0)
+    masks[0, :, :3] = 10.0
+    masks[1, :, 3] = 10.0
+    masks[2] = 10.0
+    signals = query_signals(dec, clip, ensemble, masks)
+    assert signals["segments"] == 2
+    assert signals["disagreement"] == pytest.approx(0.25 * math.log(2), abs=1e-4)  # 2 of 8 px disagree
+    assert signals["low_score"] == pytest.approx(1 - (0.75 * 0.9 + 0.25 * 0.5))
+    assert combined_score(signals) == pytest.approx(0.5 * (0.25 + signals["low_score"]), abs=1e-4)
+    p = torch.tensor([0.2, 0.3, 0.5])
+    assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
+    nothing = query_signals(dec, clip, ensemble, torch.full((3, 2, 4), -10.0))
+    assert nothing == {"disagreement": 0.0, "low_score": 1.0, "segments": 0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(small_world, tmp_path_factory):
+    cfg = load_config("tiny", ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"])
+    torch.manual_seed(0)
+    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
+    return save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
+
+
+def test_suggest_writes_the_next_partition(small_world, checkpoint, tmp_path, capsys):
+    out = tmp_path / "1_4_next"
+    args = ["suggest", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--partition", "1_4",
+            "--budget", "2", "--out", str(out)]
+    assert main(args) == 0
+    info = load_dataset(small_world)
+    split, before = info.split("train"), info.partition("1_4")
+    with open(out / "suggestions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    unlabeled = set(before.unlabeled(split))
+    assert {r["stem"] for r in rows} == unlabeled  # every unlabeled image scored, none of the labeled ones
+    scores = [float(r["combined"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and [r["rank"] for r in rows] == ["1", "2", "3"]
+    after = read_partition_file(out / "labeled.txt")
+    assert after.labeled == (*before.labeled, rows[0]["stem"], rows[1]["stem"])  # the most unsure two, appended
+    assert after.labeled_split(split).stems == list(after.labeled)  # a partition the training reads
+    assert f"labeled.txt with {len(before.labeled) + 2} images" in capsys.readouterr().out
+    assert main(args) == 1  # an existing labeled.txt is never replaced
+    assert "exists already" in capsys.readouterr().err
+    assert main([*args[:-4], "--budget", "0", "--out", str(tmp_path / "x")]) == 1
