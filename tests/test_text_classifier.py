@@ -227,3 +227,16 @@ def test_classifier_runs_in_fp32_under_autocast():
     torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-4)
     x = F.normalize(clf.class_embed(queries), dim=-1)
     assert (bf16_cos - (x @ clf.text_embeddings.t()) * 100).abs().max() > 1e-2
+
+
+def test_prompts_are_encoded_on_the_context_they_use(backbone):
+    """The text tower runs on the longest prompt's tokens, not CLIP's 77: the same embeddings, less work."""
+    from dearli.model.backbone import encode_tokens
+
+    prompts = [t.format(s) for s in ("chest of drawers", "sky") for t in VILD_TEMPLATES]
+    tokens = backbone.tokenizer(prompts)
+    assert int(tokens.ne(0).any(0).nonzero().max()) + 1 < tokens.shape[1] // 2
+    with torch.no_grad():
+        full = backbone.clip.encode_text(tokens, normalize=True)
+        short = encode_tokens(backbone.clip, tokens)
+    assert short.shape == full.shape and torch.allclose(short, full, atol=1e-5)

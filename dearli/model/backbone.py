@@ -18,6 +18,7 @@ import warnings
 from importlib import resources
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dearli.config import PROJECT_CLIP, BackboneConfig
@@ -225,8 +226,33 @@ class FrozenClipBackbone(nn.Module):
         with torch.no_grad():
             for start in range(0, len(texts), TEXT_BATCH):
                 tokens = self.tokenizer(list(texts[start:start + TEXT_BATCH])).to(self._mean.device)
-                chunks.append(self.clip.encode_text(tokens, normalize=True).float())
+                chunks.append(encode_tokens(self.clip, tokens).float())
         return torch.cat(chunks)
+
+
+def encode_tokens(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text(tokens, normalize=True)`` (N×77 -> N×D), on the context the prompts use.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the padding after the longest prompt
+    changes nothing: cutting the context there gives the same embeddings, 3-6× faster for class prompts
+    (~15 of 77 tokens). Towers of another kind (no causal mask, other pooling) take open_clip's own path.
+    """
+    pool = getattr(clip, "text_pool_type", None)
+    mask = getattr(clip, "attn_mask", None)
+    used = tokens.ne(0).any(0).nonzero()
+    if pool not in ("argmax", "eos") or mask is None or not hasattr(clip, "token_embedding") or used.numel() == 0:
+        return clip.encode_text(tokens, normalize=True)
+    length = int(used.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.ln_final(clip.transformer(x, attn_mask=mask[:length, :length]))
+    from open_clip.transformer import text_global_pool
+
+    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    return F.normalize(x, dim=-1)
 
 
 def build_backbone(cfg: BackboneConfig) -> FrozenClipBackbone:
