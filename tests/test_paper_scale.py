@@ -122,7 +122,7 @@ def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
     assert costs["ssl"]["teacher_peak_mb"] > 500 and costs["warmup"]["worker_peak_mb"] > 500  # a ConvNeXt-B each
 
     checkpoint = stages["ssl"]["checkpoint"]
-    images = dataset / "images" / "validation"
+    images = root / "images" / "validation"  # the prepared dataset reads the images where ADE20K keeps them
     listing = tmp_path / "two.txt"
     listing.write_text("\n".join(str(p) for p in sorted(images.glob("*.jpg"))[:2]) + "\n")
     labels = subprocess.run(
