@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,14 @@ def submit(address: str, home: Path, mlflow_url: str, *args: str) -> subprocess.
     runtime_env = {"excludes": [".venv", ".git", "runs"], "env_vars": {"MLFLOW_TRACKING_URI": mlflow_url}}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/ssl.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=ray_env(home), capture_output=True, text=True, timeout=1800)
+    for wait in (10, 20, 0):
+        done = subprocess.run(cmd, cwd=REPO, env=ray_env(home), capture_output=True, text=True, timeout=1800)
+        # A head started moments ago (on a busy machine) may not have its job agent up yet: Ray says so and
+        # asks to try again later, as a user would.
+        if "No available agent to submit job" not in done.stderr + done.stdout or not wait:
+            return done
+        time.sleep(wait)
+    return done
 
 
 def final_metric(log: str, variant: str) -> float:

@@ -148,6 +148,8 @@ def test_cache_job_loses_a_node_and_warmup_reads_the_cache_on_both_nodes(cluster
     cache = shared / "caches" / "sam"
     job = start(cluster, shared, "cache", "sam", "--dataset", "data/synth", "--split", "train", "--out",
                 "caches/sam", "--generator", "sam", "--sam-type", "tiny", "--points-per-side", "16",
+                # thresholds 0: a random SAM's masks pass them, so the warm-up below has masks to learn from
+                "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
                 "--images-per-part", "1", "--resources", '{"node_b": 1}')
     wait_for(lambda: cache_stems(cache)[1:] if (cache / "parts").is_dir() else [], job)
     killed_at = cluster.kill_node("node_b")
