@@ -1,4 +1,5 @@
-"""``dearli bench cache``: SAM-cache throughput on Ray with 1, 2, ... actors (CPU).
+"""``dearli bench cache``: SAM-cache throughput on Ray with 1, 2, ... actors (GPU actors where the cluster
+has GPUs).
 
 Synthetic images (smooth colour blobs) are written to a temporary directory and cached once per actor
 count into a fresh cache; throughput is images / wall-clock seconds of the whole job, so it includes
@@ -11,6 +12,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 GENERATORS = ("felzenszwalb", "sam-tiny")
 
@@ -24,7 +26,15 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=32, help="images per run (default: 32)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     parser.add_argument("--generator", choices=GENERATORS, default="felzenszwalb",
-                        help="felzenszwalb (classical) or sam-tiny (tiny random SAM, the real SAM code path)")
+                        help="felzenszwalb (classical) or sam-tiny (tiny random SAM, the real SAM code path); "
+                        "--sam-type picks a real SAM instead")
+    parser.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h"), default=None,
+                        help="a real SAM through `dearli cache sam`'s loading code: --sam-checkpoint, else random "
+                        "weights saved to a temporary file (the cost does not depend on the weights)")
+    parser.add_argument("--sam-checkpoint", default=None, metavar="FILE", help="SAM weights for --sam-type")
+    parser.add_argument("--points-per-side", type=int, default=32, help="SAM point grid (default: 32)")
+    parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
     parser.add_argument("--actors", default="1,2", help="comma-separated actor counts (default: 1,2)")
     parser.set_defaults(handler=run_bench_cache)
 
@@ -49,11 +59,10 @@ def _write_images(folder: Path, count: int, size: int) -> list[dict]:
 def run_bench_cache(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from dearli.caches.generators import GeneratorSpec
     from dearli.caches.job import run_cache_job
     from dearli.caches.workers import SamWorker
     from dearli.errors import ConfigError
-    from dearli.runtime import ray_session
+    from dearli.runtime import default_gpus_per_actor, ray_session
 
     try:
         counts = [int(v) for v in args.actors.split(",") if v.strip()]
@@ -61,25 +70,51 @@ def run_bench_cache(args: argparse.Namespace) -> int:
         counts = []
     if not counts or min(counts) < 1 or args.num_images < 1:
         raise ConfigError("--actors must list positive integers (e.g. 1,2) and --num-images must be positive")
-    if args.generator == "sam-tiny":
-        spec = GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=8, points_per_batch=64,
-                             pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    else:
-        spec = GeneratorSpec(kind="felzenszwalb")
     rates = []
     with ray_session(), tempfile.TemporaryDirectory(prefix="dearli-bench-cache-") as tmp:
+        spec = _spec(args, Path(tmp))
+        gpus = default_gpus_per_actor() if args.gpus_per_actor is None else args.gpus_per_actor
+        print(f"{_name(args)} on {'GPU' if gpus > 0 else 'CPU'} actors ({gpus:g} GPU each)")
         rows = _write_images(Path(tmp), args.num_images, args.size)
         for n in counts:
             # Several parts per actor so the pool can balance the load.
             per_part = max(1, args.num_images // (4 * n))
             start = time.perf_counter()
             summary = run_cache_job(str(Path(tmp) / f"cache-{n}"), "sam", spec.settings(), rows, SamWorker,
-                                    {"spec": dataclasses.asdict(spec)}, actors=n, gpus_per_actor=0,
+                                    {"spec": dataclasses.asdict(spec)}, actors=n, gpus_per_actor=gpus,
                                     images_per_part=per_part)
             seconds = time.perf_counter() - start
             rates.append(summary.done / seconds)
-            print(f"{args.generator}, {n} actor(s): {summary.done} images of {args.size}² in {seconds:.1f} s "
+            print(f"{_name(args)}, {n} actor(s): {summary.done} images of {args.size}² in {seconds:.1f} s "
                   f"-> {rates[-1]:.2f} images/s")
     for n, rate in zip(counts[1:], rates[1:]):
         print(f"speed-up {n} vs {counts[0]} actor(s): {rate / rates[0]:.2f}x")
     return 0
+
+
+def _name(args: argparse.Namespace) -> str:
+    return f"sam {args.sam_type}" if args.sam_type else args.generator
+
+
+def _spec(args: argparse.Namespace, tmp: Path) -> Any:
+    """The GeneratorSpec to bench: a real SAM (from --sam-checkpoint or random weights written to ``tmp``),
+    the tiny random SAM, or Felzenszwalb."""
+    from dearli.caches.generators import GeneratorSpec
+
+    if args.sam_type:
+        checkpoint = args.sam_checkpoint
+        if not checkpoint:
+            from dearli.bench.gpu import write_random_sam_checkpoint
+
+            checkpoint = str(write_random_sam_checkpoint(args.sam_type, tmp / f"sam_{args.sam_type}.pth", 0))
+        # Thresholds 0: random weights keep no mask otherwise, and the mask post-processing belongs in the cost.
+        spec = GeneratorSpec(kind="sam", sam_type=args.sam_type, sam_checkpoint=str(Path(checkpoint).resolve()),
+                             points_per_side=args.points_per_side, pred_iou_thresh=0.0,
+                             stability_score_thresh=0.0)
+        spec.validate()
+        spec.check_weights()
+        return spec
+    if args.generator == "sam-tiny":
+        return GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=8, points_per_batch=64,
+                             pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    return GeneratorSpec(kind="felzenszwalb")
