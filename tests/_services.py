@@ -90,7 +90,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float,
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
+def mlflow_server(root: Path, timeout_s: float = 300.0) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 with a sqlite store and an artifact folder in ``root``; yields its URL."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -120,7 +120,7 @@ def ray_env(home: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_head(home: Path, num_cpus: int = 4, timeout_s: float = 180.0) -> Iterator[str]:
+def ray_head(home: Path, num_cpus: int = 4, timeout_s: float = 300.0) -> Iterator[str]:
     """``ray get-auth-token --generate`` then ``ray start --head`` on 127.0.0.1 with its own temp dir and free
     ports, in the environment ``ray_env(home)``; yields the dashboard address ``ray job submit`` takes."""
     env = ray_env(home)
