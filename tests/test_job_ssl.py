@@ -224,6 +224,7 @@ def test_ray_job_runs_the_pipeline_into_mlflow(mlflow_url, tmp_path, monkeypatch
         assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[name])) for r in steps], name
     assert by_stage["warmup"].data.metrics["cost/warmup/worker_peak_mb"] == pytest.approx(
         costs["warmup"]["worker_peak_mb"])
+    assert parent.data.metrics["cost/ssl/teacher_peak_mb"] == pytest.approx(costs["ssl"]["teacher_peak_mb"])
 
     versions = client.search_model_versions("name = 'dearli-job'")
     assert [(v.version, v.run_id) for v in versions] == [("1", parent.info.run_id)]

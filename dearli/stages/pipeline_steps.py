@@ -52,7 +52,9 @@ class StageContext:
                 **(worker_peaks(stage_dir) if stage_dir is not None else {})}
         self.state.setdefault(COSTS, {})[stage] = cost
         self.save_state(self.state)
-        self.tracker.log_metrics({f"cost/{stage}/{k}": v for k, v in cost.items()}, 0)
+        # On the pipeline's run and on the stage's nested run.
+        self.tracker.log_metrics({f"cost/{stage}/{k}": v for k, v in cost.items()}, 0,
+                                 (self.tracker.stage_run(stage),))
 
 
 COSTS = "costs"  # the key of stages.json that holds each stage's seconds and peak memory
