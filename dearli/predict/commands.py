@@ -35,6 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
+def checkpoint_file(checkpoint: str) -> str:
+    """A --checkpoint argument as a file: a registered MLflow model (models:/NAME/N, runs:/...) is looked up,
+    a path is returned as it is."""
+    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
+        from dearli.stages.registry import resolve_checkpoint
+
+        return str(resolve_checkpoint(checkpoint))
+    return checkpoint
+
+
 def _run(args: argparse.Namespace) -> int:
     from dearli.data.dataset import load_dataset
     from dearli.device import resolve_device
@@ -46,11 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0:
         raise ConfigError(f"--alpha-clip must lie in [0, 1], got {args.alpha_clip}")
     device = resolve_device(args.device)
-    checkpoint = args.checkpoint
-    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
-        from dearli.stages.registry import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = checkpoint_file(args.checkpoint)
     payload = load_checkpoint(checkpoint, device)
     cfg = payload["config"]
     info = load_dataset(args.dataset)

@@ -137,11 +137,9 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     resources = parse_resources(args.resources)
-    checkpoint = args.checkpoint
-    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
-        from dearli.stages.registry import resolve_checkpoint
+    from dearli.predict.commands import checkpoint_file
 
-        checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = checkpoint_file(args.checkpoint)
     payload = load_checkpoint(checkpoint)
     categories = resolve_classes(args.classes, payload["config"])
     rows = list_images(args.images)

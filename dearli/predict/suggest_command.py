@@ -66,14 +66,11 @@ def _run(args: argparse.Namespace) -> int:
 def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every stem with its signals, most unsure (by ``args.score``) first; ties in stem order."""
     from dearli.device import resolve_device
+    from dearli.predict.commands import checkpoint_file
     from dearli.predict.uncertainty import image_signals
     from dearli.predict.worker import load_predictor
 
-    checkpoint = args.checkpoint
-    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
-        from dearli.stages.registry import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = checkpoint_file(args.checkpoint)
     model, cfg = load_predictor(checkpoint, info.categories, resolve_device(args.device))
     alpha = cfg.model.ensemble.alpha_clip if args.alpha_clip is None else args.alpha_clip
     rows = []
