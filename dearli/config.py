@@ -25,6 +25,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override on a com
 # COCO's training short sides (DEARLi/Mask2Former: int(0.1·k·512) for k = 5..20).
 COCO_SHORT_SIDES = (256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024)
 PRECISIONS = ("fp32", "amp")
+THING_PSEUDO_CLASSES = ("teacher", "any_thing")  # ssl.thing_pseudo_classes
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
@@ -298,6 +299,10 @@ class SSLConfig:
     # (as upstream). A teacher that misses objects leaves them unlabeled, not absent: a lower weight keeps
     # the student from learning that what the teacher missed is nothing.
     unlabeled_no_object_weight: float = -1.0
+    # What a thing pseudo-label teaches the student's classifier: "teacher" = the teacher's class (upstream);
+    # "any_thing" = only that it is a thing (the loss and the matching take the mass on every thing class),
+    # for a teacher that finds things but names them badly; the mask losses and stuff labels are unchanged.
+    thing_pseudo_classes: str = "teacher"
     # CLIP weight of the teacher's ensemble when it labels; -1 = the model's (model.ensemble and its schedule),
     # as upstream. Evaluation always uses model.ensemble.
     teacher_alpha_clip: float = -1.0
@@ -327,6 +332,8 @@ class SSLConfig:
                  f"must lie in [0.5, 1], got {self.pseudo_stuff_min_mask}")
         _require(self.thing_min_confidence == -1.0 or self.thing_min_confidence >= 0, "ssl.thing_min_confidence",
                  f"must be -1 (ssl.min_confidence) or >= 0, got {self.thing_min_confidence}")
+        _require(self.thing_pseudo_classes in THING_PSEUDO_CLASSES, "ssl.thing_pseudo_classes",
+                 f"must be one of {', '.join(THING_PSEUDO_CLASSES)}, got {self.thing_pseudo_classes!r}")
         _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
                  f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller

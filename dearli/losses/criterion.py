@@ -12,6 +12,8 @@ all images of the batch. H×W may be the input resolution; the predictions need 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,9 +37,13 @@ class SetCriterion(nn.Module):
     must ignore classes, and "loss_ce*" is computed against a placeholder class and multiplied by 0, as
     upstream does. So the class head gets zero gradients rather than none: AdamW still decays it, and
     the head entering the Mean-Teacher stage is upstream's (a dropped term would leave it untouched).
+
+    With ``label_sets`` (K×(K+1) bool) a matched target of class c is right when the query names any class
+    of row c: its class term is -log of the probability mass on that set (identity rows: the plain CE).
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, cfg: LossConfig):
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, cfg: LossConfig,
+                 label_sets: torch.Tensor | None = None):
         super().__init__()
         if num_classes <= 0:
             raise ConfigError(f"num_classes: must be positive, got {num_classes}")
@@ -52,6 +58,15 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = cfg.no_object_weight
         self.register_buffer("empty_weight", empty_weight)
+        full_sets = None
+        if label_sets is not None:
+            if self.class_agnostic or tuple(label_sets.shape) != (num_classes, num_classes + 1):
+                raise ConfigError(f"label sets {tuple(label_sets.shape)} need a class loss and shape "
+                                  f"{num_classes}×{num_classes + 1}")
+            void_row = torch.zeros(1, num_classes + 1, dtype=torch.bool)
+            void_row[0, -1] = True
+            full_sets = torch.cat([label_sets.bool(), void_row])  # (K+1)×(K+1): void accepts void only
+        self.register_buffer("label_sets", full_sets)
 
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         """outputs: "pred_logits" B×Q×(K+1), "pred_masks" B×Q×h×w, optional "aux_outputs" (list of such
@@ -92,7 +107,13 @@ class SetCriterion(nn.Module):
             # Nothing matched and "no object" weighs nothing: a zero loss (the weighted mean would be 0/0),
             # still tied to the graph for distributed data parallel.
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
+        if self.label_sets is None:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight)
+        # The same weighted mean as cross_entropy, over -log of the mass on each target's accepted set.
+        accepted = self.label_sets[target_classes]  # B×Q×(K+1)
+        nll = -torch.logsumexp(logits.log_softmax(-1).masked_fill(~accepted, float("-inf")), dim=-1)
+        w = weight[target_classes]
+        return (w * nll).sum() / w.sum()
 
     def loss_masks(self, outputs: dict, targets: Targets, indices: Indices,
                    num_masks: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +196,18 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([value for value in losses.values()]).sum()
 
 
-def build_criterion(cfg: LossConfig, num_classes: int) -> SetCriterion:
+def thing_label_sets(num_classes: int, thing_ids: Sequence[int]) -> torch.Tensor:
+    """K×(K+1) bool label sets where a thing target accepts any thing class and a stuff target its own."""
+    sets = torch.zeros(num_classes, num_classes + 1, dtype=torch.bool)
+    sets[torch.arange(num_classes), torch.arange(num_classes)] = True
+    things = torch.as_tensor(list(thing_ids), dtype=torch.int64)
+    if things.numel():
+        sets[things[:, None], things[None, :]] = True
+    return sets
+
+
+def build_criterion(cfg: LossConfig, num_classes: int, label_sets: torch.Tensor | None = None) -> SetCriterion:
     """Matcher and criterion from the loss config; matching costs equal the loss weights."""
     matcher = HungarianMatcher(cost_class=cfg.class_weight, cost_mask=cfg.mask_weight,
-                               cost_dice=cfg.dice_weight, num_points=cfg.num_points)
-    return SetCriterion(num_classes, matcher, cfg)
+                               cost_dice=cfg.dice_weight, num_points=cfg.num_points, label_sets=label_sets)
+    return SetCriterion(num_classes, matcher, cfg, label_sets)

@@ -20,11 +20,13 @@ class HungarianMatcher(nn.Module):
     computed on ``num_points`` uniform random points drawn once per image and shared by every prediction
     and every target of that image (so all pairs are compared on the same locations). With
     ``cost_class == 0`` the class logits are never read: matching is class-agnostic, as in the SAM
-    warm-up where targets carry no meaningful class.
+    warm-up where targets carry no meaningful class. With ``label_sets`` (K×(K+1) bool, see
+    :func:`dearli.losses.criterion.thing_label_sets`) a target of class c accepts every class of row c, and
+    the class cost is minus the probability mass on that set.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544):
+                 num_points: int = 12544, label_sets: torch.Tensor | None = None):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ConfigError("model.loss: class, mask and dice weights cannot all be 0 (nothing to match on)")
@@ -34,6 +36,7 @@ class HungarianMatcher(nn.Module):
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice
         self.num_points = num_points
+        self.label_sets = label_sets
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> Indices:
@@ -71,6 +74,8 @@ class HungarianMatcher(nn.Module):
             cost = cost + self.cost_dice * pairwise_dice(pred_points, tgt_points)
             if self.cost_class != 0:
                 probs = outputs["pred_logits"][b].float().softmax(-1)  # Q×(K+1)
+                if self.label_sets is not None:  # each class's accepted mass: Q×K
+                    probs = probs @ self.label_sets.to(device=device, dtype=probs.dtype).T
                 # -p[class] rather than the NLL: bounded, so it cannot swamp the mask costs.
                 cost = cost - self.cost_class * probs[:, target["labels"].to(device)]
         cost = cost.cpu()

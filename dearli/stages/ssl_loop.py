@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ class StudentLoop:
 
     def __init__(self, config: dict[str, Any]):
         from dearli.data.dataset import load_dataset
-        from dearli.losses.criterion import build_criterion
+        from dearli.training.mean_teacher import unlabeled_criterion
         from dearli.training.parts import build_training_parts
 
         self.cfg = cfg = common.config_from_loop(config)
@@ -79,10 +78,8 @@ class StudentLoop:
                                      self.device, cfg.train.max_steps, cfg.ssl.precision == "amp")
         self.model, self.criterion, self.optimizer, self.scheduler, self.scaler = (
             parts.model, parts.criterion, parts.optimizer, parts.scheduler, parts.scaler)
-        self.criterion_u = self.criterion  # the loss on pseudo-labels; "no object" may weigh less there
-        if cfg.ssl.unlabeled_no_object_weight >= 0:
-            loss_u = dataclasses.replace(cfg.model.loss, no_object_weight=cfg.ssl.unlabeled_no_object_weight)
-            self.criterion_u = build_criterion(loss_u, self.info.categories.num_classes).to(self.device)
+        self.criterion_u = unlabeled_criterion(cfg, self.info.categories.num_classes,
+                                               self.info.categories.thing_ids, self.criterion).to(self.device)
         self.teacher = None
         self.step, self.epoch, self.position = 0, 0, 0
         self.warm_started = self._restore(config.get("init"))

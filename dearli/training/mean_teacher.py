@@ -7,13 +7,15 @@ clipping and the optimizer step are :func:`dearli.training.step.optimizer_step`,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from dearli.config import Config
-from dearli.losses.criterion import total_loss
+from dearli.losses.criterion import build_criterion, thing_label_sets, total_loss
 from dearli.training.step import autocast_for, loss_terms, move_batch, optimizer_step, outputs_to_float
 
 # The outputs the criterion reads; the rest (query features, dense CLIP features) is not split.
@@ -32,6 +34,19 @@ def split_outputs(outputs: dict, count: int) -> tuple[dict, dict]:
         head["aux_outputs"] = [part(a, first) for a in aux]
         tail["aux_outputs"] = [part(a, rest) for a in aux]
     return head, tail
+
+
+def unlabeled_criterion(cfg: Config, num_classes: int, thing_ids: Sequence[int], criterion: nn.Module) -> nn.Module:
+    """The loss on pseudo-labels: ``criterion`` itself unless ``ssl.unlabeled_no_object_weight`` or
+    ``ssl.thing_pseudo_classes`` make it differ from the labeled images' loss."""
+    ssl = cfg.ssl
+    if ssl.unlabeled_no_object_weight < 0 and ssl.thing_pseudo_classes == "teacher":
+        return criterion
+    loss = cfg.model.loss
+    if ssl.unlabeled_no_object_weight >= 0:
+        loss = dataclasses.replace(loss, no_object_weight=ssl.unlabeled_no_object_weight)
+    sets = thing_label_sets(num_classes, thing_ids) if ssl.thing_pseudo_classes == "any_thing" else None
+    return build_criterion(loss, num_classes, sets)
 
 
 def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
