@@ -15,6 +15,7 @@ from dearli.losses import (
     build_criterion,
     calculate_uncertainty,
     point_sample,
+    thing_label_sets,
     total_loss,
     uncertain_point_coords,
 )
@@ -336,3 +337,55 @@ def test_no_object_weight_zero_ignores_unmatched_queries_and_survives_empty_targ
                                                                                    dtype=torch.bool)}] * 2
     losses = criterion(random_outputs(2, requires_grad=True), empty)
     assert all(torch.isfinite(v) for v in losses.values()) and float(losses["loss_ce"]) == 0.0
+
+
+# ---------------------------------------------------------------- label sets (ssl.thing_pseudo_classes)
+
+THINGS = (0, 1)  # of NUM_CLASSES = 4: classes 2 and 3 are stuff
+
+
+def test_identity_label_sets_are_the_plain_class_loss():
+    targets, perms = two_images()
+    outputs = random_outputs(2)
+    eye = torch.cat([torch.eye(NUM_CLASSES, dtype=torch.bool), torch.zeros(NUM_CLASSES, 1, dtype=torch.bool)], 1)
+    plain, with_sets = build_criterion(small_cfg(), NUM_CLASSES), build_criterion(small_cfg(), NUM_CLASSES, eye)
+    indices = [(torch.tensor(p), torch.arange(len(p))) for p in perms]
+    assert torch.allclose(plain.loss_labels(outputs, targets, indices),
+                          with_sets.loss_labels(outputs, targets, indices), atol=1e-6)
+
+
+def test_any_thing_sets_accept_another_thing_class_but_not_stuff():
+    sets = thing_label_sets(NUM_CLASSES, THINGS)
+    assert sets.shape == (NUM_CLASSES, NUM_CLASSES + 1)
+    assert sets[0, :2].all() and sets[1, :2].all() and not sets[0, 2:].any()
+    assert sets[2].tolist() == [False, False, True, False, False]  # stuff keeps its own class
+    criterion = build_criterion(small_cfg(), NUM_CLASSES, sets)
+    target = make_target([(0, 0, 16, 16)], [0])  # a thing of class 0
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    losses = {}
+    for named in (0, 1, 2):  # the query names the target's class, another thing, a stuff class
+        outputs = perfect_outputs([target], [[0]])
+        outputs["pred_logits"][0, 0] = -10.0
+        outputs["pred_logits"][0, 0, named] = 10.0
+        losses[named] = criterion.loss_labels(outputs, [target], indices).item()
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert losses[2] > losses[0] + 1.0
+    plain = build_criterion(small_cfg(), NUM_CLASSES)
+    assert plain.loss_labels(outputs, [target], indices).item() > losses[0] + 1.0  # class 2 is wrong for CE
+
+
+def test_any_thing_matching_takes_a_query_of_another_thing_class():
+    # Query 3 has the target's mask but names thing class 1; query 0 has it too but names stuff class 2.
+    target = make_target([(0, 0, 16, 16)], [0])
+    outputs = perfect_outputs([target], [[3]])
+    outputs["pred_masks"][0, 0] = outputs["pred_masks"][0, 3]
+    for q, cls in ((3, 1), (0, 2)):
+        outputs["pred_logits"][0, q] = -10.0
+        outputs["pred_logits"][0, q, cls] = 10.0
+    sets = thing_label_sets(NUM_CLASSES, THINGS)
+    assert HungarianMatcher(num_points=256, label_sets=sets)(outputs, [target])[0][0].tolist() == [3]
+
+
+def test_label_sets_of_the_wrong_shape_are_refused():
+    with pytest.raises(ConfigError, match="label sets"):
+        build_criterion(small_cfg(), NUM_CLASSES, torch.ones(NUM_CLASSES, NUM_CLASSES, dtype=torch.bool))

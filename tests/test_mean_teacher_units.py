@@ -19,7 +19,7 @@ from dearli.training.ema import (
     make_teacher,
     trainable_state,
 )
-from dearli.training.mean_teacher import mean_teacher_step, split_outputs
+from dearli.training.mean_teacher import mean_teacher_step, split_outputs, unlabeled_criterion
 from dearli.training.optim import build_optimizer
 from dearli.training.pseudo_labels import (
     PseudoLabel,
@@ -388,3 +388,18 @@ def test_mean_teacher_step_lowers_the_loss_and_never_touches_the_backbone(tiny):
     after = _fixed_loss(model, criterion, labeled, unlabeled)
     assert after < 0.85 * before, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(backbone_before, model.backbone.parameters()))
+
+
+def test_unlabeled_criterion_follows_the_ssl_settings():
+    from dearli.errors import ConfigError
+
+    cfg = load_config("tiny")
+    criterion = build_criterion(cfg.model.loss, 4)
+    assert unlabeled_criterion(cfg, 4, (0, 1), criterion) is criterion  # upstream: the same loss
+    agnostic = unlabeled_criterion(load_config("tiny", ["ssl.thing_pseudo_classes=any_thing"]), 4, (0, 1), criterion)
+    assert agnostic.label_sets[0, :2].all() and not agnostic.label_sets[2, :2].any()
+    assert agnostic.matcher.label_sets is not None
+    quiet = unlabeled_criterion(load_config("tiny", ["ssl.unlabeled_no_object_weight=0"]), 4, (0, 1), criterion)
+    assert quiet.label_sets is None and quiet.empty_weight[-1] == 0
+    with pytest.raises(ConfigError, match="ssl.thing_pseudo_classes"):
+        load_config("tiny", ["ssl.thing_pseudo_classes=maybe"])
