@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "dearli.predict.commands",  # dearli predict
     "dearli.predict.pseudo_label_command",  # dearli pseudo-label
     "dearli.predict.suggest_command",  # dearli suggest
+    "dearli.predict.serve_command",  # dearli serve
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.pretrain.commands",  # dearli pretrain-clip

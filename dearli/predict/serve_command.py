@@ -1,0 +1,65 @@
+"""``dearli serve``: the labeling endpoint (Ray Serve) of a checkpoint or registered model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from dearli.caches.records import DEFAULT_MAX_PIXELS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a checkpoint as an HTTP labeling endpoint (Ray Serve)",
+        description="Deploy a checkpoint (or a registered model) on Ray Serve, on the cluster in RAY_ADDRESS or a "
+        "local Ray: POST an image file to the URL and get COCO panoptic JSON back (a base64 PNG of segment ids "
+        "and segments_info with class names and scores). POST JSON {\"image\": BASE64, \"classes\": [{\"name\", "
+        "\"isthing\"}, ...]} to label with another class list (no retraining: classes are text). GET lists the "
+        "served classes. Runs until Ctrl-C unless --detach.",
+        epilog="example: dearli serve --checkpoint models:/dearli/1 --port 8000, then "
+        "curl --data-binary @image.png http://127.0.0.1:8000/",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file or a registered MLflow model (models:/dearli/3)")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="default class list (classes.json); default: the checkpoint's dataset's")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (default: 127.0.0.1; "
+                        "0.0.0.0 to be reachable from other machines)")
+    parser.add_argument("--port", type=int, default=8000, help="port of the HTTP proxy (default: 8000)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="model replicas (default: 1)")
+    parser.add_argument("--max-replicas", type=int, default=0, metavar="N",
+                        help="autoscale between --replicas and this many replicas with the load (default: off)")
+    parser.add_argument("--gpus-per-replica", type=float, default=-1.0, metavar="G",
+                        help="GPUs per replica; -1 = 1 when the cluster has GPUs, else 0 (default)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="logical CPUs per replica")
+    parser.add_argument("--max-ongoing-requests", type=int, default=8, metavar="N",
+                        help="requests one replica holds at once; more wait in Serve's queue (default: 8)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"larger images are refused with 413 (default: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--detach", action="store_true",
+                        help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from dearli.predict.serve import ServeOptions, build_app, start
+    from dearli.runtime import ensure_ray
+
+    options = ServeOptions(replicas=args.replicas, max_replicas=args.max_replicas,
+                           gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                           max_ongoing_requests=args.max_ongoing_requests, max_pixels=args.max_pixels)
+    options.validate()
+    ensure_ray()
+    url = start(build_app(args.checkpoint, args.classes, options), args.host, args.port)
+    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the endpoint", flush=True)
+        serve.shutdown()
+    return 0
