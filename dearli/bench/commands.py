@@ -13,6 +13,7 @@ BENCH_MODULES = (
     "dearli.bench.ssl",  # dearli bench ssl
     "dearli.bench.ablation",  # dearli bench ablation
     "dearli.bench.gpu",  # dearli bench gpu
+    "dearli.bench.serve",  # dearli bench serve
 )
 
 
