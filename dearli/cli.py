@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "dearli.predict.pseudo_label_command",  # dearli pseudo-label
     "dearli.predict.suggest_command",  # dearli suggest
     "dearli.predict.serve_command",  # dearli serve
+    "dearli.predict.review_command",  # dearli review
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.pretrain.commands",  # dearli pretrain-clip

@@ -34,8 +34,9 @@ def write_prediction(pred: Prediction, record: Any, categories: Any, pan_dir: Pa
     """Write the panoptic PNG into ``pan_dir``; return its COCO annotation entry (dataset category ids)."""
     file_name = f"{record.stem}.png"
     Image.fromarray(id2rgb(pred.panoptic)).save(pan_dir / file_name)
+    # The class score rides beside the COCO keys (evaluation ignores it; 'dearli review' sorts by it).
     infos = [{"id": s["id"], "category_id": categories.to_dataset_id(s["category_id"]),
-              "isthing": int(s["isthing"]), "iscrowd": 0} for s in pred.segments]
+              "isthing": int(s["isthing"]), "iscrowd": 0, "score": float(s.get("score", 1.0))} for s in pred.segments]
     return {"image_id": record.image_id, "file_name": file_name, "segments_info": infos}
 
 

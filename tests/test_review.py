@@ -1,0 +1,85 @@
+"""``dearli review``: the page's order, counts and overlays, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dearli.cli import main
+from dearli.config import load_config
+from dearli.data.dataset import load_dataset
+from dearli.model.m2f_lang import build_m2f_lang
+from dearli.predict.review import ReviewItem, class_table, overlay
+from dearli.training.checkpoint import save_checkpoint
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_confidence_class_table_and_overlay():
+    segs = [{"id": 1, "category_id": 3, "category_name": "sky", "isthing": False, "score": 0.9, "area": 30},
+            {"id": 2, "category_id": 5, "category_name": "red circle", "isthing": True, "score": 0.35, "area": 10}]
+    item = ReviewItem("a", None, None, segs)
+    assert item.confidence == pytest.approx((0.9 * 30 + 0.35 * 10) / 40)
+    assert ReviewItem("b", None, None, []).confidence == 0.0
+    table = class_table([item, ReviewItem("c", None, None, segs[1:])])
+    assert [(c["name"], c["segments"], c["images"]) for c in table] == [("red circle", 2, 2), ("sky", 1, 1)]
+    assert table[0]["histogram"][3] == 2 and sum(table[1]["histogram"]) == 1  # scores 0.35 land in bin 3
+    ids = np.zeros((4, 4), np.int32)
+    ids[:, 2:] = 2
+    image = np.zeros((4, 4, 3), np.uint8)
+    out = overlay(image, ids, segs)
+    assert (out[:, 1] == 255).all()  # the boundary column between segment 0 (unlabelled) and 2
+    assert out[0, 3].any() and not out[0, 0].any()  # segment 2 tinted, the unlabelled pixel left alone
+
+
+@pytest.fixture(scope="module")
+def predicted(small_world, tmp_path_factory):
+    cfg = load_config("tiny", ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"])
+    torch.manual_seed(0)
+    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
+    out = tmp_path_factory.mktemp("pred") / "pred"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--out", str(out),
+                 "--visualize", "0"]) == 0
+    return out, checkpoint
+
+
+def test_review_page_of_predictions_in_a_browser(predicted, small_world, tmp_path, capsys):
+    out, checkpoint = predicted
+    page_dir = tmp_path / "review"
+    assert main(["review", str(out), "--dataset", str(small_world), "--checkpoint", str(checkpoint),
+                 "--out", str(page_dir)]) == 0
+    page = (page_dir / "index.html").read_text()
+    annotations = json.loads((out / "panoptic.json").read_text())["annotations"]
+    stems = [s.name.removesuffix(".png") for s in (out / "panoptic").iterdir()]
+    assert all(f'data-stem="{stem}"' in page for stem in stems)
+    confidences = [float(v) for v in re.findall(r'data-confidence="([0-9.]+)"', page)]
+    assert confidences == sorted(confidences)  # least sure first, without JavaScript too
+    assert len(re.findall(r'data-disagreement="([0-9.]+)"', page)) == len(stems) and "disagreement 0." in page
+    table = json.loads((page_dir / "review.json").read_text())["classes"]
+    assert sum(c["segments"] for c in table) == sum(len(a["segments_info"]) for a in annotations) > 0
+    for stem in stems:
+        assert Image.open(page_dir / "images" / f"{stem}.png").size == Image.open(out / "panoptic" / f"{stem}.png").size
+    before = (page_dir / "index.html").stat().st_mtime_ns
+    assert main(["review", str(out), "--dataset", str(small_world), "--out", str(page_dir)]) == 1
+    assert "exists already" in capsys.readouterr().err and (page_dir / "index.html").stat().st_mtime_ns == before
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is part of the test setup (README's test command installs it)"
+    user_dir = tmp_path / "chromium-profile"
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", "--dump-dom",
+                          (page_dir / "index.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f"{len(stems)} of {len(stems)} images" in dom  # the page's script ran in the browser
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}", "--window-size=1200,900",
+                    f"--screenshot={shot}", (page_dir / "index.html").as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 10  # drawn, not a blank page
