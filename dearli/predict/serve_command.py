@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 from dearli.caches.records import DEFAULT_MAX_PIXELS
@@ -56,6 +57,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes)", flush=True)
     if args.detach:
         return 0
+
+    def stop(signum: int, frame: object) -> None:  # `kill` ends the endpoint as Ctrl-C does (and its local Ray)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
