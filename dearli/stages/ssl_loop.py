@@ -15,6 +15,7 @@ import torch
 from dearli.stages import common
 from dearli.stages.teacher import FeedStats, PseudoLabelFeed, published_weights
 from dearli.stages.tracking import EVAL_PREFIXES, StepLogger
+from dearli.training.loop import due
 from dearli.training.pseudo_labels import PseudoLabel
 
 STAGE = "ssl"
@@ -115,45 +116,49 @@ class StudentLoop:
     def run(self) -> None:
         from ray.train.torch import prepare_model
 
+        from dearli.training.loop import TrainLoop
+
         self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
         self._publish()
-        progress = common.Progress(self.cfg.train.max_steps, self.step,
-                                   (common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-                                    + common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
-        shard = ray.train.get_dataset_shard("labeled")
+        self.progress = common.Progress(self.cfg.train.max_steps, self.step,
+                                        (common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+                                         + common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
+        hooks = [self._advance, self._update_teacher, self._log, self._maybe_checkpoint, self._maybe_evaluate]
         try:
-            while self.step < self.cfg.train.max_steps:
-                for labeled_batch in self._labeled_batches(shard):
-                    self._one_step(labeled_batch, progress)
-                    if self.step >= self.cfg.train.max_steps:
-                        break
+            TrainLoop(self.scheduler, self.cfg.train.max_steps, self.step, hooks).run(
+                self._labeled_batches(ray.train.get_dataset_shard("labeled")), self._train_step)
             # A restart after the last checkpoint resumes at max_steps and takes no step: the final
             # evaluation (skipped variant by variant where its metrics are already written) must still run.
-            self._maybe_evaluate()
+            self._maybe_evaluate(self.step, {})
         finally:
             self.feed.close()
             common.record_cost(self.run_dir, STAGE, self.rank, peak_rss_mb=common.peak_rss_mb(),
                                  teacher_peak_rss_mb=self.teacher_peak_mb)
 
     def _labeled_batches(self, shard):
-        """Batches of this rank's labeled images for one epoch (skipping what a resumed epoch already used)."""
+        """Batches of this rank's labeled images, epoch after epoch (a resumed epoch skips what it used); the
+        position is counted before each step, so a checkpoint after it resumes past it."""
         from dearli.training.data import PanopticTrainDataset, collate
 
         dataset = PanopticTrainDataset(self.split, self.labeled, self.cfg.data, seed=self.cfg.train.seed + self.rank)
-        dataset.set_epoch(self.epoch)
         size = common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-        batch, index, skip = [], 0, self.position * size
-        for row in common.shuffled_rows(shard, self.cfg.train.seed + self.epoch, buffer=16):
-            index += 1
-            if index <= skip:
-                continue
-            batch.append(dataset[int(row["index"])])
-            if len(batch) == size:
-                yield collate(batch)
-                batch = []
-        self.epoch, self.position = self.epoch + 1, 0
+        while True:
+            dataset.set_epoch(self.epoch)
+            batch, index, skip = [], 0, self.position * size
+            for row in common.shuffled_rows(shard, self.cfg.train.seed + self.epoch, buffer=16):
+                index += 1
+                if index <= skip:
+                    continue
+                batch.append(dataset[int(row["index"])])
+                if len(batch) == size:
+                    self.position += 1
+                    yield collate(batch)
+                    batch = []
+            self.epoch, self.position = self.epoch + 1, 0
 
-    def _one_step(self, labeled_batch: dict[str, Any], progress: common.Progress) -> None:
+    def _train_step(self, labeled_batch: dict[str, Any]) -> dict[str, float]:
+        """One student step on a labeled batch and this step's pseudo-labelled views; its numbers are kept
+        for the next log line."""
         from dearli.training.mean_teacher import mean_teacher_step
 
         started = time.perf_counter()
@@ -162,18 +167,16 @@ class StudentLoop:
         logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
                                    self.cfg, self.scaler, self.device,
                                    0.0 if burning_in else self.cfg.ssl.unlabeled_weight, self.criterion_u)
-        self.scheduler.step()
-        self.step, self.position = self.step + 1, self.position + 1
-        self._update_teacher()
         seconds = time.perf_counter() - started
         for key, value in {**logged, **pl_stats, "staleness": stats.staleness,
                            "wait_fraction": stats.wait_s / max(seconds, 1e-9), "relabelled": stats.relabelled,
                            "teacher_version": stats.version}.items():
             self.window.setdefault(key, []).append(float(value))
         self.teacher_nodes.add(stats.node_id)
-        self._log(progress)
-        self._maybe_checkpoint(logged)
-        self._maybe_evaluate()
+        return logged
+
+    def _advance(self, step: int, logged: dict[str, float]) -> None:
+        self.step = step
 
     def _unlabeled_batch(self) -> tuple[dict[str, Any], FeedStats, dict[str, float]]:
         """Strong views (+ CutMix) of the teacher's weak views with their pseudo-labels, in collate format."""
@@ -200,7 +203,7 @@ class StudentLoop:
         pl_stats.update(truth_rates(result.get("truth") or {}))
         return batch, stats, pl_stats
 
-    def _update_teacher(self) -> None:
+    def _update_teacher(self, step: int, logged: dict[str, float]) -> None:
         from dearli.training.ema import ema_decay, ema_update
 
         if self.rank != 0:
@@ -231,18 +234,18 @@ class StudentLoop:
                                      "reason": reason, "rank": self.rank}) + "\n")
         self.feed.failed.clear()
 
-    def _log(self, progress: common.Progress) -> None:
-        last = self.step == self.cfg.train.max_steps
-        if self.logger is None or not (self.step % self.cfg.train.log_every == 0 or last):
+    def _log(self, step: int, logged: dict[str, float]) -> None:
+        if self.logger is None or not due(step, self.cfg.train.log_every, self.cfg.train.max_steps):
             return
         values = {k: sum(v) / len(v) for k, v in self.window.items()}
         values["staleness_max"] = max(self.window["staleness"])
         values["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.logger.log(self.step, {**values, **progress.rates(self.step), "teacher_nodes": sorted(self.teacher_nodes)})
+        self.logger.log(self.step, {**values, **self.progress.rates(self.step),
+                                    "teacher_nodes": sorted(self.teacher_nodes)})
         self.window = {}
 
-    def _maybe_checkpoint(self, logged: dict[str, float]) -> None:
-        if not (self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.cfg.train.max_steps):
+    def _maybe_checkpoint(self, step: int, logged: dict[str, float]) -> None:
+        if not due(step, self.cfg.train.checkpoint_every, self.cfg.train.max_steps):
             return
         from dearli.training.ema import trainable_state
 
@@ -258,7 +261,7 @@ class StudentLoop:
         common.report_checkpoint(self.rank, self.run_dir, self.step, {"step": self.step, "loss": logged["loss"]},
                                  write)
 
-    def _maybe_evaluate(self) -> None:
+    def _maybe_evaluate(self, step: int, logged: dict[str, float]) -> None:
         every, last = self.cfg.train.eval_every, self.step == self.cfg.train.max_steps
         if self.rank != 0 or not self.evaluate or not (last or (every and self.step % every == 0)):
             return

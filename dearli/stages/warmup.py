@@ -78,13 +78,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.torch import prepare_model
 
-    from dearli.caches.readers import decode_masks
     from dearli.data.dataset import load_dataset
     from dearli.training.checkpoint import restore
-    from dearli.training.data import collate
+    from dearli.training.loop import TrainLoop, due
     from dearli.training.parts import build_training_parts
     from dearli.training.step import train_step
-    from dearli.training.warmup_data import sam_sample, sample_generator
 
     cfg = warmup_config(common.config_from_loop(config))
     run_dir = Path(config["run_dir"])
@@ -98,48 +96,50 @@ def _train_loop(config: dict[str, Any]) -> None:
                                  cfg.warmup.max_steps, cfg.train.amp)
     model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
                                                       parts.scheduler, parts.scaler)
-    step, epoch, position = 0, 0, 0
+    step, state = 0, {"epoch": 0, "position": 0}  # where in the shuffled shard the next batch starts
     if (payload := common.latest_stage_checkpoint(device, run_dir)) is not None:
         step = restore(model, payload, optimizer, scheduler)
-        epoch, position = payload["extra"]["epoch"], payload["extra"]["position"]
+        state = {"epoch": payload["extra"]["epoch"], "position": payload["extra"]["position"]}
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     per_worker = common.per_rank(cfg.warmup.batch_size, world)
     logger = StepLogger(run_dir / "metrics.jsonl", config["tracking"]) if rank == 0 else None
     progress = common.Progress(cfg.warmup.max_steps, step, per_worker * world)
-    shard = ray.train.get_dataset_shard("sam")
-    while step < cfg.warmup.max_steps:
-        rows = common.shuffled_rows(shard, cfg.train.seed + epoch)
-        batch: list[dict[str, Any]] = []
-        for index, row in enumerate(rows):
-            if index < position * per_worker:  # resumed mid-epoch: skip what the checkpointed steps used
-                continue
-            record = split.record(row["stem"])
-            generator = sample_generator(cfg.train.seed + rank, epoch, index)
-            batch.append(sam_sample(split.load_image(record), decode_masks(row), row["stem"], cfg.data,
-                                    cfg.warmup, generator))
-            if len(batch) < per_worker:
-                continue
-            logged = train_step(ddp, criterion, optimizer, collate(batch), cfg, scaler, device)
-            scheduler.step()
-            step, position, batch = step + 1, position + 1, []
-            _after_step(cfg, step, logged, optimizer, logger, progress, rank, run_dir, model, scheduler,
-                        epoch, position)
-            if step >= cfg.warmup.max_steps:
-                break
-        epoch, position = epoch + 1, 0
+
+    def log(at: int, logged: dict[str, float]) -> None:
+        if logger is not None and due(at, cfg.train.log_every, cfg.warmup.max_steps):
+            logger.log(at, {**logged, **progress.rates(at), "lr": optimizer.param_groups[0]["lr"]})
+
+    def checkpoint(at: int, logged: dict[str, float]) -> None:
+        if due(at, cfg.train.checkpoint_every, cfg.warmup.max_steps):
+            def write(folder: Path) -> Path:
+                return common.write_stage_checkpoint(folder, at, model, cfg, optimizer, scheduler,
+                                                     {**state, "stage": STAGE})
+
+            common.report_checkpoint(rank, run_dir, at, {"step": at, "loss": logged["loss"]}, write)
+
+    batches = _sam_batches(ray.train.get_dataset_shard("sam"), split, cfg, rank, per_worker, state)
+    TrainLoop(scheduler, cfg.warmup.max_steps, step, [log, checkpoint]).run(
+        batches, lambda batch: train_step(ddp, criterion, optimizer, batch, cfg, scaler, device))
     common.record_cost(run_dir, STAGE, rank, peak_rss_mb=common.peak_rss_mb())
 
 
-def _after_step(cfg: Config, step: int, logged: dict[str, float], optimizer, logger: StepLogger | None,
-                progress: common.Progress, rank: int, run_dir: Path, model, scheduler, epoch: int,
-                position: int) -> None:
-    """Logging on rank 0 and, every ``train.checkpoint_every`` steps and at the end, a checkpoint (all ranks)."""
-    last = step == cfg.warmup.max_steps
-    if logger is not None and (step % cfg.train.log_every == 0 or last):
-        logger.log(step, {**logged, **progress.rates(step), "lr": optimizer.param_groups[0]["lr"]})
-    if step % cfg.train.checkpoint_every == 0 or last:
-        def write(folder: Path) -> Path:
-            return common.write_stage_checkpoint(folder, step, model, cfg, optimizer, scheduler,
-                                                 {"epoch": epoch, "position": position, "stage": STAGE})
+def _sam_batches(shard: Any, split: Any, cfg: Config, rank: int, per_worker: int, state: dict[str, int]):
+    """This rank's warm-up batches, epoch after epoch, from ``state`` ({"epoch", "position"}: batches of the
+    epoch already used), which it keeps current for the checkpoints."""
+    from dearli.caches.readers import decode_masks
+    from dearli.training.data import collate
+    from dearli.training.warmup_data import sam_sample, sample_generator
 
-        common.report_checkpoint(rank, run_dir, step, {"step": step, "loss": logged["loss"]}, write)
+    while True:
+        batch: list[dict[str, Any]] = []
+        for index, row in enumerate(common.shuffled_rows(shard, cfg.train.seed + state["epoch"])):
+            if index < state["position"] * per_worker:  # resumed mid-epoch: skip what earlier steps used
+                continue
+            generator = sample_generator(cfg.train.seed + rank, state["epoch"], index)
+            batch.append(sam_sample(split.load_image(split.record(row["stem"])), decode_masks(row), row["stem"],
+                                    cfg.data, cfg.warmup, generator))
+            if len(batch) == per_worker:
+                state["position"] += 1  # counted before the step: a checkpoint after it resumes past it
+                yield collate(batch)
+                batch = []
+        state["epoch"], state["position"] = state["epoch"] + 1, 0

@@ -21,6 +21,7 @@ from dearli.errors import DataError
 from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
 from dearli.training.evaluate import evaluate_model
+from dearli.training.loop import TrainLoop, due
 from dearli.training.parts import build_training_parts
 from dearli.training.step import train_step
 
@@ -89,20 +90,26 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     echo(f"training on {len(stems)} labeled images of {cfg.data.dataset} ({info.categories.num_classes} classes), "
          f"device {device}, {cfg.train.max_steps} steps")
-    batches = infinite_batches(loader, dataset)
     started = time.perf_counter()
     last_path = latest_checkpoint(run_dir)
-    while step < cfg.train.max_steps:
-        logged = train_step(model, criterion, optimizer, next(batches), cfg, scaler, device)
-        scheduler.step()
-        step += 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            logged.update(step=step, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+
+    def log(at: int, logged: dict[str, float]) -> None:
+        if due(at, cfg.train.log_every, cfg.train.max_steps):
+            logged.update(step=at, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
             _log(run_dir, logged)
-            echo(f"step {step}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            last_path = save_checkpoint(run_dir, step, model, cfg, optimizer, scheduler)
-        if evaluate and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            evaluate_and_log(model, cfg, info, run_dir, step, echo)
+            echo(f"step {at}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
+
+    def checkpoint(at: int, logged: dict[str, float]) -> None:
+        nonlocal last_path
+        if due(at, cfg.train.checkpoint_every, cfg.train.max_steps):
+            last_path = save_checkpoint(run_dir, at, model, cfg, optimizer, scheduler)
+
+    def periodic_eval(at: int, logged: dict[str, float]) -> None:
+        if evaluate and cfg.train.eval_every and at % cfg.train.eval_every == 0 and at < cfg.train.max_steps:
+            evaluate_and_log(model, cfg, info, run_dir, at, echo)
+
+    loop = TrainLoop(scheduler, cfg.train.max_steps, step, [log, checkpoint, periodic_eval])
+    step = loop.run(infinite_batches(loader, dataset),
+                    lambda batch: train_step(model, criterion, optimizer, batch, cfg, scaler, device))
     metrics = evaluate_and_log(model, cfg, info, run_dir, step, echo) if evaluate else None
     return {"step": step, "checkpoint": str(last_path) if last_path else None, "metrics": metrics}
