@@ -111,6 +111,20 @@ def test_killed_run_rerun_equals_an_uninterrupted_run(world, reference, tmp_path
     assert [e["stem"] for e in full["errors"]] == [BAD] and "cannot read" in full["errors"][0]["reason"]
 
 
+def test_review_page_of_pseudo_labels(world, reference, tmp_path, capsys):
+    """`dearli review` reads a pseudo-label output: every labelled image, least sure first, with its scores."""
+    page_dir = tmp_path / "review"
+    assert main(["review", str(reference), "--out", str(page_dir)]) == 0
+    page = (page_dir / "index.html").read_text()
+    stems = [a["file_name"].removesuffix(".png") for a in json.loads((reference / "panoptic.json").read_text())[
+        "annotations"]]
+    assert len(stems) == 11 and all(f'data-stem="{stem}"' in page for stem in stems)
+    confidences = [float(v) for v in re.findall(r'data-confidence="([0-9.]+)"', page)]
+    assert confidences == sorted(confidences) and len(set(confidences)) > 1  # the class scores, not 1.0 each
+    assert sorted(p.name for p in (page_dir / "images").iterdir()) == sorted(f"{s}.png" for s in stems)
+    assert "disagreement not measured" in page
+
+
 def test_a_renamed_class_list_changes_only_the_names(world, reference, tmp_path, capsys):
     """Open vocabulary: the same checkpoint labels with new class names (same ids and kinds) given as
     --classes; images come from a list file this time."""

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from dearli.cli import main
 from dearli.config import load_config
 from dearli.data.dataset import load_dataset
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.predict.review import ReviewItem, class_table, overlay
+from dearli.predict.review import ReviewItem, class_table, overlay, readable
 from dearli.training.checkpoint import save_checkpoint
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,6 +33,8 @@ def test_confidence_class_table_and_overlay():
     table = class_table([item, ReviewItem("c", None, None, segs[1:])])
     assert [(c["name"], c["segments"], c["images"]) for c in table] == [("red circle", 2, 2), ("sky", 1, 1)]
     assert table[0]["histogram"][3] == 2 and sum(table[1]["histogram"]) == 1  # scores 0.35 land in bin 3
+    kept, missing = readable([ReviewItem("gone", Path("/nonexistent/a.png"), Path("/nonexistent/a.png"), [])])
+    assert kept == [] and missing == ["gone: /nonexistent/a.png not found"]
     ids = np.zeros((4, 4), np.int32)
     ids[:, 2:] = 2
     image = np.zeros((4, 4, 3), np.uint8)

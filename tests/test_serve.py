@@ -44,6 +44,7 @@ def png_of(array: np.ndarray) -> bytes:
      "at most"),
     (json.dumps({"image": "AAAA", "classes": [{"name": "sky", "isthing": "yes"}]}).encode(), "", 400, "isthing"),
     (json.dumps({"image": "AAAA", "min_score": 3}).encode(), "", 400, "min_score"),
+    (json.dumps({"image": "AAAA", "classes": [{"id": "x", "name": "sky"}]}).encode(), "", 400, "integer"),
 ])
 def test_bad_requests_get_a_status_and_a_one_line_reason(body, content_type, status, words):
     with pytest.raises(RequestError) as err:

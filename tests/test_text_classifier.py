@@ -240,3 +240,14 @@ def test_prompts_are_encoded_on_the_context_they_use(backbone):
         full = backbone.clip.encode_text(tokens, normalize=True)
         short = encode_tokens(backbone.clip, tokens)
     assert short.shape == full.shape and torch.allclose(short, full, atol=1e-5)
+
+
+def test_memory_cache_keeps_the_most_recent_class_lists_only():
+    backbone = build_backbone(load_config("tiny").model.backbone)
+    lists = [[[f"class {i}"], ["other"]] for i in range(tc.MEMORY_LISTS_PER_BACKBONE + 2)]
+    for names in lists:
+        tc.class_text_embeddings(backbone, names)
+    kept = tc._MEMORY_CACHE[backbone]
+    assert len(kept) == tc.MEMORY_LISTS_PER_BACKBONE
+    assert tc._check_class_names(lists[0]) not in {key[0] for key in kept}
+    assert tc._check_class_names(lists[-1]) in {key[0] for key in kept}

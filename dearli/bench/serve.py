@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from dearli.data.dataset import load_dataset
     from dearli.errors import ConfigError
-    from dearli.predict.serve import ServeOptions, build_app, start
+    from dearli.predict.serve import APP_NAME, ServeOptions, build_app, start
     from dearli.runtime import ensure_ray
 
     counts = [int(c) for c in args.replicas.split(",") if c.strip()]
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
             results.append(figures)
             print(f"replicas {count}: {figures['requests_per_s']:.1f} requests/s, p50 {figures['p50_ms']:.0f} ms, "
                   f"p95 {figures['p95_ms']:.0f} ms ({args.requests} requests, {args.concurrency} clients)", flush=True)
-            serve.delete("dearli")
+            serve.delete(APP_NAME)
         serve.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

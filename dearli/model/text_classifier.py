@@ -50,6 +50,9 @@ class TextEmbeddings(NamedTuple):
 # (class list, text-tower weight fingerprint): loading a checkpoint into the same instance invalidates it.
 # Values live on CPU; callers get a copy on the backbone's device.
 _MEMORY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Class lists kept per backbone, least recently used dropped first: a labeling endpoint answering requests
+# with many different lists must not grow without bound.
+MEMORY_LISTS_PER_BACKBONE = 32
 
 
 def _text_fingerprint(backbone: nn.Module) -> tuple[float, ...]:
@@ -115,7 +118,11 @@ def class_text_embeddings(backbone: nn.Module, class_names: list[list[str]],
     per_backbone = _MEMORY_CACHE.setdefault(backbone, {})
     fingerprint = _text_fingerprint(backbone)
     key = (names, fingerprint)
-    if key not in per_backbone:
+    if key in per_backbone:
+        per_backbone[key] = per_backbone.pop(key)  # most recently used last
+    else:
+        if len(per_backbone) >= MEMORY_LISTS_PER_BACKBONE:
+            per_backbone.pop(next(iter(per_backbone)))
         path = _cache_file(backbone, names, fingerprint, cache_dir) if cache_dir is not None else None
         if path is not None and path.is_file():
             stored = torch.load(path, map_location="cpu", weights_only=True)

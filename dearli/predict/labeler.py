@@ -7,7 +7,8 @@ A request body is either the image file itself (PNG, JPEG, ...) or JSON::
      "min_score": 0.0}
 
 ``classes`` (optional) is an open vocabulary: M2F-Lang classifies by the text embeddings of the names, so
-any list works without retraining; the embeddings of a list are computed once and kept. The answer::
+any list works without retraining; the text embeddings of a list are computed once and kept (the most
+recent lists, see :data:`dearli.model.text_classifier.MEMORY_LISTS_PER_BACKBONE`). The answer::
 
     {"width", "height", "png": "<base64 PNG of segment ids, COCO id2rgb>",
      "segments_info": [{"id", "category_id", "category_name", "isthing", "score", "area", "bbox"}]}
@@ -38,7 +39,6 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024  # a request body larger than this is refus
 MAX_CLASSES = 1000  # classes in one request's list (COCO has 133, ADE20K-full 847)
 # CLIP reads 77 tokens and the longest prompt template adds about 10: a longer name would be cut silently.
 MAX_NAME_CHARS = 200
-KEPT_VOCABULARIES = 32  # class lists whose embeddings a replica keeps (least recently used dropped first)
 
 
 class RequestError(Exception):
@@ -90,7 +90,7 @@ def check_classes(classes: Any) -> list[dict]:
                                     f"{MAX_NAME_CHARS} (CLIP reads 77 tokens)")
         if not isinstance(entry.get("isthing", False), bool):
             raise RequestError(400, f"classes[{i}]: 'isthing' must be true or false")
-        entries.append({"id": int(entry.get("id", i)), "name": entry["name"], "isthing": entry.get("isthing", False)})
+        entries.append({"id": entry.get("id", i), "name": entry["name"], "isthing": entry.get("isthing", False)})
     try:
         CategoryMap.from_dicts(entries, "request")
     except DataError as err:
@@ -124,26 +124,14 @@ class Labeler:
         self.default = categories
         self.max_pixels = max_pixels
         self.lock = threading.Lock()
-        self.vocabularies: dict[str, CategoryMap] = {}  # JSON of a request's list -> its CategoryMap
-
-    def _categories(self, classes: list[dict] | None) -> CategoryMap:
-        if classes is None:
-            return self.default
-        key = json.dumps(classes, sort_keys=True)
-        if key not in self.vocabularies:
-            if len(self.vocabularies) >= KEPT_VOCABULARIES:
-                self.vocabularies.pop(next(iter(self.vocabularies)))
-            self.vocabularies[key] = CategoryMap.from_dicts(classes, "request")
-        self.vocabularies[key] = self.vocabularies.pop(key)  # most recently used last
-        return self.vocabularies[key]
 
     def label(self, body: bytes, content_type: str = "") -> dict[str, Any]:
         """One request body -> the COCO-panoptic answer (see the module docstring)."""
         data, classes, min_score = parse_request(body, content_type)
         image = decode_image(data, self.max_pixels)
+        categories = self.default if classes is None else CategoryMap.from_dicts(classes, "request")
         with self.lock:
-            categories = self._categories(classes)
-            self.model.set_classes(categories.synonyms)  # a no-op cost when unchanged: embeddings are kept
+            self.model.set_classes(categories.synonyms)  # cheap for a list seen before: its embeddings are kept
             pred = predict_image(self.model, image, self.model_cfg, categories.thing_ids)
         panoptic, segments = keep_confident(pred.panoptic, pred.segments, min_score)
         return {"width": int(image.shape[1]), "height": int(image.shape[0]),

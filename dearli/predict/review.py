@@ -90,6 +90,18 @@ def histogram_svg(counts: list[int], width: int = 120, height: int = 28) -> str:
             f'aria-label="scores 0 to 1">{rects}</svg>')
 
 
+def readable(items: list[ReviewItem]) -> tuple[list[ReviewItem], list[str]]:
+    """(the items whose picture and label PNG both exist, one line per item left out: stem and missing file)."""
+    kept, missing = [], []
+    for item in items:
+        absent = next((p for p in (item.image_path, item.label_path) if not Path(p).is_file()), None)
+        if absent is None:
+            kept.append(item)
+        else:
+            missing.append(f"{item.stem}: {absent} not found")
+    return kept, missing
+
+
 def write_overlays(items: list[ReviewItem], out: Path) -> None:
     """OUT/images/<stem>.png: each item's overlay (the image at its label's size)."""
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,9 @@ def _predict_items(root: Path, dataset: str, split_name: str) -> tuple[list[Any]
     split = load_dataset(dataset).split(split_name)
     by_id = {str(r.image_id): r for r in split.records}
     names = {c["id"]: c["name"].split(",")[0].strip() for c in predicted["categories"]}
+    if any("score" not in s for a in predicted["annotations"] for s in a["segments_info"]):
+        print("review: these predictions carry no class scores (made before 'dearli predict' recorded them): "
+              "every segment counts as sure (1.0); predict again for a useful order")
     items = []
     for ann in predicted["annotations"]:
         record = by_id.get(str(ann["image_id"]))
@@ -89,7 +92,7 @@ def _measure_disagreement(items: list[Any], categories: list[dict], args: argpar
 def _run(args: argparse.Namespace) -> int:
     from dearli.caches.store import MANIFEST
     from dearli.errors import ConfigError, DataError
-    from dearli.predict.review import write_review
+    from dearli.predict.review import readable, write_review
 
     root = Path(args.labels)
     if not (root / "panoptic.json").is_file():
@@ -104,6 +107,12 @@ def _run(args: argparse.Namespace) -> int:
         items, categories = _predict_items(root, args.dataset, args.split)
     else:
         raise ConfigError(f"{root} is a predict output: pass --dataset (and --split) to find its images")
+    items, missing = readable(items)
+    if missing:  # moved or deleted images: the page shows the rest and says which
+        print(f"review: {len(missing)} image(s) left out, their files are gone: " + "; ".join(missing[:5])
+              + (" ..." if len(missing) > 5 else ""))
+    if not items:
+        raise DataError(root, "no image of these labels can be read; nothing to review")
     items.sort(key=lambda i: (i.confidence, i.stem))
     if args.limit > 0:
         items = items[: args.limit]

@@ -262,8 +262,7 @@ class StudentLoop:
                                  write)
 
     def _maybe_evaluate(self, step: int, logged: dict[str, float]) -> None:
-        every, last = self.cfg.train.eval_every, self.step == self.cfg.train.max_steps
-        if self.rank != 0 or not self.evaluate or not (last or (every and self.step % every == 0)):
+        if self.rank != 0 or not self.evaluate or not due(step, self.cfg.train.eval_every, self.cfg.train.max_steps):
             return
         from dearli.training.evaluate import evaluate_model
 
