@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -93,10 +94,27 @@ def ray_session(verbose: bool = False) -> Iterator[None]:
             ray.shutdown()
 
 
-def cluster_has_gpus() -> bool:
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster (all nodes)."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_has_gpus() -> bool:
+    return cluster_gpus() > 0
+
+
+def gpu_share(gpus: float, users: int) -> float:
+    """GPUs for each of ``users`` processes (Train workers and teacher actors) that all want one.
+
+    1 where there are enough; else the same fraction for all, 1/k with k users per GPU, so that the fractions
+    of one GPU add up to at most 1 (Ray places a fractional request on a single GPU). One GPU and one Train
+    worker + one teacher actor, the paper's setting: 0.5 each, both on that GPU. No GPU: 0.
+    """
+    if gpus < 1 or users < 1:
+        return 0.0
+    return 1.0 if gpus >= users else 1.0 / math.ceil(users / int(gpus))
 
 
 def default_gpus_per_actor() -> float:

@@ -8,6 +8,7 @@ import torch
 from dearli.config import load_config
 from dearli.device import resolve_device
 from dearli.errors import ConfigError
+from dearli.runtime import gpu_share
 from dearli.stages import common
 
 
@@ -35,3 +36,41 @@ def test_one_batch_split_for_every_stage():
     assert common.batch_note(16, 4) == ""
     assert common.batch_note(16, 3) == " (effective batch 18: 6 per worker on 3 workers)"
     assert common.batch_note(2, 4, "labeled batch") == " (effective labeled batch 4: 1 per worker on 4 workers)"
+
+
+def test_gpu_share_fits_every_user_on_a_gpu():
+    assert [gpu_share(g, 2) for g in (0, 0.5, 1, 2, 4)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert gpu_share(2, 3) == 0.5 and gpu_share(1, 3) == pytest.approx(1 / 3) and gpu_share(3, 0) == 0.0
+    for gpus in range(1, 5):  # the fractions of one GPU never add up to more than that GPU
+        for users in range(1, 9):
+            share = gpu_share(gpus, users)
+            assert share * users <= gpus * 1.0001 and int(1 / share + 1e-9) * gpus >= users
+
+
+def test_mean_teacher_shares_one_gpu_between_student_and_teacher():
+    # The paper's single-GPU setting: one Train worker and one teacher actor wanting a GPU each would leave the
+    # teacher unplaced and the student waiting for labels forever; they get half a GPU each.
+    cfg = load_config("tiny")
+    assert (cfg.train.num_workers, cfg.ssl.teacher_actors, cfg.ssl.teacher_gpus) == (1, 1, -1)
+    assert common.ssl_gpus(cfg, 1) == (0.5, 0.5)
+    assert common.ssl_gpus(cfg, 2) == (1.0, 1.0)
+    assert common.ssl_gpus(cfg, 0) == (0.0, 0.0)
+    assert common.ssl_gpus(load_config("tiny", ["train.num_workers=2", "ssl.teacher_actors=2"]), 2) == (0.5, 0.5)
+    assert common.ssl_gpus(load_config("tiny", ["train.device=cpu"]), 1) == (0.0, 1.0)  # the teacher alone
+    assert common.ssl_gpus(load_config("tiny", ["ssl.teacher_gpus=0"]), 1) == (1.0, 0.0)  # as the user set it
+
+
+def test_stage_costs_carry_gpu_memory_where_workers_recorded_it(tmp_path):
+    from dearli.stages.pipeline_steps import COSTS, cost_lines
+
+    common.record_cost(tmp_path, "ssl", 0, peak_rss_mb=900.0, teacher_peak_rss_mb=700.0, gpu_peak_mb=5000.0,
+                       teacher_gpu_peak_mb=3000.0)
+    common.record_cost(tmp_path, "ssl", 1, peak_rss_mb=950.0, gpu_peak_mb=5200.0)
+    peaks = common.worker_peaks(tmp_path)
+    assert peaks == {"worker_peak_mb": 950.0, "teacher_peak_mb": 700.0, "worker_gpu_peak_mb": 5200.0,
+                     "teacher_gpu_peak_mb": 3000.0}
+    [line] = cost_lines({COSTS: {"ssl": {"seconds": 12.0, "driver_peak_mb": 500.0, **peaks}}})
+    assert line == ("cost of ssl: 12 s; peak memory: driver 500 MiB, Train worker 950 MiB, teacher actor 700 MiB, "
+                    "GPU of a Train worker 5200 MiB, GPU of a teacher actor 3000 MiB")
+    if not torch.cuda.is_available():
+        assert common.peak_gpu_mb() == {}  # a CPU worker records no GPU figure

@@ -122,7 +122,7 @@ def test_oracle_teacher_hands_out_the_ground_truth_of_the_weak_view(world, ray_l
     cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "ssl.oracle_labels=true"])
     info = load_dataset(world)
     split = info.split("train")
-    store, teachers = start_teacher_pool(cfg, 0.25, gpus_available=False)
+    store, teachers = start_teacher_pool(cfg, 0.25, gpus=0.0)
     try:
         model = make_teacher(build_m2f_lang(cfg.model, info.categories.synonyms))
         ray.get(store.publish.remote(0, published_weights(model, random_backbone=True)))

@@ -68,12 +68,15 @@ def _teacher_rate(cfg, requests: int) -> float:
 
     from dearli.data.dataset import load_dataset
     from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.runtime import cluster_gpus, gpu_share
     from dearli.stages.teacher import start_teacher_pool, stop_teacher_pool
     from dearli.training.ema import trainable_state
 
     info = load_dataset(cfg.data.dataset)
     stems = [r.stem for r in info.split(cfg.data.train_split).records]
-    store, teachers = start_teacher_pool(cfg, 0.25, False)
+    # the teacher actors alone, each on a GPU (or a share of one) where the cluster has GPUs
+    gpus = cfg.ssl.teacher_gpus if cfg.ssl.teacher_gpus >= 0 else gpu_share(cluster_gpus(), cfg.ssl.teacher_actors)
+    store, teachers = start_teacher_pool(cfg, 0.25, gpus)
     try:
         model = build_m2f_lang(cfg.model, info.categories.synonyms)
         ray.get(store.publish.remote(0, trainable_state(model)))

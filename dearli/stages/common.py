@@ -20,24 +20,43 @@ import torch
 from dearli.config import Config
 from dearli.config_io import from_dict, to_dict
 from dearli.errors import DataError, DearliError
-from dearli.runtime import cluster_has_gpus, quiet
+from dearli.runtime import cluster_has_gpus, gpu_share, quiet
 from dearli.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "state.pt"  # the dearli checkpoint inside a Ray Train checkpoint directory
 
 
-def scaling_config(cfg: Config):
-    """``train.num_workers`` workers, GPU ones when asked or (auto) when the cluster has GPUs."""
+def train_uses_gpu(cfg: Config, cluster_has_gpu: bool) -> bool:
+    """Train workers on GPUs: when asked, or (auto) when the cluster has GPUs and ``train.device`` allows."""
+    # train.device=cpu keeps the workers off the GPUs even where the cluster has them.
+    return cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpu
+                                          and cfg.train.device != "cpu")
+
+
+def scaling_config(cfg: Config, gpu_per_worker: float = 1.0):
+    """``train.num_workers`` workers, each with ``gpu_per_worker`` GPUs where :func:`train_uses_gpu`."""
     from ray.train import ScalingConfig
 
-    # train.device=cpu keeps the workers off the GPUs even where the cluster has them.
-    use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and cluster_has_gpus()
-                                             and cfg.train.device != "cpu")
+    use_gpu = train_uses_gpu(cfg, cluster_has_gpus())
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources}
     if use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = gpu_per_worker
     return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                          placement_strategy=cfg.train.placement_strategy)
+
+
+def ssl_gpus(cfg: Config, cluster_gpus: float) -> tuple[float, float]:
+    """GPUs per Train worker and per teacher actor of the Mean-Teacher stage on a cluster with ``cluster_gpus``.
+
+    Both want a GPU; where they outnumber the GPUs they share them (``runtime.gpu_share``): one GPU, one
+    worker and one teacher (the paper's single-GPU setting) gives 0.5 each, where 1 each would leave the teacher
+    unplaced and the student waiting for its labels forever. ``ssl.teacher_gpus`` >= 0 is taken as given.
+    """
+    workers = cfg.train.num_workers if train_uses_gpu(cfg, cluster_gpus > 0) else 0
+    auto_teachers = cfg.ssl.teacher_actors if cfg.ssl.teacher_gpus < 0 else 0
+    share = gpu_share(cluster_gpus, workers + auto_teachers)
+    worker = (share or 1.0) if workers else 0.0  # train.use_gpu=yes on a cluster without GPUs: Ray says so
+    return worker, cfg.ssl.teacher_gpus if cfg.ssl.teacher_gpus >= 0 else share
 
 
 def train_run_name(run_dir: str | Path, stage: str) -> str:
@@ -213,8 +232,16 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
+def peak_gpu_mb() -> dict[str, float]:
+    """{"gpu_peak_mb": the peak GPU memory this process allocated on its CUDA device, MiB}, or {} off CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def record_cost(run_dir: Path, stage: str, rank: int, **values: float) -> None:
-    """Append what this worker's loop cost (``peak_rss_mb``, ``teacher_peak_rss_mb``) to ``costs.jsonl``."""
+    """Append what this worker's loop cost (``peak_rss_mb``, ``teacher_peak_rss_mb``, on CUDA ``gpu_peak_mb``
+    and ``teacher_gpu_peak_mb``) to ``costs.jsonl``."""
     import json
 
     with open(Path(run_dir) / COSTS_FILE, "a") as fh:
@@ -222,11 +249,15 @@ def record_cost(run_dir: Path, stage: str, rank: int, **values: float) -> None:
 
 
 COSTS_FILE = "costs.jsonl"  # a stage's per-worker costs, written at the end of each worker's loop
+# costs.jsonl's keys -> the stage cost's
+PEAK_NAMES = (("peak_rss_mb", "worker_peak_mb"), ("teacher_peak_rss_mb", "teacher_peak_mb"),
+              ("gpu_peak_mb", "worker_gpu_peak_mb"), ("teacher_gpu_peak_mb", "teacher_gpu_peak_mb"))
 
 
 def worker_peaks(run_dir: Path) -> dict[str, float]:
     """The largest peaks a stage's workers recorded in ``costs.jsonl``: {"worker_peak_mb", "teacher_peak_mb"}
-    (a key is absent when no worker recorded it, e.g. a stage that was killed)."""
+    and on CUDA {"worker_gpu_peak_mb", "teacher_gpu_peak_mb"} (a key is absent when no worker recorded it,
+    e.g. a stage that was killed)."""
     import json
 
     path, peaks = Path(run_dir) / COSTS_FILE, {}
@@ -234,7 +265,7 @@ def worker_peaks(run_dir: Path) -> dict[str, float]:
         return peaks
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        for key, name in (("peak_rss_mb", "worker_peak_mb"), ("teacher_peak_rss_mb", "teacher_peak_mb")):
+        for key, name in PEAK_NAMES:
             if key in entry:
                 peaks[name] = max(peaks.get(name, 0.0), float(entry[key]))
     return peaks

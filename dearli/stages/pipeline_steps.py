@@ -61,8 +61,10 @@ COSTS = "costs"  # the key of stages.json that holds each stage's seconds and pe
 
 
 def cost_lines(state: dict[str, Any]) -> list[str]:
-    """One line per measured stage: seconds and peak memory (MiB) of the driver, a Train worker, a teacher."""
-    names = (("driver_peak_mb", "driver"), ("worker_peak_mb", "Train worker"), ("teacher_peak_mb", "teacher actor"))
+    """One line per measured stage: seconds and peak memory (MiB) of the driver, a Train worker, a teacher, and
+    on CUDA their GPU memory."""
+    names = (("driver_peak_mb", "driver"), ("worker_peak_mb", "Train worker"), ("teacher_peak_mb", "teacher actor"),
+             ("worker_gpu_peak_mb", "GPU of a Train worker"), ("teacher_gpu_peak_mb", "GPU of a teacher actor"))
     lines = []
     for stage, cost in state.get(COSTS, {}).items():
         peaks = ", ".join(f"{label} {cost[key]:.0f} MiB" for key, label in names if key in cost)

@@ -58,7 +58,8 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
     runtime.ensure_ray()
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
-    store, teachers = start_teacher_pool(cfg, fraction, runtime.cluster_has_gpus())
+    worker_gpus, teacher_gpus = common.ssl_gpus(cfg, runtime.cluster_gpus())
+    store, teachers = start_teacher_pool(cfg, fraction, teacher_gpus)
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
     echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
@@ -72,7 +73,7 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
         train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, init=init, evaluate=evaluate,
                                              labeled=labeled,
                                              unlabeled=unlabeled, teachers=teachers, store=store),
-        scaling_config=common.scaling_config(cfg),
+        scaling_config=common.scaling_config(cfg, worker_gpus),
         run_config=common.run_config(cfg, run_dir, STAGE),
         datasets={"labeled": labeled_ds},
     )

@@ -72,6 +72,7 @@ class StudentLoop:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         common.record_worker(self.run_dir, STAGE, self.rank)
         self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
+        self.teacher_gpu_peak_mb = 0.0  # ... and of GPU memory, on CUDA
         self.device = common.worker_device(cfg)
         self.info = load_dataset(cfg.data.dataset)
         self.split = self.info.split(cfg.data.train_split)
@@ -132,8 +133,9 @@ class StudentLoop:
             self._maybe_evaluate(self.step, {})
         finally:
             self.feed.close()
+            teacher_gpu = {"teacher_gpu_peak_mb": self.teacher_gpu_peak_mb} if self.teacher_gpu_peak_mb else {}
             common.record_cost(self.run_dir, STAGE, self.rank, peak_rss_mb=common.peak_rss_mb(),
-                                 teacher_peak_rss_mb=self.teacher_peak_mb)
+                               teacher_peak_rss_mb=self.teacher_peak_mb, **common.peak_gpu_mb(), **teacher_gpu)
 
     def _labeled_batches(self, shard):
         """Batches of this rank's labeled images, epoch after epoch (a resumed epoch skips what it used); the
@@ -185,6 +187,7 @@ class StudentLoop:
 
         result, stats = self.feed.next(self.step + 1)
         self.teacher_peak_mb = max(self.teacher_peak_mb, float(result.get("peak_rss_mb", 0.0)))
+        self.teacher_gpu_peak_mb = max(self.teacher_gpu_peak_mb, float(result.get("gpu_peak_mb", 0.0)))
         self._record_failures()
         images, labels = unpack_pseudo_labels(result)
         generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)

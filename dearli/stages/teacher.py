@@ -33,7 +33,7 @@ from dearli.config import Config
 from dearli.config_io import from_dict, to_dict
 from dearli.device import resolve_device
 from dearli.errors import DataError
-from dearli.stages.common import peak_rss_mb
+from dearli.stages.common import peak_gpu_mb, peak_rss_mb
 
 
 @ray.remote(num_cpus=0)
@@ -147,6 +147,7 @@ class TeacherWorker:
             out["segments"] = [label.segments for label in labels]
         out["seconds"] = time.perf_counter() - started
         out["peak_rss_mb"] = peak_rss_mb()
+        out.update(peak_gpu_mb())
         return out
 
     def _weak_view(self, record: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -224,9 +225,9 @@ def load_published_weights(model: torch.nn.Module, state: dict[str, torch.Tensor
         torch.nn.Module.load_state_dict(model, state, strict=False)
 
 
-def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus_available: bool) -> tuple[Any, list[Any]]:
-    """The weights store and ``ssl.teacher_actors`` teacher actors (restarted and retried on failure)."""
-    gpus = cfg.ssl.teacher_gpus if cfg.ssl.teacher_gpus >= 0 else (1.0 if gpus_available else 0.0)
+def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float) -> tuple[Any, list[Any]]:
+    """The weights store and ``ssl.teacher_actors`` teacher actors (restarted and retried on failure) with
+    ``gpus`` GPUs each (``common.ssl_gpus``)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The store lives with the driver (as Ray Train's controller does): a restarted store would be empty, and

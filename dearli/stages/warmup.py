@@ -120,7 +120,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     batches = _sam_batches(ray.train.get_dataset_shard("sam"), split, cfg, rank, per_worker, state)
     TrainLoop(scheduler, cfg.warmup.max_steps, step, [log, checkpoint]).run(
         batches, lambda batch: train_step(ddp, criterion, optimizer, batch, cfg, scaler, device))
-    common.record_cost(run_dir, STAGE, rank, peak_rss_mb=common.peak_rss_mb())
+    common.record_cost(run_dir, STAGE, rank, peak_rss_mb=common.peak_rss_mb(), **common.peak_gpu_mb())
 
 
 def _sam_batches(shard: Any, split: Any, cfg: Config, rank: int, per_worker: int, state: dict[str, int]):
