@@ -2,7 +2,8 @@
 local weights files (random weights: nothing is downloaded), the ADE20K preset's crop, scales, 200 queries and
 9 decoder layers, through ``dearli data prepare-ade20k``, ``jobs/ssl.py`` (caches, DeWa, Mean Teacher with the
 teacher pool, evaluation, registry) and ``dearli pseudo-label``; one step of the COCO preset on a COCO panoptic
-tree. Cut down only in steps, batch (1+1), image count and SAM points per side.
+tree; and the pipeline part of ``dearli bench gpu`` (the same pipeline in a child process, from the inputs the
+bench writes itself) at its smallest. Cut down only in steps, batch (1+1), image count and SAM points per side.
 
 Slow (about ten minutes on 2 CPU cores): marked ``paper``, left out of the default run and run by ``.ci/run``
 (``pytest -m paper``). The per-stage seconds and peak memory print at the end of the job's log (``-s``).
@@ -19,82 +20,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from _panoptic_factory import random_image, write_partition, write_split
-from PIL import Image
+from _panoptic_factory import random_image, write_split
 
+from dearli.bench.paper_world import save_random_weights, write_ade20k_partition, write_ade20k_tree
 from dearli.cli import main
 
 pytestmark = pytest.mark.paper
 REPO = Path(__file__).resolve().parents[1]
-# SceneParsing labels (1-based) and the instance-challenge classes of the scenes below.
-WALL, SKY, FLOOR, BED, PERSON = 1, 3, 4, 8, 13
-INST_BED, INST_PERSON = 1, 4
-
-
-def _ade_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image H×W×3, semantic H×W, instance H×W×3) of a room: wall, sky, floor, a bed and a person."""
-    sem = np.full((height, width), WALL, np.uint8)
-    sem[: height // 4, width // 2:] = SKY
-    sem[height // 2:] = FLOOR
-    ins = np.zeros((height, width, 3), np.uint8)
-    for index, (label, inst) in enumerate(((BED, INST_BED), (PERSON, INST_PERSON)), start=1):
-        h, w = int(rng.integers(height // 5, height // 3)), int(rng.integers(width // 6, width // 4))
-        y, x = int(rng.integers(height // 3, height - h)), int(rng.integers(0, width - w))
-        sem[y:y + h, x:x + w] = label
-        ins[y:y + h, x:x + w] = (inst, index, 0)
-    colours = {WALL: (200, 190, 170), SKY: (120, 170, 230), FLOOR: (110, 80, 60), BED: (230, 230, 240),
-               PERSON: (200, 120, 90)}
-    image = np.zeros((height, width, 3), np.uint8)
-    for label, colour in colours.items():
-        image[sem == label] = colour
-    noise = rng.integers(-12, 13, image.shape)
-    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), sem, ins
-
-
-def _ade_tree(root: Path, counts: dict[str, int], size: tuple[int, int] = (96, 128)) -> Path:
-    """An ``ADEChallengeData2016`` tree (images, annotations, annotations_instance) of small rooms."""
-    rng = np.random.default_rng(0)
-    for split, folder in (("train", "training"), ("val", "validation")):
-        for sub in ("images", "annotations", "annotations_instance"):
-            (root / sub / folder).mkdir(parents=True)
-        for i in range(counts[split]):
-            stem = f"ADE_{split}_{i + 1:08d}"
-            image, sem, ins = _ade_scene(rng, *size)
-            Image.fromarray(image).save(root / "images" / folder / f"{stem}.jpg", quality=95)
-            Image.fromarray(sem, mode="L").save(root / "annotations" / folder / f"{stem}.png")
-            Image.fromarray(ins, mode="RGB").save(root / "annotations_instance" / folder / f"{stem}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, str]:
     """Random weights of the real models, saved as files the way users keep downloaded checkpoints."""
-    import open_clip
-    from segment_anything import sam_model_registry
-
-    root = tmp_path_factory.mktemp("weights")
-    files = {"sam": root / "sam_vit_b_01ec64.pth", "clip": root / "convnext_base_w_320.pt"}
-    torch.manual_seed(0)
-    torch.save(sam_model_registry["vit_b"]().state_dict(), files["sam"])
-    torch.save(open_clip.create_model("convnext_base_w_320").state_dict(), files["clip"])
-    return {k: str(v) for k, v in files.items()}
+    return save_random_weights(tmp_path_factory.mktemp("weights"))
 
 
-def _clean_env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory) -> str:
+    """One text-embedding cache for the module, as a user's ~/.cache/dearli/text is: the ADE20K-150 prompts go
+    through ConvNeXt-B's text tower once (the bench writes the same seed-0 weights, so the same fingerprint)."""
+    return str(tmp_path_factory.mktemp("text"))
+
+
+def _clean_env(tmp_path: Path, text_cache: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # open_clip and torch hub would write here, never download
+    env["DEARLI_TEXT_CACHE"] = text_cache
     return env
 
 
 @pytest.mark.ray
-def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
-    root = _ade_tree(tmp_path / "ADEChallengeData2016", {"train": 4, "val": 2})
-    splits = tmp_path / "splits"
-    write_partition(splits, "1_2", ["ADE_train_00000001", "ADE_train_00000003"], image_dir="images/training")
+def test_ade20k_base_pipeline_from_local_weights(weights, text_cache, tmp_path):
+    root = write_ade20k_tree(tmp_path / "ADEChallengeData2016", {"train": 4, "val": 2})
+    partitions = write_ade20k_partition(tmp_path / "splits", "1_2", ["ADE_train_00000001", "ADE_train_00000003"])
     dataset = tmp_path / "ade20k"
-    assert main(["data", "prepare-ade20k", str(root), "--out", str(dataset), "--partitions",
-                 str(splits / "partitions"), "--no-progress"]) == 0
+    assert main(["data", "prepare-ade20k", str(root), "--out", str(dataset), "--partitions", str(partitions),
+                 "--no-progress"]) == 0
     workdir = tmp_path / "work"
     cut = ["warmup.max_steps=2", "warmup.batch_size=1", "train.max_steps=2", "ssl.labeled_batch_size=1",
            "ssl.unlabeled_batch_size=1", "train.num_workers=1", "train.checkpoint_every=2",
@@ -103,7 +64,7 @@ def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
         [sys.executable, "jobs/ssl.py", "--preset", "ade20k-base", "--dataset", str(dataset), "--partition", "1_2",
          "--workdir", str(workdir), "--sam-generator", "sam", "--visualise", "1", "cache.sam_type=vit_b",
          f"cache.sam_checkpoint={weights['sam']}", f"model.backbone.pretrained={weights['clip']}", *cut],
-        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=1800)
+        cwd=REPO, env=_clean_env(tmp_path, text_cache), capture_output=True, text=True, timeout=1800)
     log = job.stdout + job.stderr
     print(job.stdout[-4000:])
     assert job.returncode == 0, log[-8000:]
@@ -127,8 +88,8 @@ def test_ade20k_base_pipeline_from_local_weights(weights, tmp_path):
     listing.write_text("\n".join(str(p) for p in sorted(images.glob("*.jpg"))[:2]) + "\n")
     labels = subprocess.run(
         [sys.executable, "-m", "dearli.cli", "pseudo-label", "--checkpoint", checkpoint, "--images", str(listing),
-         "--out", str(tmp_path / "pl")], cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True, text=True,
-        timeout=900)
+         "--out", str(tmp_path / "pl")], cwd=tmp_path, env=_clean_env(tmp_path, text_cache), capture_output=True,
+        text=True, timeout=900)
     assert labels.returncode == 0, (labels.stdout + labels.stderr)[-4000:]
     assert len(list((tmp_path / "pl" / "panoptic").glob("*.png"))) == 2
     assert len(json.loads((tmp_path / "pl" / "panoptic.json").read_text())["annotations"]) == 2
@@ -156,3 +117,22 @@ def test_coco_base_takes_a_step_on_a_coco_panoptic_tree(weights, tmp_path, capsy
     saved = (out / "config.yaml").read_text()
     assert "crop_size: 512" in saved and "num_queries: 200" in saved
     assert re.search(r"PQ \d+\.\d+", printed)
+
+
+def test_bench_gpu_runs_the_pipeline_part_and_reports_each_stage(text_cache, tmp_path, capsys, monkeypatch):
+    # What `dearli bench gpu` adds on a GPU machine, run here on the CPU at its smallest: the ADE20K preset's
+    # pipeline in a child process, from random-weight checkpoint files it writes itself.
+    monkeypatch.setenv("DEARLI_TEXT_CACHE", text_cache)
+    out = tmp_path / "gpu.json"
+    code = main(["bench", "gpu", "--device", "cpu", "--sizes", "64", "--batch-size", "1", "--steps", "1",
+                 "--warmup", "0", "--sam-type", "tiny", "--sam-images", "1", "--sam-size", "64",
+                 "--points-per-side", "2", "--pipeline", "yes", "--pipeline-steps", "1", "--pipeline-images", "2",
+                 "--pipeline-batch", "1", "--pipeline-points", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())["pipeline"]
+    assert code == 0 and report["ok"], "\n".join(report.get("log_tail", []))
+    assert set(report["stages"]) == {"cache", "warmup", "ssl", "evaluate"}
+    assert report["stages"]["ssl"]["teacher_peak_mb"] > 500  # a ConvNeXt-B in the teacher actor
+    assert re.search(r"Pipeline ade20k-base \(2 training images, 1 DeWa \+ 1 Mean-Teacher steps, batch 1\+1\): "
+                     r"\d+ s, done", printed)
+    assert re.search(r"cost of ssl: \d+ s; peak memory: driver \d+ MiB, Train worker \d+ MiB, teacher actor", printed)

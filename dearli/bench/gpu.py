@@ -1,17 +1,20 @@
 """``dearli bench gpu``: the paper-scale costs on one GPU, in one command.
 
-Two parts, both with RANDOM weights (nothing is downloaded; the cost of the arithmetic does not depend on the
+Three parts, all with RANDOM weights (nothing is downloaded; the cost of the arithmetic does not depend on the
 weights):
 
 * one training step of a preset (default ``base``: OpenCLIP convnext_base_w_320, 200 queries, 9 decoder
   layers) at each ``--sizes`` crop, in fp32 and in mixed precision, with :mod:`dearli.bench.step`'s
   machinery (:func:`dearli.training.step.train_step` on a synthetic batch);
 * SAM's image encoder alone and its whole automatic mask generator, loaded from a checkpoint file by the
-  code ``dearli cache sam --sam-checkpoint FILE`` uses (:func:`dearli.caches.generators.build_generator`).
+  code ``dearli cache sam --sam-checkpoint FILE`` uses (:func:`dearli.caches.generators.build_generator`);
+* on CUDA (``--pipeline``), the whole pipeline with the ADE20K preset in a child process
+  (:mod:`dearli.bench.gpu_pipeline`).
 
-Everything runs in this process: peak memory is ``torch.cuda.max_memory_allocated`` reset before each row
-(on a CPU run, the process's peak resident memory, which never goes down). Imports neither Ray nor MLflow:
-a bare GPU machine with torch, timm, open_clip and segment_anything can run it.
+The first two run in this process: peak memory is ``torch.cuda.max_memory_allocated`` reset before each row
+(on a CPU run, the process's peak resident memory, which never goes down). This process imports neither Ray
+nor MLflow: a bare GPU machine with torch, timm, open_clip and segment_anything runs the first two parts
+(``--pipeline no``); the pipeline's child process needs the whole install.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dearli.bench import gpu_pipeline
 from dearli.caches.generators import SAM_TYPES
 from dearli.config import CacheConfig
 
@@ -45,8 +49,10 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         description="Time one training step of --preset (random backbone weights) at each of --sizes, batch "
         "--batch-size, in fp32 and mixed precision; then SAM's image encoder and automatic mask generator "
         "(random weights saved to a temporary checkpoint and loaded as `dearli cache sam` loads one). Prints "
-        "seconds, images/s and peak GPU memory per row, with published reference figures; a few minutes "
-        "on one large GPU. Without a GPU it exits with status 2, unless --device cpu (then use small sizes).",
+        "seconds, images/s and peak GPU memory per row, with published reference figures; on CUDA, then the "
+        "whole pipeline with the ADE20K preset (see --pipeline), per stage seconds and peak memory; a few "
+        "minutes on one large GPU. Without a GPU it exits with status 2, unless --device cpu (then use small "
+        "sizes).",
     )
     parser.add_argument("--device", default="cuda",
                         help="cuda (default), cuda:N, or cpu for a check run of the same code at toy sizes")
@@ -70,6 +76,7 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
                         help="torch intra-op CPU threads (default 0: torch's own choice, one per core)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the images")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the figures to FILE as JSON")
+    gpu_pipeline.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="configuration overrides of the preset (device, batch and precision are the bench's)")
     parser.set_defaults(handler=run)
@@ -92,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
               "train_steps": bench_train_steps(args, sizes, device)}
     release_memory(device)  # the SAM rows' peaks must not include the training model
     report["sam"] = bench_sam(args, device)
+    if gpu_pipeline.wanted(args, device):
+        release_memory(device)  # the pipeline's processes need the GPU to themselves
+        report["pipeline"] = gpu_pipeline.bench_pipeline(args, device)
     report["references"] = [dict(r) for r in REFERENCES]
     report["notes"] = notes(report)
     print()
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"figures written to {args.out}")
-    return 0
+    return 0 if report.get("pipeline", {}).get("ok", True) else 1
 
 
 def _validate(args: argparse.Namespace) -> list[int]:
@@ -118,6 +128,7 @@ def _validate(args: argparse.Namespace) -> list[int]:
     if min(counts) < 1 or min(args.warmup, args.threads) < 0:
         raise ConfigError("--batch-size, --steps, --sam-images and --points-per-side must be >= 1, --warmup and "
                           "--threads >= 0")
+    gpu_pipeline.validate(args)
     if not MIN_IMAGE_SIDE <= args.sam_size <= MAX_IMAGE_SIDE:
         raise ConfigError(f"--sam-size: must lie in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}], got {args.sam_size}")
     return sizes
@@ -343,6 +354,8 @@ def format_report(report: dict[str, Any]) -> str:
     text = ["  ".join(cell.rjust(w) if i >= 5 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
+    if "pipeline" in report:
+        text += ["", *gpu_pipeline.report_lines(report["pipeline"])]
     text += ["", *report["notes"], "Published reference figures (other models and GPUs):"]
     text += [f"  {r['what']}: {r['figure']}" for r in report["references"]]
     return "\n".join(text)
