@@ -48,8 +48,8 @@ from dearli.errors import ConfigError, DataError
 
 # Default steps: these shares of the preset's train.max_steps and warmup.max_steps. Measured with the synth
 # preset on 2 idle cores: a Mean-Teacher row of 600 steps takes about 270 s (start-up included), a
-# supervised one 75 s, a 400-step warm-up about 150 s; so 2 budgets x 2 seeds at 500 steps (12 Mean-Teacher,
-# 4 supervised, 2 warm-up runs, 20 evaluations) come to about 57 minutes.
+# supervised one 75 s, a 400-step warm-up about 150 s; so 2 budgets x 2 seeds at synth's 750 (a quarter of its
+# 3000; 16 Mean-Teacher rows with the oracle, 4 supervised, 2 warm-up runs) come to about 1.7 hours.
 STEP_SHARE = 0.25
 WARMUP_SHARE = 1.0
 DEFAULT_EXPERIMENT = "dearli-bench"
