@@ -43,7 +43,32 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_rank_1_after(run: Path, step: int, killed: list[int]) -> threading.Thread:
+    """A thread that SIGKILLs the Train worker of rank 1 once ``run``'s metrics reach ``step``."""
+
+    def killer() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            try:
+                done = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+                workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
+            except (FileNotFoundError, ValueError):
+                done, workers = [], []
+            if done and max(done) >= step:
+                pid = next(w["pid"] for w in workers if w["rank"] == 1)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
+    """DeWa on 2 workers, then Mean Teacher from its checkpoint with 2 teacher actors, an unreadable unlabeled
+    image, and a Train worker SIGKILLed mid-stage: Ray Train restarts the group from the last checkpoint and
+    the run ends at the right step with every checkpoint step once. Then a restart after the final checkpoint."""
     from dearli.stages.ssl import run_ssl
     from dearli.stages.warmup import run_warmup
 
@@ -68,17 +93,37 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     bad = next(p for p in sorted((world / "images" / "train").iterdir()) if not any(p.stem in x for x in labeled))
     original = bad.read_bytes()
     bad.write_bytes(original[:60])
+    run, killed, lines = tmp_path / "ssl", [], []
+    ssl_cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "train.max_steps=12",
+                                   "train.num_workers=2", "ssl.teacher_actors=2", "ssl.labeled_batch_size=2",
+                                   "ssl.unlabeled_batch_size=2", "ssl.publish_every=2", "ssl.prefetch=2",
+                                   "ssl.max_staleness=4", "train.checkpoint_every=3", "train.max_failures=2"])
+    thread = kill_rank_1_after(run, 4, killed)
     try:
-        ssl_cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "train.max_steps=12",
-                                       "train.num_workers=2", "ssl.teacher_actors=2", "ssl.labeled_batch_size=2",
-                                       "ssl.unlabeled_batch_size=2", "ssl.publish_every=2", "ssl.prefetch=2",
-                                       "ssl.max_staleness=4", "train.checkpoint_every=6"])
-        result = run_ssl(ssl_cfg, tmp_path / "ssl", init=warm["checkpoint"], echo=lambda *_: None)
+        result = run_ssl(ssl_cfg, run, init=warm["checkpoint"], echo=lines.append)
     finally:
         bad.write_bytes(original)
-    run = Path(result["run_dir"])
-    steps = [m for m in metrics(run) if "loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 13))
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert Path(result["run_dir"]) == run and result["step"] == 12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".pt") == [
+        "step_0000003.pt", "step_0000006.pt", "step_0000009.pt", "step_0000012.pt"]
+    workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
+    assert len(workers) == 4, "the worker group was not restarted"
+    records = metrics(run)
+    steps = [m for m in records if "loss" in m]
+    numbers = [m["step"] for m in steps]
+    # After the restart the steps since the last checkpoint (3, 6 or 9) are repeated, nothing is skipped.
+    assert sorted(set(numbers)) == list(range(1, 13)) and numbers[-1] == 12
+    assert len(numbers) - 12 <= ssl_cfg.train.checkpoint_every
+    # The restarted rank 0 recorded the checkpoint it went back to, it trained on from there, and the driver said so.
+    resumes = [i for i, m in enumerate(records) if m.get("resumed")]
+    assert len(resumes) == 1 and records[resumes[0]]["step"] in (3, 6, 9), records
+    resumed_from = records[resumes[0]]["step"]
+    assert records[resumes[0] + 1]["step"] == resumed_from + 1
+    assert [x for x in lines if "resumed" in x] == [
+        f"[ssl] resumed from checkpoint step {resumed_from} after a restart"]
+
     assert max(m["staleness_max"] for m in steps) <= 4
     assert all(0.0 <= m["wait_fraction"] <= 1.0 for m in steps)
     versions = [m["teacher_version"] for m in steps]
@@ -98,14 +143,19 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     key = next(k for k in teacher if k.startswith("transformer_decoder.") and teacher[k].is_floating_point())
     assert not torch.equal(teacher[key], student[key]), "teacher is not an EMA distinct from the student"
 
-    # A restart after the final checkpoint (e.g. the final evaluation died) takes no step but still evaluates.
+    # A restart after the final checkpoint (e.g. the final evaluation died) takes no step and starts no teacher
+    # pool, but still evaluates what is missing.
     import shutil
 
     shutil.rmtree(run / "eval" / "teacher" / "step_0000012")
-    again = run_ssl(ssl_cfg, tmp_path / "ssl", init=warm["checkpoint"], resume=True, echo=lambda *_: None)
+    lines.clear()
+    again = run_ssl(ssl_cfg, run, init=warm["checkpoint"], resume=True, echo=lines.append)
+    assert lines[0] == (f"[ssl] {run} holds the last checkpoint (step 12): no step left, so no teacher pool; "
+                        "the workers finish the evaluation")
     assert set(again["metrics"]) == set(result["metrics"])
     assert again["metrics"]["student"] == result["metrics"]["student"]  # read back, not evaluated again
-    assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, 13))
+    assert (run / "eval" / "teacher" / "step_0000012" / "metrics.json").is_file()
+    assert [m["step"] for m in metrics(run) if "loss" in m] == numbers
 
 
 def test_oracle_teacher_hands_out_the_ground_truth_of_the_weak_view(world, ray_local):
@@ -142,52 +192,3 @@ def test_oracle_teacher_hands_out_the_ground_truth_of_the_weak_view(world, ray_l
     # the statistics still score the teacher's own labels against that truth
     assert result["truth"]["images"] == 2 and result["truth"]["gt_segments"] == sum(
         len(s) for s in result["segments"])
-
-
-def test_killed_train_worker_resumes_from_checkpoint(world, tmp_path, ray_local):
-    """SIGKILL one Train worker mid-stage: Ray Train restarts the group from the last checkpoint and the run
-    ends at the right step with every checkpoint step exactly once."""
-    from dearli.stages.ssl import run_ssl
-
-    run = tmp_path / "ssl"
-    cfg = load_config("tiny", [f"data.dataset={world}", "data.partition=1_4", *TINY, "train.max_steps=10",
-                               "train.num_workers=2", "ssl.teacher_actors=1", "ssl.labeled_batch_size=2",
-                               "ssl.unlabeled_batch_size=2", "train.checkpoint_every=3", "train.max_failures=2"])
-    killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            try:
-                done = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-                workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
-            except (FileNotFoundError, ValueError):
-                done, workers = [], []
-            if done and max(done) >= 4:
-                pid = next(w["pid"] for w in workers if w["rank"] == 1)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    lines: list[str] = []
-    result = run_ssl(cfg, run, echo=lines.append)
-    thread.join(timeout=5)
-    assert killed, "the worker was never killed"
-    assert result["step"] == 10 and load_checkpoint(result["checkpoint"])["step"] == 10
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".pt") == [
-        "step_0000003.pt", "step_0000006.pt", "step_0000009.pt", "step_0000010.pt"]
-    workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
-    assert len(workers) == 4, "the worker group was not restarted"
-    steps = [m["step"] for m in metrics(run) if "loss" in m]
-    # After the restart the steps since the last checkpoint (step 3 or 6) are repeated, nothing is skipped.
-    assert sorted(set(steps)) == list(range(1, 11)) and steps[-1] == 10
-    assert len(steps) - 10 <= cfg.train.checkpoint_every
-    # The restarted rank 0 recorded the checkpoint it went back to, it trained on from there, and the driver said so.
-    records = metrics(run)
-    resumes = [i for i, m in enumerate(records) if m.get("resumed")]
-    assert len(resumes) == 1 and records[resumes[0]]["step"] in (3, 6, 9), records
-    step = records[resumes[0]]["step"]
-    assert records[resumes[0] + 1]["step"] == step + 1
-    assert [x for x in lines if "resumed" in x] == [f"[ssl] resumed from checkpoint step {step} after a restart"], lines

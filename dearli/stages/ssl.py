@@ -59,14 +59,13 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     runtime.ensure_ray()
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
     worker_gpus, teacher_gpus = common.ssl_gpus(cfg, runtime.cluster_gpus())
-    store, teachers = start_teacher_pool(cfg, fraction, teacher_gpus)
+    # A run that already holds its last checkpoint takes no step, it only finishes its evaluation: the
+    # teacher pool (actors, and GPUs on a cluster) would wait for requests that never come.
+    finished = resume and common.checkpoint_path(run_dir, cfg.train.max_steps).is_file()
+    store, teachers = (None, []) if finished else start_teacher_pool(cfg, fraction, teacher_gpus)
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
-    echo(f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
-         f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images"
-         f"{common.batch_note(cfg.ssl.labeled_batch_size, cfg.train.num_workers, 'labeled batch')}"
-         f"{common.batch_note(cfg.ssl.unlabeled_batch_size, cfg.train.num_workers, 'unlabeled batch')} on "
-         f"{cfg.train.num_workers} worker(s), {len(teachers)} teacher actor(s); run dir {run_dir}")
+    echo(_finishing_line(cfg, run_dir) if finished else _plan_line(cfg, labeled, unlabeled, len(teachers), run_dir))
     labeled_ds = ray.data.from_items([{"index": i} for i in range(len(labeled))])
     trainer = TorchTrainer(
         _train_loop,
@@ -88,6 +87,19 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     for variant, summary in metrics.items():
         echo(f"[{STAGE}] {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     return {"step": cfg.train.max_steps, "checkpoint": str(final), "metrics": metrics, "run_dir": str(run_dir)}
+
+
+def _plan_line(cfg: Config, labeled: list[str], unlabeled: list[str], teachers: int, run_dir: Path) -> str:
+    return (f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
+            f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images"
+            f"{common.batch_note(cfg.ssl.labeled_batch_size, cfg.train.num_workers, 'labeled batch')}"
+            f"{common.batch_note(cfg.ssl.unlabeled_batch_size, cfg.train.num_workers, 'unlabeled batch')} on "
+            f"{cfg.train.num_workers} worker(s), {teachers} teacher actor(s); run dir {run_dir}")
+
+
+def _finishing_line(cfg: Config, run_dir: Path) -> str:
+    return (f"[{STAGE}] {run_dir} holds the last checkpoint (step {cfg.train.max_steps}): no step left, so no "
+            "teacher pool; the workers finish the evaluation")
 
 
 def _final_metrics(run_dir: Path, step: int) -> dict[str, dict[str, float]]:

@@ -120,7 +120,8 @@ class StudentLoop:
         from dearli.training.loop import TrainLoop
 
         self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
-        self._publish()
+        if self.step < self.cfg.train.max_steps:
+            self._publish()
         self.progress = common.Progress(self.cfg.train.max_steps, self.step,
                                         (common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
                                          + common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)

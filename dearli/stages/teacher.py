@@ -250,7 +250,8 @@ def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float) -> tup
 
 def stop_teacher_pool(store: Any, teachers: list[Any]) -> None:
     for actor in [*teachers, store]:
-        ray.kill(actor)
+        if actor is not None:
+            ray.kill(actor)
 
 
 @dataclass
