@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -131,13 +132,30 @@ def _sam_rows(uri: str) -> dict[str, dict]:
     return {stem: reader[stem] for stem in reader}
 
 
+# TINY_SAM_ARGS as the command builds its generator from them
+TINY_SAM = GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
+                         stability_score_thresh=0.0)
+
+
+def uninterrupted(data: Path, out: Path, spec: GeneratorSpec = TINY_SAM) -> dict[str, dict]:
+    """The rows an uninterrupted job caches: the job's worker class (what each actor runs) called here on
+    every image of the train split at once, committed as one part and read back; no Ray (a job costs seconds)."""
+    from dearli.caches.commands import image_rows
+    from dearli.caches.workers import SamWorker
+
+    _, rows = image_rows(str(data), "train")
+    CacheStore(str(out)).open_for_writing("sam", spec.settings())
+    status = SamWorker(str(out), "reference", dataclasses.asdict(spec))(
+        {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+    assert len(status["stem"]) == len(rows)
+    return _sam_rows(str(out))
+
+
 def test_sam_cache_resume_equals_uninterrupted(ray_local, tmp_path, capsys):
     data = make_dataset(tmp_path / "ds")
     bad = data / "images" / "train" / "img005.png"
     good_bytes = corrupt(bad)
     base = ["cache", "sam", "--dataset", str(data)] + TINY_SAM_ARGS
-    assert main(base + ["--out", str(tmp_path / "full")]) == 0
-    assert "7 done, 0 skipped (already cached), 1 failed" in capsys.readouterr().out
 
     # An interrupted run: 3 images committed, then a crash that leaves a half-written temp part.
     out = tmp_path / "resumed"
@@ -145,9 +163,9 @@ def test_sam_cache_resume_equals_uninterrupted(ray_local, tmp_path, capsys):
     (out / "_tmp").mkdir(exist_ok=True)
     (out / "_tmp" / "part-crashed-0.parquet").write_bytes(b"PAR1\x00\x00 truncated")
     assert main(base + ["--out", str(out)]) == 0
-    assert "8 images: 4 done, 3 skipped" in capsys.readouterr().out
+    assert "8 images: 4 done, 3 skipped (already cached), 1 failed" in capsys.readouterr().out
 
-    full, resumed = _sam_rows(str(tmp_path / "full")), _sam_rows(str(out))
+    full, resumed = uninterrupted(data, tmp_path / "full"), _sam_rows(str(out))
     stems = [f"img{i:03d}" for i in range(8) if i != 5]
     assert sorted(full) == sorted(resumed) == stems
     total = sum(len(pa.parquet.read_table(p).column("stem")) for p in (out / "parts").glob("part-*.parquet"))
@@ -217,8 +235,7 @@ def test_sam_cache_survives_a_killed_job(ray_local, tmp_path, capsys):
     # a worker of the killed job may still commit before the rerun starts: count what the rerun saw
     done, skipped = map(int, re.search(r"(\d+) done, (\d+) skipped", capsys.readouterr().out).groups())
     assert done + skipped == 16 and skipped >= committed
-    assert main(args + ["--out", str(tmp_path / "full")]) == 0
-    resumed, full = _sam_rows(str(out)), _sam_rows(str(tmp_path / "full"))
+    resumed, full = _sam_rows(str(out)), uninterrupted(data, tmp_path / "full")
     assert sorted(resumed) == sorted(full) == [f"img{i:03d}" for i in range(16)]
     total = sum(len(pa.parquet.read_table(p).column("stem")) for p in (out / "parts").glob("part-*.parquet"))
     assert total == 16
