@@ -9,7 +9,8 @@ SLOW_FIRST = ["test_job_ssl.py", "test_multinode.py", "test_caches.py", "test_st
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that uses the session's Ray carries the ``ray`` marker (``-m "not ray"``: the fast part).
+    """Every test that uses the session's Ray carries the ``ray`` marker (``-m "not ray and not paper"``: the
+    fast part; a ``-m`` of the command line replaces the ``not paper`` of the configured options).
 
     Files with Ray tests run first, in the order of ``SLOW_FIRST`` and then by name; the rest keep their
     order. With ``pytest -n 2`` (the README's command) files go to the two workers in this order, so the

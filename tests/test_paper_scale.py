@@ -119,6 +119,7 @@ def test_coco_base_takes_a_step_on_a_coco_panoptic_tree(weights, tmp_path, capsy
     assert re.search(r"PQ \d+\.\d+", printed)
 
 
+@pytest.mark.ray  # its pipeline part starts a local Ray instance in a child process
 def test_bench_gpu_runs_the_pipeline_part_and_reports_each_stage(text_cache, tmp_path, capsys, monkeypatch):
     # What `dearli bench gpu` adds on a GPU machine, run here on the CPU at its smallest: the ADE20K preset's
     # pipeline in a child process, from random-weight checkpoint files it writes itself.
