@@ -25,9 +25,16 @@ from dearli.errors import ConfigError, DataError
 CATEGORIES = [{"id": 1, "name": "sky", "isthing": 0}, {"id": 2, "name": "grass, lawn", "isthing": 0},
               {"id": 5, "name": "car", "isthing": 1}, {"id": 7, "name": "dog", "isthing": 1}]
 COLOURS = {1: (90, 150, 230), 2: (60, 170, 60), 5: (200, 30, 30), 7: (150, 100, 50)}
-TINY_SAM_ARGS = ["--generator", "sam", "--sam-type", "tiny", "--points-per-side", "4", "--points-per-batch", "16",
-                 "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--actors", "2",
-                 "--images-per-part", "2"]
+# A random tiny SAM whose masks pass every threshold; the command's flags are built from it, so the reference
+# below (the same generator without Ray) cannot drift from what the command runs.
+TINY_SAM = GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
+                         stability_score_thresh=0.0)
+TINY_SAM_ARGS = ["--generator", TINY_SAM.kind, "--sam-type", TINY_SAM.sam_type,
+                 "--points-per-side", str(TINY_SAM.points_per_side),
+                 "--points-per-batch", str(TINY_SAM.points_per_batch),
+                 "--pred-iou-thresh", str(TINY_SAM.pred_iou_thresh),
+                 "--stability-score-thresh", str(TINY_SAM.stability_score_thresh), "--actors", "2",
+                 "--images-per-part", "2"]  # images per part last: a test replaces it
 
 
 def make_dataset(root: Path, num_images: int = 8, split: str = "train", seed: int = 0) -> Path:
@@ -130,11 +137,6 @@ def test_tiny_sam_generator_is_deterministic_and_yields_masks():
 def _sam_rows(uri: str) -> dict[str, dict]:
     reader = read_sam_cache(uri)
     return {stem: reader[stem] for stem in reader}
-
-
-# TINY_SAM_ARGS as the command builds its generator from them
-TINY_SAM = GeneratorSpec(kind="sam", sam_type="tiny", points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
-                         stability_score_thresh=0.0)
 
 
 def uninterrupted(data: Path, out: Path, spec: GeneratorSpec = TINY_SAM) -> dict[str, dict]:
