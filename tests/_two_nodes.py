@@ -90,9 +90,7 @@ class TwoNodeCluster:
 
     def driver_env(self) -> dict[str, str]:
         """A driver on this machine: RAY_ADDRESS of the head, the shared HOME."""
-        # A driver's Parquet read (the warm-up's SAM cache) starts 32 footer-reading actors by default, a
-        # process each: ~20 s of a 2-core machine's CPU for the 16 small files here. One does the same.
-        return {**self._base_env(), "RAY_ADDRESS": self.address, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+        return {**self._base_env(), "RAY_ADDRESS": self.address}
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> TwoNodeCluster:

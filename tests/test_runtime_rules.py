@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from dearli import runtime
 from dearli.config import load_config
 from dearli.device import resolve_device
 from dearli.errors import ConfigError
@@ -74,3 +77,34 @@ def test_stage_costs_carry_gpu_memory_where_workers_recorded_it(tmp_path):
                     "GPU of a Train worker 5200 MiB, GPU of a teacher actor 3000 MiB")
     if not torch.cuda.is_available():
         assert common.peak_gpu_mb() == {}  # a CPU worker records no GPU figure
+
+
+def test_parquet_footer_pool_follows_the_number_of_files(monkeypatch):
+    # Ray Data starts 32 footer actors for any read and gives work to one per batch of 10 files.
+    monkeypatch.delenv(runtime.PARQUET_FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.delenv(runtime.PARQUET_FOOTER_BATCH_ENV, raising=False)
+    assert [runtime.parquet_footer_actors(n) for n in (0, 1, 10, 11, 16, 320, 5000)] == [1, 1, 1, 2, 2, 32, 32]
+    monkeypatch.setenv(runtime.PARQUET_FOOTER_ACTORS_ENV, "2")  # a local instance, or the user's own cap
+    assert [runtime.parquet_footer_actors(n) for n in (5, 16, 5000)] == [1, 2, 2]
+    monkeypatch.setenv(runtime.PARQUET_FOOTER_BATCH_ENV, "4")
+    monkeypatch.setenv(runtime.PARQUET_FOOTER_ACTORS_ENV, "32")
+    assert runtime.parquet_footer_actors(16) == 4
+
+
+def test_a_parquet_read_starts_only_the_footer_actors_it_uses(ray_local, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def footer_actors() -> int:  # every actor the GCS knows, dead ones too (the pool is killed after listing)
+        return sum(a["ActorClassName"] == "FooterReader" for a in ray_local._private.state.actors().values())
+
+    monkeypatch.setenv(runtime.PARQUET_FOOTER_ACTORS_ENV, "32")  # as on a cluster: Ray's default
+    files = []
+    for i in range(16):
+        files.append(str(tmp_path / f"part-{i:03d}.parquet"))
+        pq.write_table(pa.table({"stem": [f"img{i}"]}), files[-1])
+    before = footer_actors()
+    rows = runtime.read_parquet(files).take_all()
+    assert sorted(r["stem"] for r in rows) == sorted(f"img{i}" for i in range(16))
+    assert footer_actors() - before == 2
+    assert os.environ[runtime.PARQUET_FOOTER_ACTORS_ENV] == "32"  # the setting is the user's again

@@ -31,7 +31,6 @@ def warmup_config(cfg: Config) -> Config:
 def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = False, echo=print,
                tracking: TrackingSpec | None = None) -> dict[str, Any]:
     """Warm up the decoder on the SAM cache ``sam_cache``; returns {"step", "checkpoint", "run_dir"}."""
-    import ray
     from ray.train.torch import TorchTrainer
 
     from dearli.caches.readers import read_sam_cache, without_masks
@@ -50,7 +49,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
     runtime.ensure_ray()
     parts = reader.store.part_files()
     # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
-    dataset = ray.data.read_parquet(parts, filesystem=reader.store.fs).select_columns(
+    dataset = runtime.read_parquet(parts, filesystem=reader.store.fs).select_columns(
         ["stem", "rle_counts", "height", "width"])
     if empty:
         echo(f"[{STAGE}] WARNING {empty} of {len(reader)} images of the SAM cache hold no mask (they teach only "
