@@ -98,8 +98,12 @@ def mlflow_server(root: Path, timeout_s: float = 300.0) -> Iterator[str]:
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
+    # MLflow 3's server also starts a job runner (seven Huey consumers polling sqlite, for GenAI jobs dearli
+    # never asks for): 12 CPU-seconds a minute of an idle 2-core machine. cluster.yaml turns it off too.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/health", proc, log, timeout_s)
