@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dearli.errors import ConfigError
+
 # Notices that are true but need no action: token authentication is on for a local instance, and
 # Ray Data's progress bars are off (we print our own progress).
 _NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
@@ -100,9 +102,19 @@ def ray_session(verbose: bool = False) -> Iterator[None]:
 def parquet_footer_actors(num_files: int) -> int:
     """Footer-reading actors worth starting for ``num_files`` Parquet files: one per batch of files Ray Data
     hands out, at most the configured pool (the user's RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, else Ray's 32)."""
-    batch = int(os.environ.get(PARQUET_FOOTER_BATCH_ENV) or RAY_PARQUET_FOOTER_BATCH)
-    pool = int(os.environ.get(PARQUET_FOOTER_ACTORS_ENV) or RAY_PARQUET_FOOTER_ACTORS)
-    return max(1, min(pool, math.ceil(num_files / max(1, batch))))
+    batch = _env_count(PARQUET_FOOTER_BATCH_ENV, RAY_PARQUET_FOOTER_BATCH)
+    pool = _env_count(PARQUET_FOOTER_ACTORS_ENV, RAY_PARQUET_FOOTER_ACTORS)
+    return max(1, min(pool, math.ceil(num_files / batch)))
+
+
+def _env_count(name: str, default: int) -> int:
+    """The positive whole number in environment variable ``name``, else ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}: must be a positive whole number, not {value!r}")
+    return int(value)
 
 
 def read_parquet(files: list[str], filesystem=None):

@@ -89,6 +89,10 @@ def test_parquet_footer_pool_follows_the_number_of_files(monkeypatch):
     monkeypatch.setenv(runtime.PARQUET_FOOTER_BATCH_ENV, "4")
     monkeypatch.setenv(runtime.PARQUET_FOOTER_ACTORS_ENV, "32")
     assert runtime.parquet_footer_actors(16) == 4
+    monkeypatch.setenv(runtime.PARQUET_FOOTER_ACTORS_ENV, "lots")  # a bad setting is named, in one line
+    with pytest.raises(ConfigError, match="^RAY_DATA_PARQUET_FOOTER_NUM_ACTORS: must be a positive whole number, "
+                                          "not 'lots'$"):
+        runtime.parquet_footer_actors(16)
 
 
 def test_a_parquet_read_starts_only_the_footer_actors_it_uses(ray_local, tmp_path, monkeypatch):
