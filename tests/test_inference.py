@@ -165,3 +165,35 @@ def test_postprocess_round_trip():
     assert (out[0, :, :60] > 0).all() and (out[0, :, 70:] < 0).all()
     assert (out[1] < 0).all()  # the padding was cropped away
     assert postprocess_masks(stride4[None], padded_hw, resized_hw, orig_hw).shape == (1, 2, *orig_hw)
+
+
+@pytest.mark.parametrize("rule", [PanopticRule(), PanopticRule(things_first=True, stuff_min_mask=0.7)])
+@pytest.mark.parametrize("chunk", [1, 3, 0])
+def test_upsampling_a_few_queries_at_a_time_gives_the_same_panoptic_map(rule, chunk):
+    # Mask logits at the model's stride-4 resolution, the image 4× larger and cropped: deciding pixels with the
+    # masks upsampled `chunk` queries at a time must give exactly the map of upsampling all of them first.
+    generator = torch.Generator().manual_seed(3)
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(14.0), indexing="ij")
+    centres = torch.rand(12, 2, generator=generator) * torch.tensor([10.0, 14.0])
+    radii = 1.5 + 3 * torch.rand(12, generator=generator)
+    distance = ((ys - centres[:, :1, None]) ** 2 + (xs - centres[:, 1:, None]) ** 2).sqrt()
+    low = 3 * (radii.view(-1, 1, 1) - distance)  # one blob per query, overlapping
+    low[5] = low[2].clone()  # a tie between two queries: the earlier one wins in both
+    cls = torch.randn(12, 6, generator=generator) * 3
+    cls[5] = cls[2].clone()
+    upsample = lambda m: postprocess_masks(m, (40, 56), (37, 50), (75, 101))  # noqa: E731
+    calls = []
+    expected = panoptic_inference(cls, upsample(low), [0, 1, 2], 0.1, 0.6, rule=rule)
+    got = panoptic_inference(cls, low, [0, 1, 2], 0.1, 0.6, rule=rule, upsample=upsample, chunk=chunk,
+                             check=lambda: calls.append(1))
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
+    assert len(expected[1]) >= 3 and got[0].shape == (75, 101)
+    assert calls, "the check runs between chunks"
+
+
+def test_a_check_that_raises_stops_the_inference():
+    def stop():
+        raise TimeoutError("gone")
+
+    with pytest.raises(TimeoutError):
+        panoptic_inference(torch.randn(4, 3), torch.randn(4, 5, 5), [0], 0.0, 0.5, upsample=lambda m: m, check=stop)

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import zlib
 
 import numpy as np
 import pytest
@@ -21,7 +23,17 @@ from dearli.config import load_config
 from dearli.data.coco_format import rgb2id
 from dearli.data.dataset import load_dataset
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.predict.labeler import MAX_NAME_CHARS, RequestError, check_classes, decode_image, parse_request
+from dearli.predict.labeler import (
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
+    MAX_SYNONYMS,
+    SERVE_MAX_PIXELS,
+    RequestError,
+    check_classes,
+    decode_image,
+    inspect_image,
+    parse_request,
+)
 from dearli.training.checkpoint import save_checkpoint
 
 TIMEOUT_S = 120  # per request; the burst below is bounded by it too
@@ -33,24 +45,66 @@ def png_of(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def tiff_of(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def json_body(**fields) -> bytes:
+    return json.dumps({"image": "AAAA", **fields}).encode()
+
+
+SYNONYM_FLOOD = [{"name": ",".join("a" * 99)} for _ in range(1000)]  # 99,000 synonyms, every name < 200 chars
+
+
 @pytest.mark.parametrize("body, content_type, status, words", [
     (b"", "", 400, "empty request body"),
-    (b"not an image at all", "application/octet-stream", 400, "not an image"),
+    (b"not an image at all", "application/octet-stream", 400, "not a PNG, JPEG or WebP"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "image/png", 400, "not a readable PNG"),
+    (tiff_of(np.zeros((4, 4, 3), np.uint8)), "image/tiff", 415, "TIFF images are not served"),
     (b"{not json", "application/json", 400, "not valid JSON"),
     (b'{"classes": []}', "application/json", 400, "'image'"),
     (b'{"image": "@@@"}', "application/json", 400, "base64"),
-    (json.dumps({"image": "AAAA", "classes": []}).encode(), "application/json", 400, "non-empty list"),
-    (json.dumps({"image": "AAAA", "classes": [{"name": "x" * (MAX_NAME_CHARS + 1)}]}).encode(), "", 400,
-     "at most"),
-    (json.dumps({"image": "AAAA", "classes": [{"name": "sky", "isthing": "yes"}]}).encode(), "", 400, "isthing"),
-    (json.dumps({"image": "AAAA", "min_score": 3}).encode(), "", 400, "min_score"),
-    (json.dumps({"image": "AAAA", "classes": [{"id": "x", "name": "sky"}]}).encode(), "", 400, "integer"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not valid JSON"),
+    (b'{"image": "AAAA", "min_score": ' + b"9" * 5000 + b"}", "application/json", 400, "not valid JSON"),
+    (b'{"image": "AAAA", "min_score": 1' + b"0" * 320 + b"}", "application/json", 400, "min_score"),
+    (b'{"image": "AAAA", "min_score": NaN}', "application/json", 400, "not valid JSON"),
+    (b'{"image": "AAAA", "min_score": 1e400}', "application/json", 400, "min_score"),
+    (json_body(min_score=True), "", 400, "min_score"),
+    (json_body(min_score=["x" * 10] * 200_000), "", 400, "a list of 200000"),
+    (json_body(min_scor=0.5), "", 400, "unknown field 'min_scor'"),
+    (json_body(classes=[]), "application/json", 400, "non-empty list"),
+    (json_body(classes=[{"name": "x" * (MAX_NAME_CHARS + 1)}]), "", 400, "at most"),
+    (json_body(classes=[{"name": "sky", "isthing": "yes"}]), "", 400, "isthing"),
+    (json_body(classes=[{"name": "sky", "colour": [1, 2, 3]}]), "", 400, "unknown field 'colour'"),
+    (json_body(classes=SYNONYM_FLOOD), "", 400, f"more than {MAX_SYNONYMS} names and synonyms"),
+    (json_body(min_score=3), "", 400, "min_score"),
+    (json_body(classes=[{"id": "x", "name": "sky"}]), "", 400, "integer"),
 ])
-def test_bad_requests_get_a_status_and_a_one_line_reason(body, content_type, status, words):
+def test_bad_requests_get_a_status_and_a_short_one_line_reason(body, content_type, status, words):
     with pytest.raises(RequestError) as err:
         data, _, _ = parse_request(body, content_type)
         decode_image(data)
     assert err.value.status == status and words in err.value.reason and "\n" not in err.value.reason
+    assert len(err.value.reason) <= MAX_REASON_CHARS
+
+
+def test_image_bounds_are_read_from_the_header_before_decoding():
+    black = png_of(np.zeros((8000, 8000, 3), np.uint8))  # ~190 KB on the wire, 192 MB decoded
+    with pytest.raises(RequestError) as err:
+        inspect_image(black, SERVE_MAX_PIXELS)
+    assert err.value.status == 413 and "8000×8000" in err.value.reason
+    bomb = png_of(np.zeros((1, 1), np.uint8))  # a PNG whose header claims 14000×14000 (over Pillow's guard)
+    header = b"IHDR" + (14000).to_bytes(4, "big") * 2 + bomb[24:29]
+    bomb = bomb[:12] + header + zlib.crc32(header).to_bytes(4, "big") + bomb[33:]
+    with pytest.raises(RequestError) as err:
+        inspect_image(bomb, 10**9)  # a --max-pixels above Pillow's guard still means 413
+    assert err.value.status == 413
+    assert inspect_image(png_of(np.zeros((3, 5, 3), np.uint8)), 15) == (5, 3)
+    webp = io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(webp, format="WEBP")
+    assert decode_image(webp.getvalue()).shape == (4, 6, 3)
 
 
 def test_request_parsing_keeps_what_is_good():
@@ -70,9 +124,13 @@ def test_request_parsing_keeps_what_is_good():
         check_classes([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])  # two classes with one id
 
 
+TOKEN = "s3cret-token"
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, small_world, tmp_path_factory):
-    """Serve on a free loopback port with one replica of a random tiny checkpoint; (url, checkpoint)."""
+    """Serve on a free loopback port with one replica of a random tiny checkpoint, a token and small bounds
+    (one request held, two queued): (url, checkpoint)."""
     from ray import serve
 
     from dearli.predict.serve import ServeOptions, build_app, start
@@ -85,14 +143,16 @@ def served(ray_local, small_world, tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = start(build_app(str(checkpoint), None, ServeOptions(max_pixels=64 * 64)), "127.0.0.1", port)
+    options = ServeOptions(max_pixels=64 * 64, token=TOKEN, max_ongoing_requests=1, max_queued_requests=2)
+    url = start(build_app(str(checkpoint), None, options), "127.0.0.1", port, options.request_timeout_s)
     yield url, checkpoint
     serve.shutdown()
 
 
 def request(url: str, body: bytes | None = None, content_type: str = "image/png",
-            method: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+            method: str | None = None, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
             return response.status, json.loads(response.read())
@@ -104,25 +164,35 @@ def answer_ids(answer: dict) -> np.ndarray:
     return rgb2id(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"]))).convert("RGB")))
 
 
-def test_serve_answers_as_predict_does_and_survives_bad_requests(served, small_world, tmp_path):
-    url, checkpoint = served
+@pytest.fixture(scope="module")
+def predicted(served, small_world, tmp_path_factory):
+    """``dearli predict`` of the served checkpoint on the val images: {stem: (ids, [(id, category_id)])}."""
+    _, checkpoint = served
+    out = tmp_path_factory.mktemp("pred")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--out", str(out),
+                 "--visualize", "0"]) == 0
+    annotations = json.loads((out / "panoptic.json").read_text())["annotations"]
+    expected = {}
+    for record in load_dataset(small_world).split("val").records:
+        ids = rgb2id(np.asarray(Image.open(out / "panoptic" / f"{record.stem}.png").convert("RGB")))
+        segments = next(a for a in annotations if a["image_id"] == record.image_id)["segments_info"]
+        expected[record.stem] = (ids, sorted((s["id"], s["category_id"]) for s in segments))
+    return expected
+
+
+def test_serve_answers_as_predict_does_and_survives_bad_requests(served, predicted, small_world):
+    url, _ = served
     info = load_dataset(small_world)
     record = info.split("val").records[0]
     image_bytes = record.image_path.read_bytes()
-
-    assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--out",
-                 str(tmp_path / "pred"), "--visualize", "0"]) == 0
-    expected_ids = rgb2id(np.asarray(Image.open(tmp_path / "pred" / "panoptic" / f"{record.stem}.png").convert("RGB")))
-    predicted = json.loads((tmp_path / "pred" / "panoptic.json").read_text())
-    expected_segments = next(a for a in predicted["annotations"] if a["image_id"] == record.image_id)["segments_info"]
+    expected_ids, expected_pairs = predicted[record.stem]
 
     status, answer = request(url, image_bytes)
     assert status == 200
     assert (answer["height"], answer["width"]) == expected_ids.shape
     np.testing.assert_array_equal(answer_ids(answer), expected_ids)
-    assert expected_segments, "a random model that predicts nothing would prove nothing here"
-    assert sorted((s["id"], s["category_id"]) for s in answer["segments_info"]) == sorted(
-        (s["id"], s["category_id"]) for s in expected_segments)
+    assert expected_pairs, "a random model that predicts nothing would prove nothing here"
+    assert sorted((s["id"], s["category_id"]) for s in answer["segments_info"]) == expected_pairs
     names = {c.id: c.name for c in info.categories.categories}
     assert all(s["category_name"] == names[s["category_id"]] for s in answer["segments_info"])
 
@@ -145,9 +215,116 @@ def test_serve_answers_as_predict_does_and_survives_bad_requests(served, small_w
         status, error = request(url, body, content_type)
         assert status == code and error["error"] and "\n" not in error["error"]
     assert request(url, image_bytes, method="PUT")[0] == 405
+    for token in (None, "wrong"):  # the token guards every method
+        assert request(url, image_bytes, token=token)[0] == 401
+        assert request(url, method="GET", token=token)[0] == 401
 
-    # A burst of concurrent requests, bounded in count and time: every one answered, all alike.
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        burst = list(pool.map(lambda _: request(url, image_bytes), range(12)))
-    assert all(status == 200 for status, _ in burst)
-    assert all(np.array_equal(answer_ids(a), expected_ids) for _, a in burst)
+
+def test_hostile_load_gets_no_5xx_and_every_good_request_is_answered_right_or_429(served, predicted, small_world):
+    """Good requests mixed with every hostile kind, from 12 clients at once at an endpoint that holds one
+    request and queues two (bounded: 70 requests, each with a timeout)."""
+    from dearli.bench.hostile import UNDER_LOAD, good_probes, hostile_probes, run_mixed, send, summarize
+
+    url, _ = served
+    records = load_dataset(small_world).split("val").records
+    images = [r.image_path.read_bytes() for r in records]
+    hostile = hostile_probes(images[0], TOKEN)
+    probes = good_probes(images, 48, TOKEN) + hostile
+
+    def correct(outcome) -> bool:
+        ids, pairs = predicted[records[outcome.image].stem]
+        got = sorted((s["id"], s["category_id"]) for s in outcome.answer["segments_info"])
+        return np.array_equal(answer_ids(outcome.answer), ids) and got == pairs
+
+    figures = summarize(run_mixed(url, probes, concurrency=12), probes, correct)
+    assert figures["status_5xx"] == 0 and figures["good_other"] == {}, figures
+    assert figures["good_wrong"] == 0 and figures["good_correct"] + figures["good_429"] == 48, figures
+    assert figures["good_429"] > 0, "12 clients at once must overflow one held and two queued requests"
+    assert figures["good_correct"] > 0
+    assert all(entry["as_expected"] for entry in figures["hostile"].values()), figures["hostile"]
+    assert figures["longest_reason"] <= MAX_REASON_CHARS
+    for probe in hostile:  # alone, each kind gets its own answer (not a 429)
+        outcome = send(url, probe)
+        assert outcome.status in probe.expect and outcome.status != UNDER_LOAD, (probe.kind, outcome)
+    status, answer = request(url, images[1])  # still up, still right
+    assert status == 200 and np.array_equal(answer_ids(answer), predicted[records[1].stem][0])
+
+
+@pytest.fixture(scope="module")
+def replica(small_world, tmp_path_factory):
+    """The deployment's class itself, in this process (no Ray): a tiny random checkpoint, a token, and a
+    0.5 s request timeout; (replica, an image file)."""
+    from dearli.predict.serve import LabelingService, ServeOptions
+    from dearli.predict.worker import model_payload
+    from dearli.training.checkpoint import load_checkpoint
+
+    cfg = load_config("tiny", [f"data.dataset={small_world}", "model.inference.test_short_side=64"])
+    torch.manual_seed(0)
+    info = load_dataset(small_world)
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("replica"), 1, build_m2f_lang(cfg.model,
+                                 info.categories.synonyms), cfg)
+    options = ServeOptions(token=TOKEN, request_timeout_s=0.5)
+    service = LabelingService.func_or_class(model_payload(load_checkpoint(checkpoint, "cpu")),
+                                            [c.to_dict() for c in info.categories.categories], options)
+    # One event loop for the module, as a replica has: asyncio.run would wait at its end for worker threads
+    # that the tests hold on the model's lock.
+    loop = asyncio.new_event_loop()
+    yield service, info.split("val").records[0].image_path.read_bytes(), loop.run_until_complete
+    loop.close()
+
+
+def call(service, body: bytes, chunks: int = 1, token: str = TOKEN):
+    """``service(request)`` with a starlette request whose body arrives in ``chunks`` pieces."""
+    from starlette.requests import Request
+
+    pieces = [body[i::chunks] for i in range(chunks)] if chunks > 1 else [body]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"image/png"), (b"authorization", f"Bearer {token}".encode())]
+    return service(Request({"type": "http", "method": "POST", "headers": headers, "path": "/"}, receive))
+
+
+def test_a_request_past_its_timeout_gets_503_and_its_work_stops(replica):
+    service, image, run = replica
+    forwards = []
+    hook = service.labeler.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        assert run(call(service, image)).status_code == 200 and len(forwards) == 1
+        with service.labeler.lock:  # another request is labeling: this one waits past its 0.5 s
+            response = run(call(service, image))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert b"not labeled within 0.5 s" in response.body
+
+        async def client_leaves():  # Serve cancels the task of a client that disconnected
+            task = asyncio.ensure_future(call(service, image))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        with service.labeler.lock:
+            run(client_leaves())
+        for _ in range(100):  # the two waiting threads take the lock in turn, see they were cancelled, and stop
+            time.sleep(0.02)
+            if not service.labeler.lock.locked():
+                break
+        time.sleep(0.2)
+        assert len(forwards) == 1, "work of a timed-out or abandoned request ran the model"
+        assert run(call(service, image)).status_code == 200 and len(forwards) == 2
+    finally:
+        hook.remove()
+
+
+def test_the_body_limit_counts_while_it_streams_and_the_token_is_checked_first(replica, monkeypatch):
+    from dearli.predict import serve as serve_module
+
+    service, image, run = replica
+    monkeypatch.setattr(serve_module, "MAX_REQUEST_BYTES", len(image) - 1)
+    monkeypatch.setattr(serve_module.read_body, "__defaults__", (len(image) - 1,))
+    response = run(call(service, image, chunks=4))  # no content-length: counted as it arrives
+    assert response.status_code == 413 and b"exceeds" in response.body
+    response = run(call(service, image, token="nope"))
+    assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")

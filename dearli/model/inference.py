@@ -11,7 +11,7 @@ so pad the raw [0, 255] image with the backbone's ``pixel_mean`` instead: it nor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,9 @@ MASK2FORMER_RULE = PanopticRule()
 
 def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_ids: Iterable[int],
                        object_mask_threshold: float, overlap_threshold: float,
-                       probs: bool = False, rule: PanopticRule = MASK2FORMER_RULE) -> tuple[torch.Tensor, list[dict]]:
+                       probs: bool = False, rule: PanopticRule = MASK2FORMER_RULE,
+                       upsample: Callable[[torch.Tensor], torch.Tensor] | None = None, chunk: int = 0,
+                       check: Callable[[], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Q×(K+1) class scores + Q×H×W mask logits -> (panoptic_seg H×W int32, segments).
 
     Queries predicting void or scoring <= ``object_mask_threshold`` are dropped; each pixel goes to the
@@ -52,33 +54,38 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     class's existing segment (one segment per stuff class) without a new entry; things are never merged.
     ``rule`` changes the pixel hand-out (default: Mask2Former's). ``segments``: list of {"id", "isthing",
     "category_id" (contiguous class id), "score" (the kept query's class score)}.
+
+    Memory: with ``upsample`` (n×h×w logits -> n×H×W logits), ``mask_pred`` is Q×h×w at the model's
+    resolution and only ``chunk`` queries (0 = all) are ever upsampled at once, in two passes: the output
+    is the same as upsampling every mask first, in O(H·W) memory instead of O(Q·H·W). ``check`` is called
+    between chunks (it may raise to stop the work).
     """
     thing_set = {int(t) for t in thing_ids}
     num_classes = mask_cls.shape[-1] - 1
     scores, labels = _class_probs(mask_cls, probs).max(-1)
-    masks = mask_pred.sigmoid()
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
-    panoptic_seg = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
+    cur_scores, cur_classes, cur_logits = scores[keep], labels[keep], mask_pred[keep]
+    lazy = _LazyMasks(cur_logits, upsample, chunk, check)
+    size = mask_pred.shape[-2:] if upsample is None else upsample(mask_pred[:1]).shape[-2:]
+    panoptic_seg = torch.zeros(size, dtype=torch.int32, device=mask_pred.device)
     segments: list[dict] = []
-    if cur_masks.shape[0] == 0:
+    if cur_logits.shape[0] == 0:
         return panoptic_seg, segments
-    is_thing = torch.tensor([int(c) in thing_set for c in cur_classes.tolist()], device=cur_masks.device)
-    owner = _owners(cur_scores.view(-1, 1, 1) * cur_masks, cur_masks, is_thing, rule.things_first)
+    is_thing = torch.tensor([int(c) in thing_set for c in cur_classes.tolist()], device=cur_logits.device)
+    owner, own_areas = _owners(lazy, cur_scores, is_thing, rule.things_first)
+    won_areas = torch.bincount(owner.flatten(), minlength=cur_logits.shape[0]).tolist()
     stuff_segment: dict[int, int] = {}
-    for k in range(cur_classes.shape[0]):
+    # Only queries that won pixels and have a mask can make a segment: the second pass upsamples those alone.
+    placed = [k for k in range(len(won_areas)) if won_areas[k] > 0 and own_areas[k] > 0]
+    for k, mask in lazy.masks(placed):
         category, isthing = int(cur_classes[k]), bool(is_thing[k])
-        own = cur_masks[k] >= 0.5
-        won = owner == k
-        visible = won & own
-        won_area, own_area, visible_area = int(won.sum()), int(own.sum()), int(visible.sum())
-        if won_area == 0 or own_area == 0 or visible_area == 0:
-            continue
+        won_area, own_area = won_areas[k], own_areas[k]
+        visible = (owner == k) & (mask >= 0.5)
         # Mask2Former compares the argmax-won area (not the visible one) to the full mask area.
-        if won_area / own_area < overlap_threshold:
+        if not bool(visible.any()) or won_area / own_area < overlap_threshold:
             continue
         if not isthing and rule.stuff_min_mask > 0.5:
-            visible = visible & (cur_masks[k] >= rule.stuff_min_mask)
+            visible = visible & (mask >= rule.stuff_min_mask)
             if not visible.any():
                 continue
         before = len(segments)
@@ -89,15 +96,70 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     return panoptic_seg, segments
 
 
-def _owners(weighted: torch.Tensor, masks: torch.Tensor, is_thing: torch.Tensor, things_first: bool) -> torch.Tensor:
-    """Per pixel, the index of the query that wins it: the argmax of score·mask (Q×H×W ``weighted``); with
-    ``things_first``, among the thing queries alone wherever one of their masks is >= 0.5."""
-    owner = weighted.argmax(0)
-    if not things_first or not bool(is_thing.any()):
-        return owner
-    thing_zone = (masks[is_thing] >= 0.5).any(0)
-    thing_owner = weighted.masked_fill(~is_thing.view(-1, 1, 1), -1.0).argmax(0)
-    return torch.where(thing_zone, thing_owner, owner)
+class _LazyMasks:
+    """Mask probabilities (sigmoid) of n queries, upsampled ``chunk`` at a time when asked."""
+
+    def __init__(self, logits: torch.Tensor, upsample: Callable[[torch.Tensor], torch.Tensor] | None,
+                 chunk: int, check: Callable[[], None] | None):
+        self.logits, self.upsample, self.check = logits, upsample, check
+        self.chunk = chunk if chunk > 0 else max(1, logits.shape[0])
+
+    def _probs(self, part: torch.Tensor) -> torch.Tensor:
+        if self.check is not None:
+            self.check()
+        return part.sigmoid() if self.upsample is None else self.upsample(part).sigmoid_()
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first query index, c×H×W probabilities) for consecutive chunks of all the queries."""
+        for start in range(0, self.logits.shape[0], self.chunk):
+            yield start, self._probs(self.logits[start:start + self.chunk])
+
+    def masks(self, queries: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(query index, H×W probabilities) of ``queries``, in their order."""
+        for start in range(0, len(queries), self.chunk):
+            part = queries[start:start + self.chunk]
+            probs = self._probs(self.logits[part])
+            yield from zip(part, probs)
+
+
+def _owners(lazy: _LazyMasks, scores: torch.Tensor, is_thing: torch.Tensor,
+            things_first: bool) -> tuple[torch.Tensor, list[int]]:
+    """Per pixel, the index of the query that wins it, and each query's own (>= 0.5) mask area.
+
+    The winner is the argmax of score·mask (the first query on ties); with ``things_first``, among the thing
+    queries alone wherever one of their masks is >= 0.5.
+    """
+    best = owner = thing_best = thing_owner = thing_zone = None
+    own_areas: list[int] = []
+    things_first = things_first and bool(is_thing.any())
+    for start, masks in lazy.chunks():
+        own = masks >= 0.5
+        own_areas.extend(own.flatten(1).sum(1).tolist())
+        part_things = is_thing[start:start + masks.shape[0]]
+        if things_first:
+            zone = own[part_things].any(0)
+            thing_zone = zone if thing_zone is None else thing_zone | zone
+        del own
+        weighted = masks.mul_(scores[start:start + masks.shape[0]].view(-1, 1, 1))  # the chunk's own copy
+        best, owner = _running_argmax(weighted, start, best, owner)
+        if things_first:
+            thing_weighted = weighted.masked_fill_(~part_things.view(-1, 1, 1), -1.0)
+            thing_best, thing_owner = _running_argmax(thing_weighted, start, thing_best, thing_owner)
+    if things_first:
+        owner = torch.where(thing_zone, thing_owner, owner)
+    return owner, own_areas
+
+
+def _running_argmax(values: torch.Tensor, start: int, best: torch.Tensor | None,
+                    index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold c×H×W ``values`` of queries ``start..`` into the running (max, argmax) over queries; ties keep
+    the earlier query, as ``argmax`` over all of them at once does."""
+    part_best, part_index = values.max(0)
+    part_index = part_index + start
+    if best is None:
+        return part_best, part_index
+    better = part_best > best
+    return torch.where(better, part_best, best), torch.where(better, part_index, index)
 
 
 def paint_segment(panoptic_seg, region, category: int, isthing: bool, segments: list[dict],

@@ -50,8 +50,14 @@ class M2FLang(nn.Module):
     def set_classes(self, class_names: Sequence[Sequence[str]]) -> None:
         """Install the vocabulary: one list of synonyms per class (K classes)."""
         names = [[s] if isinstance(s, str) else list(s) for s in class_names]
-        self.class_names = names
-        self.text = class_text_embeddings(self.backbone, names, text_cache_dir())
+        self.set_text(names, class_text_embeddings(self.backbone, names, text_cache_dir()))
+
+    def set_text(self, class_names: list[list[str]], text: TextEmbeddings) -> None:
+        """Install a vocabulary whose text embeddings are already computed (:func:`class_text_embeddings` of
+        this backbone and ``class_names``): cheap, so a labeling endpoint encodes a new list outside its lock."""
+        device = self.classifier.void_embedding.device
+        self.class_names = class_names
+        self.text = TextEmbeddings(text.embeddings.to(device), text.synonym_to_class.to(device))
         self.classifier.set_text_embeddings(self.text.embeddings, self.text.synonym_to_class)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -15,6 +15,7 @@ that is already at its working size (the teacher's weak views), keeping per-segm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,24 +59,45 @@ def class_scores(model: torch.nn.Module, outputs: dict, alpha_clip: float,
     return geometric_ensemble(outputs["pred_logits"], model.zero_shot_logits(outputs), alpha), True
 
 
+# Queries upsampled to the image's size at once by predict_image: its memory is O(this × H × W), not O(Q × H × W).
+UPSAMPLE_CHUNK = 8
+
+
 @torch.no_grad()
 def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, thing_ids: tuple[int, ...],
-                  alpha_clip: float | None = None) -> Prediction:
+                  alpha_clip: float | None = None, semantic: bool = True,
+                  check: Callable[[], None] | None = None) -> Prediction:
     """Panoptic and semantic prediction of one H×W×3 uint8 RGB image, at the image's own size.
 
     ``alpha_clip`` is the CLIP weight of the geometric ensemble (default ``cfg.ensemble.alpha_clip``);
-    0 uses the decoder's classifier alone.
+    0 uses the decoder's classifier alone. The panoptic map is decided at the image's size (Mask2Former's
+    rule) with the masks upsampled :data:`UPSAMPLE_CHUNK` queries at a time; ``semantic=False`` skips the
+    semantic map (K×H×W scores) and leaves ``Prediction.semantic`` empty. ``check`` is called between the
+    steps and may raise to stop the work (a labeling request whose client has gone).
     """
     model.eval()
     device = next(model.parameters()).device
     alpha = cfg.ensemble.alpha_clip if alpha_clip is None else alpha_clip
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
-    resized = resize_shortest_edge(x, cfg.inference.test_short_side, cfg.inference.test_max_size)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+    resized = resize_shortest_edge(x.float(), cfg.inference.test_short_side, cfg.inference.test_max_size)
+    del x
     padded = pad_to_multiple(resized, cfg.inference.size_divisibility, model.backbone.pixel_mean)
+    if check is not None:
+        check()
     outputs = model(padded)
     scores, probs = class_scores(model, outputs, alpha, cfg.ensemble.on_valid_mask)
-    masks = postprocess_masks(outputs["pred_masks"][0], padded.shape[-2:], resized.shape[-2:], image.shape[:2])
-    return _infer(scores[0], probs, masks, cfg, thing_ids)
+
+    def upsample(masks: torch.Tensor) -> torch.Tensor:
+        return postprocess_masks(masks, padded.shape[-2:], resized.shape[-2:], image.shape[:2])
+
+    panoptic, segments = panoptic_inference(
+        scores[0], outputs["pred_masks"][0], thing_ids, cfg.inference.object_mask_threshold,
+        cfg.inference.overlap_threshold, probs=probs, upsample=upsample, chunk=UPSAMPLE_CHUNK, check=check)
+    semantic_map = np.zeros((0, 0), np.uint8)
+    if semantic:
+        masks = upsample(outputs["pred_masks"][0])
+        semantic_map = semantic_inference(scores[0], masks, probs=probs).argmax(0).to(torch.uint8).cpu().numpy()
+    return Prediction(panoptic.cpu().numpy(), segments, semantic_map)
 
 
 @torch.no_grad()

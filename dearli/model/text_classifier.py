@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +54,8 @@ _MEMORY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Class lists kept per backbone, least recently used dropped first: a labeling endpoint answering requests
 # with many different lists must not grow without bound.
 MEMORY_LISTS_PER_BACKBONE = 32
+# Guards the cache's bookkeeping (not the encoding): a labeling endpoint encodes lists from several threads.
+_CACHE_LOCK = threading.Lock()
 
 
 def _text_fingerprint(backbone: nn.Module) -> tuple[float, ...]:
@@ -115,23 +118,27 @@ def class_text_embeddings(backbone: nn.Module, class_names: list[list[str]],
     an existing file is read, never rewritten).
     """
     names = _check_class_names(class_names)
-    per_backbone = _MEMORY_CACHE.setdefault(backbone, {})
     fingerprint = _text_fingerprint(backbone)
     key = (names, fingerprint)
-    if key in per_backbone:
-        per_backbone[key] = per_backbone.pop(key)  # most recently used last
-    else:
-        if len(per_backbone) >= MEMORY_LISTS_PER_BACKBONE:
-            per_backbone.pop(next(iter(per_backbone)))
+    with _CACHE_LOCK:
+        per_backbone = _MEMORY_CACHE.setdefault(backbone, {})
+        cached = per_backbone.pop(key, None)
+        if cached is not None:
+            per_backbone[key] = cached  # most recently used last
+    if cached is None:
         path = _cache_file(backbone, names, fingerprint, cache_dir) if cache_dir is not None else None
         if path is not None and path.is_file():
             stored = torch.load(path, map_location="cpu", weights_only=True)
-            per_backbone[key] = TextEmbeddings(stored["embeddings"], stored["synonym_to_class"])
+            cached = TextEmbeddings(stored["embeddings"], stored["synonym_to_class"])
         else:
-            per_backbone[key] = _encode(backbone, names)
+            cached = _encode(backbone, names)
             if path is not None:
-                _save_atomically(per_backbone[key]._asdict(), path)
-    cached = per_backbone[key]
+                _save_atomically(cached._asdict(), path)
+        with _CACHE_LOCK:
+            per_backbone.pop(key, None)
+            while len(per_backbone) >= MEMORY_LISTS_PER_BACKBONE:
+                per_backbone.pop(next(iter(per_backbone)))
+            per_backbone[key] = cached
     device = next(iter(backbone.buffers()), torch.empty(0)).device
     return TextEmbeddings(cached.embeddings.to(device), cached.synonym_to_class.to(device))
 

@@ -6,39 +6,54 @@
 
 POST ``/`` with an image file (or the JSON of :mod:`dearli.predict.labeler`) answers COCO panoptic JSON; GET
 ``/`` answers the served class list. A bad request gets a 4xx JSON ``{"error": reason}``; the replica stays up.
+
+Under load: a replica holds ``max_ongoing_requests`` requests (one labeled at a time), Serve queues
+``max_queued_requests`` more and answers 429 with ``Retry-After`` past that; a request still unanswered after
+``request_timeout_s`` gets a 503 and its work stops, as does the work of a client that disconnects (Serve
+cancels it; the model checks between its steps). With a token, every request needs
+``Authorization: Bearer TOKEN`` (401 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dearli.caches.records import DEFAULT_MAX_PIXELS
 from dearli.data.panoptic import CategoryMap
 from dearli.device import resolve_device
 from dearli.errors import ConfigError
-from dearli.predict.labeler import MAX_REQUEST_BYTES, Labeler, RequestError
+from dearli.predict.labeler import MAX_REQUEST_BYTES, SERVE_MAX_PIXELS, Labeler, RequestError
+
+TOKEN_ENV = "DEARLI_SERVE_TOKEN"  # the token dearli serve reads when --token is not given
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
 
 APP_NAME = "dearli"
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """How many replicas, on what. ``max_replicas`` above ``replicas`` turns on Serve's autoscaling between
-    the two (``target_ongoing_requests`` per replica)."""
+    """How many replicas, on what, and the bounds of the work they accept. ``max_replicas`` above ``replicas``
+    turns on Serve's autoscaling between the two (``target_ongoing_requests`` per replica)."""
 
     replicas: int = 1
     max_replicas: int = 0  # 0 = no autoscaling: exactly ``replicas``
     gpus_per_replica: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0
-    max_ongoing_requests: int = 8  # requests a replica holds at once (one runs the model, the rest queue)
+    max_ongoing_requests: int = 8  # requests a replica holds at once (one runs the model, the rest wait)
+    max_queued_requests: int = 32  # requests Serve queues for the replicas; more get 429 (-1: no bound)
+    request_timeout_s: float = 60.0  # a request not answered by then gets 503 and its work stops
     target_ongoing_requests: float = 2.0  # autoscaling: add replicas above this many requests each
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS
+    token: str = ""  # non-empty: requests need "Authorization: Bearer <token>"
 
     def validate(self) -> None:
         if self.replicas < 1:
@@ -49,34 +64,93 @@ class ServeOptions:
             raise ConfigError("--cpus-per-replica must be positive and --gpus-per-replica -1 (auto) or >= 0")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"--max-ongoing-requests must be at least 1, got {self.max_ongoing_requests}")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError(f"--max-queued-requests must be at least 1 (or -1: no bound), got "
+                              f"{self.max_queued_requests}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"--request-timeout-s must be positive, got {self.request_timeout_s}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.token != self.token.strip() or any(not 32 < ord(c) < 127 for c in self.token):
+            raise ConfigError("--token: printable ASCII without spaces (it travels in an HTTP header)")
+
+
+def _error(status: int, reason: str, retry: bool = False) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="dearli"'}
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int = MAX_REQUEST_BYTES) -> bytes:
+    """The request's body, counted as it streams in: RequestError 413 once it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @serve.deployment(name="labeler")
 class LabelingService:
     """One replica: the model of a checkpoint payload, labeling with ``classes`` unless a request brings its own."""
 
-    def __init__(self, payload: dict[str, Any], classes: list[dict], max_pixels: int):
+    def __init__(self, payload: dict[str, Any], classes: list[dict], options: ServeOptions):
         self.labeler = Labeler(payload, CategoryMap.from_dicts(classes, "served classes"),
-                               str(resolve_device()), max_pixels)
+                               str(resolve_device()), options.max_pixels)
         self.classes = classes
+        self.options = options
+        self.text_lock = asyncio.Lock()  # one new class list encoded at a time; served-list requests never wait
+        self.model_lock = asyncio.Lock()  # waiters queue here, where a client's disconnect cancels at once
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.options.token:
+            return True
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")
+        return hmac.compare_digest(given, f"Bearer {self.options.token}".encode())
 
     async def __call__(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return _error(401, "this endpoint needs 'Authorization: Bearer <token>'")
         if request.method == "GET":
             return JSONResponse({"classes": self.classes})
         if request.method != "POST":
-            return JSONResponse({"error": f"{request.method} is not served: POST an image, GET the classes"},
-                                status_code=405)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-            return JSONResponse({"error": f"request body of {declared} bytes exceeds {MAX_REQUEST_BYTES}"},
-                                status_code=413)
-        body = await request.body()
+            return _error(405, f"{request.method} is not served: POST an image, GET the classes")
+        cancelled = threading.Event()
+
+        def check() -> None:  # called by the model between its steps, in the worker thread
+            if cancelled.is_set():
+                raise RequestError(503, "the request was cancelled")
+
         try:
-            # The model runs in a thread so the replica keeps accepting (and refusing) requests meanwhile.
-            answer = await asyncio.to_thread(self.labeler.label, body, request.headers.get("content-type", ""))
+            body = await read_body(request)
+            answer = await asyncio.wait_for(self._label(body, request.headers.get("content-type", ""), check),
+                                            self.options.request_timeout_s)
         except RequestError as err:
-            return JSONResponse({"error": err.reason}, status_code=err.status)
+            return _error(err.status, err.reason)
+        except asyncio.TimeoutError:
+            cancelled.set()
+            return _error(503, f"not labeled within {self.options.request_timeout_s:g} s: the endpoint is busy",
+                          retry=True)
+        except BaseException:  # the client went (Serve cancels the task), or a fault of ours: stop the work
+            cancelled.set()
+            raise
         return JSONResponse(answer)
+
+    async def _label(self, body: bytes, content_type: str, check: Any) -> dict[str, Any]:
+        prepared = await asyncio.to_thread(self.labeler.prepare, body, content_type)
+        if prepared.categories is None:
+            text = self.labeler.default_text
+        else:
+            async with self.text_lock:
+                text = await asyncio.to_thread(self.labeler.text_of, prepared)
+        async with self.model_lock:
+            return await asyncio.to_thread(self.labeler.run, prepared, text, check)
 
 
 def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOptions = ServeOptions()) -> Any:
@@ -101,12 +175,14 @@ def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOp
                                           "target_ongoing_requests": options.target_ongoing_requests}}
     deployment = LabelingService.options(
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus},
-        max_ongoing_requests=options.max_ongoing_requests, **scaling)
-    return deployment.bind(payload, classes, options.max_pixels)
+        max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S), **scaling)
+    return deployment.bind(payload, classes, options)
 
 
 def app_builder(args: dict[str, str]) -> Any:
-    """``serve run dearli.predict.serve:app_builder checkpoint=... [classes=FILE] [replicas=N] ...``."""
+    """``serve run dearli.predict.serve:app_builder checkpoint=... [classes=FILE] [replicas=N] ...``; the token
+    is ``token=...`` or ``$DEARLI_SERVE_TOKEN``. The proxy's timeout is then Serve's own setting."""
     args = dict(args)
     checkpoint = args.pop("checkpoint", None)
     if not checkpoint:
@@ -117,12 +193,22 @@ def app_builder(args: dict[str, str]) -> Any:
     if unknown:
         raise ConfigError(f"serve run: unknown argument(s) {', '.join(unknown)}; known: checkpoint, classes, "
                           f"{', '.join(fields)}")
-    values = {name: type(getattr(ServeOptions(), name))(value) for name, value in args.items()}
+    values: dict[str, Any] = {"token": os.environ.get(TOKEN_ENV, "")}
+    for name, value in args.items():
+        try:
+            values[name] = type(getattr(ServeOptions(), name))(value)
+        except ValueError:
+            raise ConfigError(f"serve run: {name}={value!r} is not a {type(getattr(ServeOptions(), name)).__name__}") \
+                from None
     return build_app(checkpoint, classes, ServeOptions(**values))
 
 
-def start(app: Any, host: str, port: int) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` (unless running) and deploy ``app`` at ``/``; its URL."""
-    serve.start(http_options={"host": host, "port": port})
+def start(app: Any, host: str, port: int, request_timeout_s: float = ServeOptions.request_timeout_s) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` (unless running) and deploy ``app`` at ``/``; its URL.
+
+    The proxy's own timeout is a few seconds longer than the replicas' (which answer 503 with a reason, and
+    which a client cannot lift: Serve lets a request header change the proxy's).
+    """
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s + 5})
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}/"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 
-from dearli.caches.records import DEFAULT_MAX_PIXELS
+from dearli.predict.labeler import SERVE_MAX_PIXELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="checkpoint file or a registered MLflow model (models:/dearli/3)")
     parser.add_argument("--classes", default=None, metavar="FILE",
                         help="default class list (classes.json); default: the checkpoint's dataset's")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (default: 127.0.0.1; "
-                        "0.0.0.0 to be reachable from other machines)")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (default: 127.0.0.1, this "
+                        "machine only; 0.0.0.0 answers every network the machine is on: set --token)")
     parser.add_argument("--port", type=int, default=8000, help="port of the HTTP proxy (default: 8000)")
     parser.add_argument("--replicas", type=int, default=1, metavar="N", help="model replicas (default: 1)")
     parser.add_argument("--max-replicas", type=int, default=0, metavar="N",
@@ -35,8 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="logical CPUs per replica")
     parser.add_argument("--max-ongoing-requests", type=int, default=8, metavar="N",
                         help="requests one replica holds at once; more wait in Serve's queue (default: 8)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help=f"larger images are refused with 413 (default: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--max-queued-requests", type=int, default=32, metavar="N",
+                        help="requests Serve queues for the replicas; more are refused with 429 and Retry-After "
+                        "(default: 32; -1 for no bound)")
+    parser.add_argument("--request-timeout-s", type=float, default=60.0, metavar="S",
+                        help="a request not answered by then gets 503 and its work stops (default: 60)")
+    parser.add_argument("--max-pixels", type=int, default=SERVE_MAX_PIXELS, metavar="N",
+                        help=f"larger images are refused with 413 (default: {SERVE_MAX_PIXELS}, 4096×4096)")
+    parser.add_argument("--token", default=os.environ.get("DEARLI_SERVE_TOKEN", ""),
+                        help="requests must carry 'Authorization: Bearer TOKEN' (401 otherwise); default: "
+                        "$DEARLI_SERVE_TOKEN, else no token")
     parser.add_argument("--detach", action="store_true",
                         help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
     parser.set_defaults(handler=_run)
@@ -50,11 +59,14 @@ def _run(args: argparse.Namespace) -> int:
 
     options = ServeOptions(replicas=args.replicas, max_replicas=args.max_replicas,
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                           max_ongoing_requests=args.max_ongoing_requests, max_pixels=args.max_pixels)
+                           max_ongoing_requests=args.max_ongoing_requests,
+                           max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
+                           max_pixels=args.max_pixels, token=args.token)
     options.validate()
     ensure_ray()
-    url = start(build_app(args.checkpoint, args.classes, options), args.host, args.port)
-    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes)", flush=True)
+    url = start(build_app(args.checkpoint, args.classes, options), args.host, args.port, options.request_timeout_s)
+    guard = "with a token" if options.token else "without a token: anyone who reaches the port can use it"
+    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes), {guard}", flush=True)
     if args.detach:
         return 0
 
