@@ -28,6 +28,12 @@ class DataError(DearliError):
         return (type(self), (self.path, self.problem))
 
 
+class OutputError(DataError):
+    """An output that cannot be written (disk full, over quota, read-only, I/O error): names the path and errno.
+
+    Not the fault of an input: a job stops on it instead of recording the image as failed."""
+
+
 class ConfigError(DearliError):
     """Bad configuration: unknown key, wrong type or impossible value."""
 

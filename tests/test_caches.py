@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _faults import Killed, killed_before_rename
 from PIL import Image
 
 from dearli.caches.clip_features import build_cache_backbone, dense_feature, expected_geometry
@@ -18,6 +19,7 @@ from dearli.caches.generators import GeneratorSpec, build_generator
 from dearli.caches.readers import decode_feature, decode_masks, read_clip_cache, read_sam_cache
 from dearli.caches.records import SAM_SCHEMA, decode_rles, encode_masks, load_rgb, sam_row
 from dearli.caches.store import CacheStore
+from dearli.caches.workers import CacheWorker
 from dearli.cli import main
 from dearli.data.coco_format import id2rgb
 from dearli.errors import ConfigError, DataError
@@ -295,3 +297,83 @@ def test_sam_cache_reports_images_without_masks_and_warmup_refuses_an_empty_cach
     with pytest.raises(DataError, match=r"none of the SAM cache's 3 images holds a mask.*cache.sam_checkpoint"):
         run_warmup(load_config("tiny"), tmp_path / "warmup", empty, echo=lambda *_: None)
     assert not (tmp_path / "warmup").exists()
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def test_a_kill_before_the_rename_leaves_the_old_file_and_a_rerun_cleans_up(tmp_path):
+    root = tmp_path / "c"
+    with killed_before_rename(), pytest.raises(Killed):  # the very first manifest write is killed
+        CacheStore(str(root)).open_for_writing("sam", {"a": 1})
+    assert not (root / "cache.json").exists() and len(_temporaries(root)) == 1
+    with pytest.raises(DataError, match="no cache.json"):  # no cache yet, not invalid JSON
+        read_sam_cache(str(root))
+    store = CacheStore(str(root))
+    store.open_for_writing("sam", {"a": 1})
+    store.take_lease("r1")
+    store.mark_success({"run_id": "r1"})
+    assert _temporaries(root) == []
+    before = {name: (root / name).read_text() for name in ("cache.json", "_WRITER", "_SUCCESS")}
+    for write in (lambda: store.take_lease("r2"), lambda: store.mark_success({"run_id": "r2"})):
+        with killed_before_rename(), pytest.raises(Killed):
+            write()
+    assert {name: (root / name).read_text() for name in before} == before  # the old files, whole
+    assert len(_temporaries(root)) == 2 and store.holds_lease("r1") and store.has_success()
+    assert read_sam_cache(str(root)).complete
+    CacheStore(str(root)).open_for_writing("sam", {"a": 1})  # the rerun
+    assert _temporaries(root) == [] and not (root / "_SUCCESS").exists()
+    store.take_lease("r2")
+    assert json.loads((root / "_WRITER").read_text()) == {"run_id": "r2"}
+
+
+class Echo(CacheWorker):
+    """Records {image_id, stem}; an image whose path is "bad" cannot be read."""
+
+    schema = pa.schema([("image_id", pa.string()), ("stem", pa.string())])
+
+    def _one(self, item: dict) -> dict:
+        if item["image_path"] == "bad":
+            raise DataError(item["image_path"], "cannot read this image")
+        return {"image_id": item["image_id"], "stem": item["stem"]}
+
+
+def _batch(*stems: str) -> dict:
+    rows = [{"image_id": s, "stem": s, "image_path": "bad" if s == "bad" else "", "height": 0, "width": 0}
+            for s in stems]
+    return {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
+
+
+def test_a_full_disk_stops_a_batch_instead_of_failing_its_images(tmp_path, monkeypatch):
+    import errno
+
+    import dearli.caches.store as store_module
+    from dearli.caches.job import JobSummary, _Progress
+    from dearli.caches.store import ERRORS_DIR
+    from dearli.errors import OutputError
+
+    store = CacheStore(str(tmp_path / "c"))
+    store.open_for_writing("test", {})
+    store.take_lease("r1")
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.pq, "write_table", full)
+        status = Echo(store.uri, "r1")(_batch("a", "bad", "b"))
+    assert list(status["status"]) == ["unwritable"] * 3
+    reason = status["reason"][0]
+    assert "/_tmp/part-r1-" in reason and "errno 28 ENOSPC" in reason and "disk is full" in reason
+    assert "\n" not in reason
+    assert store.part_files() == [] and store.part_files(ERRORS_DIR) == []  # no image recorded as unreadable
+    with pytest.raises(OutputError, match="errno 28 ENOSPC") as stopped:  # the driver stops on the first one
+        _Progress("test", JobSummary(), 3, None).add("a", "unwritable", reason)
+    assert str(stopped.value) == reason
+    status = Echo(store.uri, "r1")(_batch("a", "bad", "b"))  # space again: a rerun does the batch
+    assert list(status["status"]) == ["done", "failed", "done"] and store.committed_stems() == {"a", "b"}
+    store.take_lease("r2")
+    status = Echo(store.uri, "r1")(_batch("c"))
+    assert list(status["status"]) == ["stale"] and "another run took over" in status["reason"][0]
+    assert store.committed_stems() == {"a", "b"}

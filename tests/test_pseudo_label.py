@@ -3,12 +3,15 @@ lost actors; with a tiny untrained model (its thresholds at 0 so that it emits s
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -18,16 +21,20 @@ import torch
 from _services import kill_after_parts
 from PIL import Image
 
+from dearli.caches.store import ERRORS_DIR, CacheStore, StaleWriterError
 from dearli.caches.workers import CacheWorker
 from dearli.cli import main
 from dearli.config import load_config
 from dearli.data.coco_format import rgb2id
 from dearli.data.dataset import load_dataset
+from dearli.data.panoptic import CategoryMap
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
 from dearli.model.m2f_lang import build_tiny
-from dearli.predict.outputs import keep_confident
-from dearli.predict.pseudo_label_command import list_images
+from dearli.predict.job import RayPseudoLabelWorker
+from dearli.predict.outputs import KIND, PANOPTIC_DIR, ROW_SCHEMA, assemble, keep_confident
+from dearli.predict.pseudo_label_command import _check_options, list_images
+from dearli.predict.worker import png_bytes
 from dearli.training.checkpoint import save_checkpoint
 
 # Keep every query of a random model (it is never confident) and run the zero-shot ensemble too.
@@ -194,7 +201,6 @@ class DiesOnce(CacheWorker):
 
 def test_a_lost_actor_is_replaced_and_nothing_is_lost(ray_local, tmp_path):
     from dearli.caches.job import run_cache_job
-    from dearli.caches.store import CacheStore
 
     rows = [{"image_id": str(i), "stem": f"img{i}", "image_path": "", "height": 0, "width": 0} for i in range(6)]
     lines: list[str] = []
@@ -210,3 +216,102 @@ def test_a_lost_actor_is_replaced_and_nothing_is_lost(ray_local, tmp_path):
     store = CacheStore(str(tmp_path / "out"))
     stems = [s for p in store.part_files() for s in pq.read_table(p).column("stem").to_pylist()]
     assert sorted(stems) == [f"img{i}" for i in range(6)]
+
+
+class FullDiskAfter(RayPseudoLabelWorker):
+    """Its PNG writes fail with ENOSPC once ``good`` of them went through (a disk that fills up)."""
+
+    good = 3
+
+    def _write_png(self, file_name: str, panoptic: np.ndarray) -> None:
+        self.writes = getattr(self, "writes", 0) + 1
+        if self.writes <= self.good:
+            return super()._write_png(file_name, panoptic)
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch("dearli.caches.store._write_file", side_effect=full):
+            return super()._write_png(file_name, panoptic)
+
+
+def test_a_full_disk_stops_the_job_and_a_rerun_finishes_it(ray_local, world, reference, tmp_path, monkeypatch,
+                                                            capsys):
+    """A disk that fills up after 3 PNGs: one error line naming the file and the errno, exit 1, nothing recorded
+    as an unreadable image, the 3 images kept; the rerun labels the rest, equal to an uninterrupted run."""
+    import dearli.predict.job as job
+
+    out = tmp_path / "full"
+    module = sys.modules[__name__]  # actors cannot import this test module: send FullDiskAfter by value
+    run = job.run_cache_job
+    monkeypatch.setattr(job, "run_cache_job", lambda uri, kind, settings, rows, _cls, *args, **kwargs: run(
+        uri, kind, settings, rows, FullDiskAfter, *args, **kwargs))
+    ray_local.cloudpickle.register_pickle_by_value(module)
+    try:
+        assert main(_args(world, out)) == 1
+    finally:
+        ray_local.cloudpickle.unregister_pickle_by_value(module)
+    monkeypatch.undo()
+    text = capsys.readouterr()
+    lines = [line for line in text.err.splitlines() if line.startswith("dearli pseudo-label: error:")]
+    assert len(lines) == 1 and "/panoptic/" in lines[0] and ".png" in lines[0], text.err
+    assert "errno 28 ENOSPC" in lines[0] and "disk is full" in lines[0] and "labelled" not in text.out
+    store = CacheStore(str(out))
+    assert len(store.committed_stems()) == FullDiskAfter.good and not (out / "panoptic.json").exists()
+    recorded = [row for p in store.part_files(ERRORS_DIR) for row in pq.read_table(p).to_pylist()]
+    assert all(row["stem"] == BAD for row in recorded)  # an unreadable image at most, never the disk
+
+    assert main(_args(world, out)) == 0
+    found = re.search(r"(\d+) labelled, (\d+) skipped.*?(\d+) failed", capsys.readouterr().out)
+    assert tuple(map(int, found.groups())) == (11 - FullDiskAfter.good, FullDiskAfter.good, 1)
+    assert _check_consistent(out, 11) == _check_consistent(reference, 11)
+    assert not list(out.rglob(".*.tmp-*")) and not list((out / "_tmp").iterdir())
+
+
+CLASSES = [{"id": 1, "name": "sky", "isthing": False}]
+
+
+def _commit_labelled(store: CacheStore, run_id: str, *stems: str) -> None:
+    """Rows of ``stems`` (no segment) with their PNGs, as a worker of ``run_id`` commits them."""
+    for stem in stems:
+        (Path(store.root) / PANOPTIC_DIR / f"{stem}.png").write_bytes(png_bytes(np.zeros((2, 2), np.int32)))
+    rows = [{"image_id": s, "stem": s, "image_path": f"/pool/{s}.png", "height": 2, "width": 2,
+             "file_name": f"{s}.png", "segments": []} for s in stems]
+    store.commit(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), run_id)
+
+
+def test_only_the_lease_holder_assembles_and_a_lost_png_is_labelled_again(tmp_path, capsys):
+    """Two drivers on one output: the one that lost the lease refuses to assemble and deletes nothing, the newer
+    one publishes; a committed row whose PNG is gone is uncommitted instead of published."""
+    out = tmp_path / "labels"
+    store = CacheStore(str(out))
+    store.open_for_writing(KIND, {})
+    (out / PANOPTIC_DIR).mkdir()
+    store.take_lease("run-a")
+    _commit_labelled(store, "run-a", "a", "b")
+    store.take_lease("run-b")  # a newer driver on the same --out; its worker has written c.png, not committed
+    (out / PANOPTIC_DIR / "c.png").write_bytes(b"png of run-b")
+    categories = CategoryMap.from_dicts(CLASSES, "classes")
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(StaleWriterError, match="another run took over the output"):
+        assemble(str(out), categories, "run-a")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files  # nothing deleted or written
+    (out / PANOPTIC_DIR / "c.png").unlink()
+    _commit_labelled(store, "run-b", "c")
+    store.mark_success({"run_id": "run-b"})
+    (out / PANOPTIC_DIR / "b.png").unlink()  # lost: the row must not be published without it
+    counts = assemble(str(out), categories, "run-b")
+    assert counts["missing"] == ["b"] and counts["images"] == 2
+    assert [a["file_name"] for a in json.loads((out / "panoptic.json").read_text())["annotations"]] == \
+        ["a.png", "c.png"]
+    assert store.committed_stems() == {"a", "c"} and not store.has_success()  # b is done again by a rerun
+    _commit_labelled(store, "run-b", "b")
+    assert assemble(str(out), categories, "run-b")["images"] == 3
+
+
+def test_a_killed_first_manifest_write_does_not_block_a_rerun(tmp_path):
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / ".cache.json.tmp-1a2b3c4d").write_text('{"kind": "pseu')  # killed before its rename
+    args = argparse.Namespace(out=str(out), min_score=0.0, alpha_clip=None, actors=1, batch_size=1)
+    _check_options(args)
+    (out / "notes.txt").write_text("someone's folder")
+    with pytest.raises(DataError, match="holds no pseudo-labels"):
+        _check_options(args)

@@ -6,18 +6,22 @@ import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
 import torch
+from _faults import Killed, killed_before_rename
 from PIL import Image
 
 from dearli.cli import main
 from dearli.config import load_config
 from dearli.data.dataset import load_dataset
+from dearli.errors import DataError
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.predict.review import ReviewItem, class_table, overlay, readable
+from dearli.predict.review import ReviewItem, class_table, overlay, readable, render_page, write_review
 from dearli.training.checkpoint import save_checkpoint
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -86,3 +90,57 @@ def test_review_page_of_predictions_in_a_browser(predicted, small_world, tmp_pat
                     f"--screenshot={shot}", (page_dir / "index.html").as_uri()], capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (900, 1200) and pixels.std() > 10  # drawn, not a blank page
+
+
+class _Attributes(HTMLParser):
+    """Every (tag, attribute, value) of a page, as a browser's parser reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found += [(tag, name, value) for name, value in attrs]
+
+
+HOSTILE_ID = '1" onmouseover="x'
+HOSTILE_STEM = 'a#b?c&d"<e>'
+
+
+def _hostile_item(folder: Path) -> ReviewItem:
+    """One image whose stem, class id and name would break out of an attribute if not escaped."""
+    ids = np.zeros((4, 4), np.int32)
+    ids[:, 2:] = 7
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(folder / "picture.png")
+    Image.fromarray(np.stack([ids, ids * 0, ids * 0], axis=-1).astype(np.uint8)).save(folder / "label.png")
+    segment = {"id": 7, "category_id": HOSTILE_ID, "category_name": "<b>sky</b>", "isthing": False,
+               "score": 0.4, "area": 8}
+    return ReviewItem(HOSTILE_STEM, folder / "picture.png", folder / "label.png", [segment])
+
+
+def test_the_page_escapes_every_input_value_and_encodes_links(tmp_path):
+    page = render_page([_hostile_item(tmp_path)], 'labels "<x>"')
+    parser = _Attributes()
+    parser.feed(page)
+    assert not [a for a in parser.found if a[1].startswith("on")]  # no injected handler attribute
+    values = {(tag, name): value for tag, name, value in parser.found}
+    assert values[("a", "data-cls")] == HOSTILE_ID and ("option", "value", HOSTILE_ID) in parser.found
+    assert values[("div", "data-classes")] == HOSTILE_ID and values[("div", "data-stem")] == HOSTILE_STEM
+    assert values[("img", "src")] == "images/a%23b%3Fc%26d%22%3Ce%3E.png"  # '#', '?' no fragment or query
+    assert unquote(values[("img", "src")]) == f"images/{HOSTILE_STEM}.png"
+    assert "<b>sky" not in page and "&lt;b&gt;sky&lt;/b&gt;" in page and "<x>" not in page
+
+
+def test_an_interrupted_review_leaves_no_page_and_an_earlier_page_is_never_touched(tmp_path):
+    item, out = _hostile_item(tmp_path), tmp_path / "review"
+    with killed_before_rename("index.html"), pytest.raises(Killed):
+        write_review([item], out, "labels")
+    assert not (out / "index.html").exists() and len(list(out.glob(".index.html.tmp-*"))) == 1
+    page = write_review([item], out, "labels")  # the rerun completes and cleans up
+    assert sorted(p.name for p in out.iterdir()) == ["images", "index.html", "review.json"]
+    assert [p.name for p in (out / "images").iterdir()] == [f"{HOSTILE_STEM}.png"]
+    assert json.loads((out / "review.json").read_text())["classes"][0]["category_id"] == HOSTILE_ID
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match="exists already"):
+        write_review([item], out, "other labels")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before and page == out / "index.html"

@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+from _faults import Killed, killed_before_rename
 
 from dearli.cli import main
 from dearli.config import load_config
 from dearli.data.dataset import load_dataset
 from dearli.data.partitions import read_partition_file
+from dearli.errors import DataError
 from dearli.model.m2f_lang import build_m2f_lang
+from dearli.predict.suggest_command import write_partition
 from dearli.predict.uncertainty import combined_score, js_divergence, query_signals
 from dearli.training.checkpoint import save_checkpoint
 
@@ -67,3 +70,23 @@ def test_suggest_writes_the_next_partition(small_world, checkpoint, tmp_path, ca
     assert main(args) == 1  # an existing labeled.txt is never replaced
     assert "exists already" in capsys.readouterr().err
     assert main([*args[:-4], "--budget", "0", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_an_interrupted_publish_leaves_no_partial_partition(small_world, checkpoint, tmp_path):
+    """Killed before labeled.txt's rename: no labeled.txt (never a shorter one); the rerun publishes it and
+    removes the leftover; an existing labeled.txt is left byte for byte."""
+    out = tmp_path / "1_4_next"
+    args = ["suggest", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--partition", "1_4",
+            "--budget", "2", "--out", str(out)]
+    with killed_before_rename("labeled.txt"), pytest.raises(Killed):
+        main(args)
+    assert not (out / "labeled.txt").exists() and [p.name for p in out.glob(".labeled.txt.tmp-*")]
+    assert main(args) == 0
+    published = (out / "labeled.txt").read_bytes()
+    assert len(read_partition_file(out / "labeled.txt").labeled) == len(load_dataset(small_world).partition(
+        "1_4").labeled) + 2
+    assert sorted(p.name for p in out.iterdir()) == ["labeled.txt", "suggestions.csv"]
+    info = load_dataset(small_world)
+    with pytest.raises(DataError, match="exists already"):
+        write_partition(out, info.partition("1_4"), info.split("train"), [], small_world)
+    assert (out / "labeled.txt").read_bytes() == published

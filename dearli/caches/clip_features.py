@@ -108,7 +108,7 @@ def write_text_table(uri: str, settings: dict[str, Any], categories: Any) -> Non
     import pyarrow.parquet as pq
 
     from dearli.caches.readers import TEXT_FILE
-    from dearli.caches.store import TMP_DIR, CacheStore
+    from dearli.caches.store import CacheStore, parquet_bytes, write_atomic
     from dearli.errors import ConfigError
 
     store = CacheStore(uri)
@@ -123,7 +123,4 @@ def write_text_table(uri: str, settings: dict[str, Any], categories: Any) -> Non
         return
     backbone = build_cache_backbone(settings["clip_model"], settings["pretrained"])
     table = text_table(backbone, synonyms, ids)
-    tmp = store.path(TMP_DIR, TEXT_FILE)
-    store.fs.create_dir(store.path(TMP_DIR), recursive=True)
-    pq.write_table(table, tmp, filesystem=store.fs)
-    store.fs.move(tmp, final)
+    write_atomic(final, parquet_bytes(table), store.fs)

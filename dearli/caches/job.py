@@ -2,7 +2,9 @@
 
 The driver lists the images still missing from the cache (resume), Ray Data streams them through an
 actor pool (one model per actor, GPUs when the cluster has them), every batch is committed by the
-actor that computed it, and the driver gathers the per-image status rows into a summary.
+actor that computed it, and the driver gathers the per-image status rows into a summary. A batch that
+could not be written (disk full, read-only) or whose run was superseded stops the job with that error;
+what was committed stays, and a rerun does the rest.
 
 Actors are created with ``max_restarts=0``: Ray Data always hands its actors their constructor
 arguments through the object store, and Ray cannot promise to restart such actors (it logs an error
@@ -20,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dearli.caches.store import CacheStore, new_run_id
-from dearli.caches.workers import STATUS_DONE, STATUS_FAILED
+from dearli.caches.store import CacheStore, StaleWriterError, new_run_id
+from dearli.caches.workers import STATUS_DONE, STATUS_FAILED, STATUS_STALE, STATUS_UNWRITABLE
+from dearli.errors import OutputError
 from dearli.runtime import default_gpus_per_actor, ensure_ray
 
 MAX_ATTEMPTS = 3  # pools in a row that may lose actors before committing anything (then the job fails)
@@ -41,6 +44,7 @@ class JobSummary:
     remaining: int = 0  # still missing after this run because of --limit
     failures: list[tuple[str, str]] = field(default_factory=list)  # (stem, reason)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> images its actors processed
+    run_id: str = ""  # the run's writer lease (see dearli.caches.store)
 
     def line(self, uri: str) -> str:
         text = (f"{uri}: {self.total} images: {self.done} done, {self.skipped} skipped (already cached), "
@@ -63,6 +67,11 @@ class _Progress:
         self._next = 1
 
     def add(self, stem: str, status: str, reason: str = "", node_id: str = "") -> None:
+        """Count one image's status; a status that stops the job raises its error (the reason is its message)."""
+        if status == STATUS_STALE:
+            raise StaleWriterError(reason)
+        if status == STATUS_UNWRITABLE:
+            raise OutputError(None, reason)
         self.seen.add(stem)
         if node_id:
             self.summary.nodes[node_id] = self.summary.nodes.get(node_id, 0) + 1
@@ -175,6 +184,7 @@ def run_cache_job(uri: str, kind: str, settings: dict[str, Any], rows: list[dict
         summary.remaining = max(0, len(todo) - limit)
         todo = todo[:limit]
     run_id = new_run_id()
+    summary.run_id = run_id
     store.take_lease(run_id)
     # Actors on other nodes have other working directories: they get the absolute location.
     worker_uri = uri if "://" in str(uri) else store.root
@@ -185,6 +195,7 @@ def run_cache_job(uri: str, kind: str, settings: dict[str, Any], rows: list[dict
         _process(store, todo, _Progress(kind, summary, len(todo), echo), max(1, max_attempts),
                  worker_cls=worker_cls, constructor_kwargs=dict(cache_uri=worker_uri, run_id=run_id, **kwargs),
                  actors=actors, gpus=gpus, images_per_part=images_per_part, resources=resources)
+    store.require_lease(run_id)  # a newer run on this output finishes it: change nothing more
     # A worker of an earlier, killed run may have committed an image this run also did: keep one copy.
     store.drop_duplicate_rows()
     attempted = {r["stem"] for r in todo}

@@ -21,14 +21,22 @@ asynchronously) finds the lease taken by the rerun and discards its batch instea
 second copy of an image. The lease check and the rename are not one atomic step, so every run ends by
 dropping rows whose stem an earlier part already holds (:meth:`CacheStore.drop_duplicate_rows`), and
 readers keep the first occurrence in part-name order as a last guard.
+
+Single files (``cache.json``, ``_WRITER``, ``_SUCCESS``) are replaced whole by :func:`write_atomic`: a
+temporary file beside the target, then a rename. A write that fails (disk full, read-only) raises
+:class:`~dearli.errors.OutputError`, which stops a job instead of counting an image as failed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dearli.errors import ConfigError, DataError
+from dearli.errors import ConfigError, DataError, DearliError, OutputError
 
 FORMAT_VERSION = 1
 MANIFEST = "cache.json"
@@ -47,13 +55,14 @@ SUCCESS = "_SUCCESS"
 WRITER = "_WRITER"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+TMP_MARK = ".tmp-"  # write_atomic's temporary files: .<name>.tmp-<random>, beside their target
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("stem", pa.string()), ("image_path", pa.string()),
                           ("reason", pa.string()), ("run_id", pa.string())])
 
 
-class StaleWriterError(RuntimeError):
-    """A worker of a superseded run tried to commit."""
+class StaleWriterError(DearliError):
+    """A worker or driver of a superseded run tried to change the output."""
 
 
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -81,9 +90,89 @@ def _list_parts(fs: pafs.FileSystem, folder: str) -> list[str]:
     return sorted(names)
 
 
+def output_error(path: str, err: OSError) -> OutputError:
+    """The one-line error of an output that could not be written, naming ``path`` and the errno."""
+    code = err.errno
+    if code:
+        detail = f"errno {code} {errno.errorcode.get(code, '')}: {os.strerror(code)}"
+    else:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    what = "the output disk is full" if code in (errno.ENOSPC, errno.EDQUOT) else "the output is not writable"
+    return OutputError(path, f"cannot write ({detail}): {what}; the work already committed is kept, "
+                             "free space (or fix the location) and rerun to finish")
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn an OSError raised while changing ``path`` into :func:`output_error`."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(path, err) from err
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new local file, flushed to disk (the rename that follows publishes it whole)."""
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def write_atomic(path: str | Path, data: bytes, fs: pafs.FileSystem | None = None) -> None:
+    """Replace ``path`` (local when ``fs`` is None) by ``data`` through a temporary file beside it and a rename.
+
+    Readers see the old file or the new one, never part of one. A failed write raises OutputError and
+    leaves nothing; a killed one leaves a temporary file that :func:`remove_temporaries` deletes.
+    """
+    path = str(path)
+    local = fs is None or isinstance(fs, pafs.LocalFileSystem)
+    folder, name = os.path.split(path) if local else path.rsplit("/", 1)
+    tmp = path[: len(path) - len(name)] + f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        if local:
+            os.makedirs(folder or ".", exist_ok=True)
+            _write_file(tmp, data)
+            os.replace(tmp, path)
+        else:
+            fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            if local:
+                os.remove(tmp)
+            else:
+                fs.delete_file(tmp)
+        raise output_error(path, err) from err
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of write_atomic's temporary files."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+def remove_temporaries(folder: str | Path, fs: pafs.FileSystem | None = None) -> int:
+    """Delete the temporary files killed writers left in ``folder`` (not below it); returns how many."""
+    fs = fs or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(str(folder), allow_not_found=True))
+    stale = [i.path for i in infos if i.type == pafs.FileType.File and is_temporary(i.base_name)]
+    for path in stale:
+        with writing(path):
+            fs.delete_file(path)
+    return len(stale)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the contents of a Parquet file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def _write_json(fs: pafs.FileSystem, path: str, values: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(values, indent=2, sort_keys=True).encode())
+    write_atomic(path, json.dumps(values, indent=2, sort_keys=True).encode(), fs)
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -120,7 +209,8 @@ class CacheStore:
         if existing is None:
             if self.fs.get_file_info(self.root).type == pafs.FileType.File:
                 raise DataError(self.uri, "is a file; a cache needs a directory")
-            self.fs.create_dir(self.root, recursive=True)
+            with writing(self.root):
+                self.fs.create_dir(self.root, recursive=True)
             _write_json(self.fs, self.path(MANIFEST), wanted)
         else:
             wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as stored
@@ -132,9 +222,11 @@ class CacheStore:
             if diff:
                 raise ConfigError(f"{self.uri}: was made with different settings ({', '.join(diff)}); "
                                   "use a new output location or the original settings")
-        self.fs.delete_dir_contents(self.path(TMP_DIR), missing_dir_ok=True)
-        if self.has_success():  # the cache is being extended: no longer known to be complete
-            self.fs.delete_file(self.path(SUCCESS))
+        with writing(self.path(TMP_DIR)):
+            self.fs.delete_dir_contents(self.path(TMP_DIR), missing_dir_ok=True)
+        for folder in (self.root, self.path(PARTS_DIR), self.path(ERRORS_DIR)):
+            remove_temporaries(folder, self.fs)
+        self.clear_success()  # the cache is being extended: no longer known to be complete
 
     def take_lease(self, run_id: str) -> None:
         """Make ``run_id`` the only run whose workers may commit (earlier runs' workers are superseded)."""
@@ -143,6 +235,17 @@ class CacheStore:
     def holds_lease(self, run_id: str) -> bool:
         lease = _read_json(self.fs, self.path(WRITER))
         return lease is None or lease.get("run_id") == run_id
+
+    def require_lease(self, run_id: str) -> None:
+        """StaleWriterError unless ``run_id`` still holds the writer lease."""
+        if not self.holds_lease(run_id):
+            raise StaleWriterError(f"{self.uri}: another run took over the output (run {run_id} was superseded); "
+                                   "this run stops without changing it")
+
+    def clear_success(self) -> None:
+        if self.has_success():
+            with writing(self.path(SUCCESS)):
+                self.fs.delete_file(self.path(SUCCESS))
 
     def has_success(self) -> bool:
         return self.fs.get_file_info(self.path(SUCCESS)).type == pafs.FileType.File
@@ -167,34 +270,54 @@ class CacheStore:
         name = f"{PART_PREFIX}{run_id}-{digest}{PART_SUFFIX}"
         tmp = self.path(TMP_DIR, name)
         final = self.path(folder, name)
-        self.fs.create_dir(self.path(TMP_DIR), recursive=True)
-        self.fs.create_dir(self.path(folder), recursive=True)
-        pq.write_table(table, tmp, filesystem=self.fs)
-        if not self.holds_lease(run_id):
-            self.fs.delete_file(tmp)
-            raise StaleWriterError(f"{self.uri}: run {run_id} was superseded by a newer run; batch discarded")
-        self.fs.move(tmp, final)
+        with writing(tmp):
+            self.fs.create_dir(self.path(TMP_DIR), recursive=True)
+            self.fs.create_dir(self.path(folder), recursive=True)
+            pq.write_table(table, tmp, filesystem=self.fs)
+        try:
+            self.require_lease(run_id)
+        except StaleWriterError:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise
+        try:
+            self.fs.move(tmp, final)
+        except OSError as err:
+            self.require_lease(run_id)  # a newer run that cleared _tmp/ owns the output
+            raise output_error(final, err) from err
         return final
 
-    def drop_duplicate_rows(self) -> int:
-        """Remove rows whose stem an earlier part (in name order) already holds; returns how many."""
-        seen: set[str] = set()
+    def _filter_rows(self, keep_row: Callable[[str], bool]) -> int:
+        """Rewrite the parts (in name order) without the rows ``keep_row(stem)`` rejects; returns how many went."""
         removed = 0
         for path in self.part_files():
             stems = pq.read_table(path, columns=["stem"], filesystem=self.fs).column("stem").to_pylist()
-            keep = [stem not in seen for stem in stems]
-            seen.update(stems)
+            keep = [keep_row(stem) for stem in stems]
             if all(keep):
                 continue
             removed += keep.count(False)
             if not any(keep):
-                self.fs.delete_file(path)
+                with writing(path):
+                    self.fs.delete_file(path)
                 continue
             table = pq.read_table(path, filesystem=self.fs).filter(pa.array(keep))
-            tmp = self.path(TMP_DIR, path.rsplit("/", 1)[-1])
-            pq.write_table(table, tmp, filesystem=self.fs)
-            self.fs.move(tmp, path)
+            write_atomic(path, parquet_bytes(table), self.fs)
         return removed
+
+    def drop_duplicate_rows(self) -> int:
+        """Remove rows whose stem an earlier part (in name order) already holds; returns how many."""
+        seen: set[str] = set()
+
+        def first(stem: str) -> bool:
+            new = stem not in seen
+            seen.add(stem)
+            return new
+
+        return self._filter_rows(first)
+
+    def drop_rows(self, stems: set[str]) -> int:
+        """Uncommit the rows of ``stems`` (a rerun processes those images again); returns how many went."""
+        return self._filter_rows(lambda stem: stem not in stems)
 
     def read_errors(self) -> pa.Table:
         """The latest error of every image that is still missing from the cache."""
@@ -215,7 +338,8 @@ class CacheStore:
                 continue
             stems = pq.read_table(path, columns=["stem"], filesystem=self.fs).column("stem").to_pylist()
             if set(stems) <= attempted:
-                self.fs.delete_file(path)
+                with writing(path):
+                    self.fs.delete_file(path)
 
     def mark_success(self, summary: dict[str, Any]) -> None:
         _write_json(self.fs, self.path(SUCCESS), summary)

@@ -2,9 +2,11 @@
 
 A worker is a callable class: a distributed job constructs one per actor, so the model is loaded once
 per actor, then calls it on batches of image rows ``{image_id, stem, image_path, height, width}``. Each
-call commits its successful rows as one Parquet part and its failures as one error part (see
-:mod:`dearli.caches.store`) before returning a small status table ``{stem, status, reason}``. Committing
-inside the worker means a crash loses at most the batches in flight. No Ray import: any executor works.
+call commits its successful rows as one Parquet part and its failures (images that cannot be read or
+processed) as one error part (see :mod:`dearli.caches.store`) before returning a small status table
+``{stem, status, reason}``. Committing inside the worker means a crash loses at most the batches in flight.
+An output that cannot be written is no image's failure: the batch reports it and the job stops.
+No Ray import: any executor works.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import pyarrow as pa
 from dearli.caches.generators import GeneratorSpec, build_generator
 from dearli.caches.records import CLIP_SCHEMA, DEFAULT_MAX_PIXELS, SAM_SCHEMA, clip_row, load_rgb, sam_row
 from dearli.caches.store import ERROR_SCHEMA, ERRORS_DIR, CacheStore, StaleWriterError
-from dearli.errors import DataError
+from dearli.errors import DataError, OutputError
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
+STATUS_STALE = "stale"  # a newer run took over the output: the job stops
+STATUS_UNWRITABLE = "unwritable"  # the output could not be written (disk full, read-only): the job stops
 
 
 def _device() -> str:
@@ -48,16 +52,31 @@ class CacheWorker:
         return self.process(item, image)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """batch: columns image_id, stem, image_path, height, width -> columns stem, status, reason."""
+        """batch: columns image_id, stem, image_path, height, width -> columns stem, status, reason.
+
+        A batch that cannot be written (:data:`STATUS_UNWRITABLE`) or whose run was superseded
+        (:data:`STATUS_STALE`) commits nothing and gives every image that status, with the error as reason.
+        """
+        items = [{key: (values[i].item() if hasattr(values[i], "item") else values[i]) for key, values in batch.items()}
+                 for i in range(len(batch["stem"]))]
+        try:
+            status, reasons = self._run_batch(items)
+        except StaleWriterError as err:  # a newer run owns the output: this batch must not leave anything
+            status, reasons = [STATUS_STALE] * len(items), [str(err)] * len(items)
+        except OutputError as err:  # the output disk is full or read-only: no image is at fault
+            status, reasons = [STATUS_UNWRITABLE] * len(items), [str(err)] * len(items)
+        return {"stem": np.array([str(item["stem"]) for item in items], dtype=object),
+                "status": np.array(status, dtype=object), "reason": np.array(reasons, dtype=object)}
+
+    def _run_batch(self, items: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+        """Process and commit ``items``; (status, reason) per item."""
         rows, errors, status, reasons = [], [], [], []
-        for i in range(len(batch["stem"])):
-            item = {key: (values[i].item() if hasattr(values[i], "item") else values[i])
-                    for key, values in batch.items()}
+        for item in items:
             try:
                 rows.append(self._one(item))
                 status.append(STATUS_DONE)
                 reasons.append("")
-            except StaleWriterError:  # a newer run owns the output: this batch must not leave anything
+            except (StaleWriterError, OutputError):
                 raise
             except Exception as err:  # one bad image must not stop the job: record it and go on
                 reason = err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
@@ -69,8 +88,7 @@ class CacheWorker:
             self.store.commit(pa.Table.from_pylist(rows, schema=self.schema), self.run_id)
         if errors:
             self.store.commit(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), self.run_id, ERRORS_DIR)
-        return {"stem": np.array([str(s) for s in batch["stem"]], dtype=object),
-                "status": np.array(status, dtype=object), "reason": np.array(reasons, dtype=object)}
+        return status, reasons
 
 
 class SamWorker(CacheWorker):

@@ -4,13 +4,14 @@ An output directory is a cache (:mod:`dearli.caches.store`: manifest, writer lea
 ``errors/``, ``_tmp/``) of kind ``pseudo-label`` with one committed row per image, plus::
 
     panoptic/<stem>.png     segment ids as COCO panoptic PNGs (id = R + 256·G + 256²·B), written by the
-                            worker (through _tmp/ and a rename) before the part naming it is committed
+                            worker (through a temporary file and a rename) before the part naming it is committed
     panoptic.json           COCO panoptic annotations of every committed image    } assembled at the end
     segments.parquet        one row per segment, with its class score              } of every run from the
     errors.parquet          images that could not be read, with the reason        } committed parts
 
 Assembling from the parts (rather than appending as images finish) is what makes a killed and rerun job
-end with exactly one entry per image.
+end with exactly one entry per image. Only the run holding the writer lease assembles; a committed row
+whose PNG is gone is uncommitted (a rerun labels that image again) rather than published.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dearli.caches.store import TMP_DIR, CacheStore
+from dearli.caches.store import CacheStore, parquet_bytes, write_atomic, writing
 
 KIND = "pseudo-label"
 PANOPTIC_DIR = "panoptic"
@@ -75,24 +76,8 @@ def segment_records(panoptic: np.ndarray, segments: list[dict], categories: Any)
     return records
 
 
-def write_atomic(store: CacheStore, name: str, data: bytes, tmp_name: str | None = None) -> None:
-    """Write ``data`` to ``name`` (a path inside the output) through ``_tmp/`` and a rename.
-
-    ``tmp_name`` must be unique to the writer when several may write the same file at once.
-    """
-    tmp = store.path(TMP_DIR, tmp_name or name.replace("/", "_"))
-    store.fs.create_dir(store.path(TMP_DIR), recursive=True)
-    if "/" in name:
-        store.fs.create_dir(store.path(name.rsplit("/", 1)[0]), recursive=True)
-    with store.fs.open_output_stream(tmp) as out:
-        out.write(data)
-    store.fs.move(tmp, store.path(name))
-
-
 def _write_table(store: CacheStore, name: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_atomic(store, name, sink.getvalue().to_pybytes())
+    write_atomic(store.path(name), parquet_bytes(table), store.fs)
 
 
 def read_rows(store: CacheStore) -> list[dict[str, Any]]:
@@ -125,30 +110,50 @@ def segments_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(flat, schema=SEGMENTS_SCHEMA)
 
 
+def _png_files(store: CacheStore) -> list[pafs.FileInfo]:
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(PANOPTIC_DIR), allow_not_found=True))
+    return [info for info in infos if info.type == pafs.FileType.File]
+
+
 def _remove_orphan_pngs(store: CacheStore, keep: set[str]) -> int:
-    """Delete PNGs no committed row names (an image whose part was never committed); returns how many."""
-    folder = store.path(PANOPTIC_DIR)
-    if store.fs.get_file_info(folder).type == pafs.FileType.NotFound:
-        return 0
+    """Delete the files of panoptic/ no committed row names (an image whose part was never committed, a
+    killed write's temporary file); returns how many."""
     removed = 0
-    for info in store.fs.get_file_info(pafs.FileSelector(folder)):
-        if info.type == pafs.FileType.File and info.base_name not in keep:
-            store.fs.delete_file(info.path)
+    for info in _png_files(store):
+        if info.base_name not in keep:
+            with writing(info.path):
+                store.fs.delete_file(info.path)
             removed += 1
     return removed
 
 
-def assemble(uri: str, categories: Any) -> dict[str, int]:
+def _drop_rows_without_png(store: CacheStore, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Uncommit the rows whose PNG is missing (a rerun labels them again); returns those rows."""
+    present = {info.base_name for info in _png_files(store)}
+    missing = [row for row in rows if row["file_name"] not in present]
+    if missing:
+        store.drop_rows({row["stem"] for row in missing})
+        store.clear_success()
+    return missing
+
+
+def assemble(uri: str, categories: Any, run_id: str) -> dict[str, Any]:
     """Write panoptic.json, segments.parquet and errors.parquet from the committed parts at ``uri``.
 
-    Returns counts: images, segments, failed (images still missing because they could not be read).
+    Only while ``run_id`` holds the writer lease (StaleWriterError otherwise, before anything changes).
+    Returns counts: images, segments, failed (images still missing because they could not be read), and
+    ``missing``: the stems whose PNG was gone, uncommitted and left out.
     """
     store = CacheStore(uri)
+    store.require_lease(run_id)
     rows = read_rows(store)
+    missing = {row["stem"] for row in _drop_rows_without_png(store, rows)}
+    rows = [row for row in rows if row["stem"] not in missing]
     _remove_orphan_pngs(store, {row["file_name"] for row in rows})
-    write_atomic(store, PANOPTIC_JSON, json.dumps(panoptic_json(rows, categories)).encode())
+    write_atomic(store.path(PANOPTIC_JSON), json.dumps(panoptic_json(rows, categories)).encode(), store.fs)
     segments = segments_table(rows)
     _write_table(store, SEGMENTS_FILE, segments)
     errors = store.read_errors().sort_by("stem")
     _write_table(store, ERRORS_FILE, errors)
-    return {"images": len(rows), "segments": segments.num_rows, "failed": errors.num_rows}
+    return {"images": len(rows), "segments": segments.num_rows, "failed": errors.num_rows,
+            "missing": sorted(missing)}

@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the teacher's test-time path (with the zero-shot CLIP ensemble) over many images on a "
         "Ray Data actor pool and write COCO panoptic pseudo-labels: OUT/panoptic/<stem>.png, OUT/panoptic.json, "
         "OUT/segments.parquet (one row per segment with its class score) and OUT/errors.parquet (images that "
-        "could not be read, with the reason; the job goes on). Resumable: a rerun labels only the images "
-        "missing from OUT, and a killed run rerun ends with every image exactly once. --classes takes any "
+        "could not be read, with the reason; the job goes on). An output disk that is full or not writable "
+        "stops the job. Resumable: a rerun labels only the images missing from OUT, and a killed or stopped "
+        "run rerun ends with every image exactly once. --classes takes any "
         "class list: the model classifies by CLIP text embeddings of the names, so new names need no "
         "retraining. Runs on the Ray cluster in RAY_ADDRESS, or a local one.",
         epilog="example: dearli pseudo-label --checkpoint runs/sup/checkpoints/step_0002000.pt "
@@ -105,7 +106,7 @@ def file_digest(path: str | Path) -> str:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    from dearli.caches.store import MANIFEST
+    from dearli.caches.store import MANIFEST, is_temporary
     from dearli.errors import ConfigError, DataError
 
     if not 0.0 <= args.min_score <= 1.0 or (args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0):
@@ -113,11 +114,13 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.actors < 1 or args.batch_size < 1:
         raise ConfigError("--actors and --batch-size must be positive")
     out = Path(args.out).expanduser()
-    if "://" not in args.out and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    # A killed first run may leave only the temporary file of its manifest: that is not someone's folder.
+    if "://" not in args.out and out.is_dir() and not (out / MANIFEST).is_file() and \
+            any(not is_temporary(p.name) for p in out.iterdir()):
         raise DataError(out, "is not empty and holds no pseudo-labels of an earlier run; choose a new --out")
 
 
-def _report(out: str, summary: Any, counts: dict[str, int]) -> None:
+def _report(out: str, summary: Any, counts: dict[str, Any]) -> None:
     root = out.rstrip("/")
     print(f"pseudo-label {root}: {summary.total} images: {summary.done} labelled, {summary.skipped} skipped "
           f"(labelled before), {summary.failed} failed")
@@ -131,8 +134,9 @@ def _report(out: str, summary: Any, counts: dict[str, int]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dearli.caches.commands import parse_resources
+    from dearli.errors import DataError
     from dearli.predict.job import run_pseudo_label_job
-    from dearli.predict.outputs import assemble
+    from dearli.predict.outputs import PANOPTIC_DIR, assemble
     from dearli.training.checkpoint import load_checkpoint
 
     _check_options(args)
@@ -151,5 +155,11 @@ def _run(args: argparse.Namespace) -> int:
                                    alpha_clip=alpha, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                                    batch_size=args.batch_size, max_pixels=args.max_pixels, resources=resources,
                                    verbose=args.verbose)
-    _report(args.out, summary, assemble(args.out, categories))
+    counts = assemble(args.out, categories, summary.run_id)
+    _report(args.out, summary, counts)
+    if counts["missing"]:
+        lost = counts["missing"]
+        raise DataError(f"{args.out.rstrip('/')}/{PANOPTIC_DIR}", f"{len(lost)} labelled image(s) had lost their "
+                        f"PNG ({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}); they are marked not done: "
+                        "rerun to label them again")
     return 0

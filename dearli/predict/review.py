@@ -5,19 +5,28 @@ Items come from a ``dearli pseudo-label`` output (its committed rows: image path
 lists the images least sure first (an image's confidence is the area-weighted mean of its segments' class
 scores), shows per-class segment counts and score histograms, the decoder-vs-CLIP disagreement of each image
 when it was measured, and filters by class and re-sorts in the browser (a few lines of inline JavaScript).
+
+Every value taken from the labels (stems, class names and ids, numbers) is HTML-escaped, and file names in
+links are URL-encoded. Each file is published whole (a temporary file, then a rename), the page last.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
 
+from dearli.caches.store import remove_temporaries, write_atomic
 from dearli.data.coco_format import rgb2id
+from dearli.errors import DataError
 
 HISTOGRAM_BINS = 10  # class-score histogram bins over [0, 1]
 OVERLAY_ALPHA = 0.5  # weight of a segment's colour over the image
@@ -41,8 +50,12 @@ class ReviewItem:
 
 
 def segment_colour(segment_id: int, category_id: int) -> tuple[int, int, int]:
-    """A colour per segment that stays the same for the same (id, class) on every page."""
-    rng = np.random.default_rng(segment_id * 1009 + category_id)
+    """A colour per segment that stays the same for the same (id, class) on every page (ids of any type)."""
+    try:
+        seed = int(segment_id) * 1009 + int(category_id)
+    except (TypeError, ValueError):
+        seed = zlib.crc32(f"{segment_id}/{category_id}".encode())
+    rng = np.random.default_rng(abs(seed))
     return tuple(int(c) for c in rng.integers(40, 256, 3))
 
 
@@ -104,12 +117,13 @@ def readable(items: list[ReviewItem]) -> tuple[list[ReviewItem], list[str]]:
 
 def write_overlays(items: list[ReviewItem], out: Path) -> None:
     """OUT/images/<stem>.png: each item's overlay (the image at its label's size)."""
-    (out / "images").mkdir(parents=True, exist_ok=True)
     for item in items:
         ids = rgb2id(np.asarray(Image.open(item.label_path).convert("RGB")))
         with Image.open(item.image_path) as picture:
             image = np.asarray(picture.convert("RGB").resize((ids.shape[1], ids.shape[0])))
-        Image.fromarray(overlay(image, ids, item.segments)).save(out / "images" / f"{item.stem}.png")
+        buffer = io.BytesIO()
+        Image.fromarray(overlay(image, ids, item.segments)).save(buffer, format="PNG")
+        write_atomic(out / "images" / f"{item.stem}.png", buffer.getvalue())
 
 
 _SCRIPT = """
@@ -146,18 +160,28 @@ th{border-bottom:1px solid #ccc}.hist rect{fill:#4a7bd0}.bar{margin:8px 0}select
 """
 
 
+def _esc(value: Any) -> str:
+    """``value`` as text safe in HTML content and in quoted attributes."""
+    return html.escape(str(value), quote=True)
+
+
+def overlay_link(stem: str) -> str:
+    """The page's relative link to a stem's overlay, URL-encoded (stems may hold '#', '?', '%', spaces)."""
+    return "images/" + quote(f"{stem}.png", safe="")
+
+
 def _card(item: ReviewItem) -> str:
     classes = " ".join(sorted({str(s["category_id"]) for s in item.segments}))
     disagreement = item.signals.get("disagreement")
     rows = "".join(
-        f'<li><span class="{"low" if s["score"] < 0.5 else ""}">{s["score"]:.2f}</span> '
-        f'{html.escape(s["category_name"])}{" (thing)" if s["isthing"] else ""}, {s["area"]} px</li>'
-        for s in sorted(item.segments, key=lambda s: s["score"]))
-    extra = f" · disagreement {disagreement:.3f}" if disagreement is not None else ""
-    return (f'<div class="card" data-stem="{html.escape(item.stem)}" data-classes="{classes}" '
-            f'data-confidence="{item.confidence:.6f}" data-disagreement="{disagreement or 0:.6f}">'
-            f'<img src="images/{html.escape(item.stem)}.png" alt="{html.escape(item.stem)}" loading="lazy">'
-            f'<div class="stem">{html.escape(item.stem)}</div>'
+        f'<li><span class="{"low" if float(s["score"]) < 0.5 else ""}">{float(s["score"]):.2f}</span> '
+        f'{_esc(s["category_name"])}{" (thing)" if s["isthing"] else ""}, {_esc(s["area"])} px</li>'
+        for s in sorted(item.segments, key=lambda s: float(s["score"])))
+    extra = f" · disagreement {float(disagreement):.3f}" if disagreement is not None else ""
+    return (f'<div class="card" data-stem="{_esc(item.stem)}" data-classes="{_esc(classes)}" '
+            f'data-confidence="{item.confidence:.6f}" data-disagreement="{float(disagreement or 0):.6f}">'
+            f'<img src="{_esc(overlay_link(item.stem))}" alt="{_esc(item.stem)}" loading="lazy">'
+            f'<div class="stem">{_esc(item.stem)}</div>'
             f'<div class="muted">confidence {item.confidence:.2f}{extra} · {len(item.segments)} segments</div>'
             f'<ul>{rows or "<li>no segment</li>"}</ul></div>')
 
@@ -167,18 +191,18 @@ def render_page(items: list[ReviewItem], title: str) -> str:
     items = sorted(items, key=lambda i: (i.confidence, i.stem))  # least sure first, also without JavaScript
     table = class_table(items)
     measured = any("disagreement" in i.signals for i in items)
-    rows = "".join(f'<tr><td><a href="#" class="pick" data-cls="{c["category_id"]}">{html.escape(c["name"])}</a>'
+    rows = "".join(f'<tr><td><a href="#" class="pick" data-cls="{_esc(c["category_id"])}">{_esc(c["name"])}</a>'
                    f'</td><td>{c["segments"]}</td><td>{c["images"]}</td><td>{c["mean_score"]:.2f}</td>'
                    f'<td>{histogram_svg(c["histogram"])}</td></tr>' for c in table)
-    options = "".join(f'<option value="{c["category_id"]}">{html.escape(c["name"])} ({c["segments"]})</option>'
+    options = "".join(f'<option value="{_esc(c["category_id"])}">{_esc(c["name"])} ({c["segments"]})</option>'
                       for c in table)
     sorts = '<option value="confidence">least sure first</option>'
     sorts += '<option value="disagreement">decoder vs CLIP disagreement</option>' if measured else ""
     sorts += '<option value="name">name</option>'
     segments = sum(len(i.segments) for i in items)
     note = "" if measured else " · disagreement not measured (pass --checkpoint)"
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>'
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f'<style>{_STYLE}</style></head><body><h1>{_esc(title)}</h1>'
             f'<div class="muted">{len(items)} images · {segments} segments · mean confidence '
             f'{np.mean([i.confidence for i in items]) if items else 0:.2f}{note}</div>'
             f'<h2>Classes</h2><table><tr><th>class</th><th>segments</th><th>images</th><th>mean score</th>'
@@ -189,10 +213,25 @@ def render_page(items: list[ReviewItem], title: str) -> str:
             f'<script>{_SCRIPT}</script></body></html>')
 
 
-def write_review(items: list[ReviewItem], out: Path, title: str) -> Path:
-    """OUT/index.html and OUT/images/: the page and its overlays; the page's path."""
-    write_overlays(items, out)
+def refuse_existing_page(out: Path) -> Path:
+    """OUT/index.html, or DataError if it exists (an earlier page is never replaced, not even in part)."""
     page = out / "index.html"
-    page.write_text(render_page(items, title))
-    (out / "review.json").write_text(json.dumps({"images": len(items), "classes": class_table(items)}, indent=2))
+    if page.exists():
+        raise DataError(page, "exists already; choose another --out (nothing is replaced)")
+    return page
+
+
+def write_review(items: list[ReviewItem], out: Path, title: str) -> Path:
+    """OUT/images/, OUT/review.json, then OUT/index.html: overlays, class table and page; the page's path.
+
+    A killed run leaves no page (only files a rerun replaces); an existing page is refused before any write.
+    """
+    page = refuse_existing_page(out)
+    for folder in (out, out / "images"):
+        if folder.is_dir():
+            remove_temporaries(folder)  # of a killed earlier run
+    write_overlays(items, out)
+    write_atomic(out / "review.json", json.dumps({"images": len(items), "classes": class_table(items)},
+                                                 indent=2).encode())
+    write_atomic(page, render_page(items, title).encode())
     return page

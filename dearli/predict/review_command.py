@@ -56,6 +56,11 @@ def _predict_items(root: Path, dataset: str, split_name: str) -> tuple[list[Any]
     split = load_dataset(dataset).split(split_name)
     by_id = {str(r.image_id): r for r in split.records}
     names = {c["id"]: c["name"].split(",")[0].strip() for c in predicted["categories"]}
+    unknown = sorted({repr(s["category_id"]) for a in predicted["annotations"] for s in a["segments_info"]
+                      if s["category_id"] not in names})
+    if unknown:
+        raise DataError(root / "panoptic.json", f"segments_info names category_id {unknown[0]}, which no entry "
+                                                "of categories has")
     if any("score" not in s for a in predicted["annotations"] for s in a["segments_info"]):
         print("review: these predictions carry no class scores (made before 'dearli predict' recorded them): "
               "every segment counts as sure (1.0); predict again for a useful order")
@@ -92,15 +97,14 @@ def _measure_disagreement(items: list[Any], categories: list[dict], args: argpar
 def _run(args: argparse.Namespace) -> int:
     from dearli.caches.store import MANIFEST
     from dearli.errors import ConfigError, DataError
-    from dearli.predict.review import readable, write_review
+    from dearli.predict.review import readable, refuse_existing_page, write_review
 
     root = Path(args.labels)
     if not (root / "panoptic.json").is_file():
         raise DataError(root, "holds no panoptic.json: pass the output folder of 'dearli pseudo-label' or "
                               "'dearli predict'")
     out = Path(args.out) if args.out else root / "review"
-    if (out / "index.html").exists():
-        raise DataError(out / "index.html", "exists already; choose another --out (nothing is replaced)")
+    refuse_existing_page(out)
     if (root / MANIFEST).is_file():
         items, categories = _pseudo_label_items(root)
     elif args.dataset:

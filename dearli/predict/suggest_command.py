@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "class (Jensen-Shannon divergence), where the ensemble's best class score is low, or both (combined, "
         "the default). Writes OUT/labeled.txt: the partition's labeled images followed by the --budget most "
         "unsure ones, in the partition format 'dearli train --partition' reads, and OUT/suggestions.csv with "
-        "every image's scores, most unsure first. An existing OUT/labeled.txt is never replaced.",
+        "every image's scores, most unsure first. An existing OUT/labeled.txt is never replaced; both files are "
+        "published whole (a temporary file, then a rename), labeled.txt last.",
         epilog="example: dearli suggest --checkpoint runs/ssl/checkpoints/step_0002000.pt --dataset runs/synth "
         "--partition 1_8 --budget 20 --out runs/synth/partitions/1_8_next",
     )
@@ -39,14 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dearli.caches.store import remove_temporaries
     from dearli.data.dataset import load_dataset
     from dearli.errors import ConfigError, DataError
 
     if args.budget < 1:
         raise ConfigError(f"--budget must be positive, got {args.budget}")
     out = Path(args.out)
-    if (out / "labeled.txt").exists():
-        raise DataError(out / "labeled.txt", "exists already; choose a new --out (nothing is replaced)")
+    _refuse_existing(out)
+    if out.is_dir():
+        remove_temporaries(out)  # of a killed earlier run
     info = load_dataset(args.dataset)
     partition = info.partition(args.partition)
     split = info.split(args.split)
@@ -55,8 +59,9 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(partition.path, "the partition leaves no unlabeled image to suggest")
     rows = rank_images(args, info, split, unlabeled)
     chosen = [row["stem"] for row in rows[: args.budget]]
-    write_partition(out, partition, split, chosen, Path(args.dataset))
+    _refuse_existing(out)  # another run may have published one while this one ranked
     _write_table(out / "suggestions.csv", rows)
+    write_partition(out, partition, split, chosen, Path(args.dataset))
     print(f"suggest: {len(chosen)} of {len(unlabeled)} unlabeled images by {args.score} "
           f"(most unsure {rows[0]['stem']}: {rows[0][args.score]:.3f}); labeled.txt with "
           f"{len(partition.labeled) + len(chosen)} images in {out}")
@@ -81,7 +86,13 @@ def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[st
 
 
 def write_partition(out: Path, partition: Any, split: Any, chosen: list[str], dataset: Path) -> Path:
-    """OUT/labeled.txt: the partition's own lines, then one 'image annotation' line per chosen stem."""
+    """OUT/labeled.txt: the partition's own lines, then one 'image annotation' line per chosen stem.
+
+    Published whole (temporary file, rename); an existing OUT/labeled.txt is refused, never replaced.
+    """
+    from dearli.caches.store import write_atomic
+
+    _refuse_existing(out)
     lines = [ln.strip() for ln in partition.path.read_text().splitlines() if ln.strip()] if partition.path else []
     # The mask column names the annotation as the partition's own lines do (only the image names the stem).
     mask_dir = Path(lines[0].split()[1]).parent if lines and len(lines[0].split()) > 1 else Path("annotations")
@@ -90,15 +101,24 @@ def write_partition(out: Path, partition: Any, split: Any, chosen: list[str], da
         image = Path(split.record(stem).image_path).resolve()
         image = image.relative_to(root) if image.is_relative_to(root) else image
         lines.append(f"{image.as_posix()} {(mask_dir / f'{stem}.png').as_posix()}")
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "labeled.txt"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
+def _refuse_existing(out: Path) -> None:
+    from dearli.errors import DataError
+
+    if (out / "labeled.txt").exists():
+        raise DataError(out / "labeled.txt", "exists already; choose a new --out (nothing is replaced)")
+
+
 def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["rank", "stem", "combined", "disagreement", "low_score", "segments"])
-        writer.writeheader()
-        for rank, row in enumerate(rows, start=1):
-            writer.writerow({"rank": rank, **{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}})
+    from dearli.caches.store import write_atomic
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["rank", "stem", "combined", "disagreement", "low_score", "segments"])
+    writer.writeheader()
+    for rank, row in enumerate(rows, start=1):
+        writer.writerow({"rank": rank, **{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}})
+    write_atomic(path, text.getvalue().encode())

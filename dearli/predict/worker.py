@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from dearli.caches.records import DEFAULT_MAX_PIXELS
-from dearli.caches.store import StaleWriterError
+from dearli.caches.store import write_atomic
 from dearli.caches.workers import CacheWorker
 from dearli.data.coco_format import id2rgb
 from dearli.data.panoptic import CategoryMap
 from dearli.device import resolve_device
 from dearli.model.predictor import predict_image
-from dearli.predict.outputs import PANOPTIC_DIR, ROW_SCHEMA, keep_confident, segment_records, write_atomic
+from dearli.predict.outputs import PANOPTIC_DIR, ROW_SCHEMA, keep_confident, segment_records
 
 
 def model_payload(payload: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +82,8 @@ class PseudoLabelWorker(CacheWorker):
         self.alpha_clip = alpha_clip
 
     def process(self, item: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
-        pred = predict_image(self.model, image, self.model_cfg, self.categories.thing_ids, self.alpha_clip)
+        pred = predict_image(self.model, image, self.model_cfg, self.categories.thing_ids, self.alpha_clip,
+                             semantic=False)
         panoptic, segments = keep_confident(pred.panoptic, pred.segments, self.min_score)
         file_name = f"{item['stem']}.png"
         self._write_png(file_name, panoptic)
@@ -92,7 +93,5 @@ class PseudoLabelWorker(CacheWorker):
 
     def _write_png(self, file_name: str, panoptic: np.ndarray) -> None:
         # A worker of a superseded (killed) run must not replace the PNG of the run that owns the output.
-        if not self.store.holds_lease(self.run_id):
-            raise StaleWriterError(f"{self.store.uri}: run {self.run_id} was superseded by a newer run")
-        write_atomic(self.store, f"{PANOPTIC_DIR}/{file_name}", png_bytes(panoptic),
-                     tmp_name=f"{self.run_id}-{file_name}")
+        self.store.require_lease(self.run_id)
+        write_atomic(self.store.path(PANOPTIC_DIR, file_name), png_bytes(panoptic), self.store.fs)
