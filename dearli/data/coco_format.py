@@ -33,11 +33,8 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
     Returns:
         H×W×3 uint8.
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
+    ids = np.asarray(ids)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= 256**3):
         raise ValueError("segment ids must lie in [0, 256**3)")
-    out = np.empty(ids.shape + (3,), dtype=np.uint8)
-    for channel in range(3):
-        out[..., channel] = ids % 256
-        ids = ids // 256
-    return out
+    # R, G, B are the first three bytes of the id as a little-endian 32-bit integer (4 bytes a pixel, no int64).
+    return np.ascontiguousarray(ids.astype("<u4").view(np.uint8).reshape(*ids.shape, 4)[..., :3])

@@ -73,7 +73,7 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
         return panoptic_seg, segments
     is_thing = torch.tensor([int(c) in thing_set for c in cur_classes.tolist()], device=cur_logits.device)
     owner, own_areas = _owners(lazy, cur_scores, is_thing, rule.things_first)
-    won_areas = torch.bincount(owner.flatten(), minlength=cur_logits.shape[0]).tolist()
+    won_areas = torch.bincount(owner.flatten().long(), minlength=cur_logits.shape[0]).tolist()
     stuff_segment: dict[int, int] = {}
     # Only queries that won pixels and have a mask can make a segment: the second pass upsamples those alone.
     placed = [k for k in range(len(won_areas)) if won_areas[k] > 0 and own_areas[k] > 0]
@@ -155,7 +155,7 @@ def _running_argmax(values: torch.Tensor, start: int, best: torch.Tensor | None,
     """Fold c×H×W ``values`` of queries ``start..`` into the running (max, argmax) over queries; ties keep
     the earlier query, as ``argmax`` over all of them at once does."""
     part_best, part_index = values.max(0)
-    part_index = part_index + start
+    part_index = part_index.to(torch.int32).add_(start)  # 4 bytes a pixel instead of 8
     if best is None:
         return part_best, part_index
     better = part_best > best

@@ -60,7 +60,7 @@ def class_scores(model: torch.nn.Module, outputs: dict, alpha_clip: float,
 
 
 # Queries upsampled to the image's size at once by predict_image: its memory is O(this × H × W), not O(Q × H × W).
-UPSAMPLE_CHUNK = 8
+UPSAMPLE_CHUNK = 4
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dearli.caches.store import CacheStore, parquet_bytes, write_atomic, writing
+from dearli.data.writing import mask_area_bbox
 
 KIND = "pseudo-label"
 PANOPTIC_DIR = "panoptic"
@@ -64,14 +65,14 @@ def segment_records(panoptic: np.ndarray, segments: list[dict], categories: Any)
     """
     records = []
     for seg in segments:
-        ys, xs = np.nonzero(panoptic == seg["id"])
-        if len(ys) == 0:
+        area, (x, y, width, height) = mask_area_bbox(panoptic == seg["id"])  # one H×W bool at a time
+        if area == 0:
             continue
         category = categories.categories[int(seg["category_id"])]
         records.append({
             "id": int(seg["id"]), "category_id": int(category.id), "category_name": category.name,
-            "isthing": bool(seg["isthing"]), "score": float(seg.get("score", 1.0)), "area": int(len(ys)),
-            "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
+            "isthing": bool(seg["isthing"]), "score": float(seg.get("score", 1.0)), "area": area,
+            "bbox": [float(x), float(y), float(width), float(height)],
         })
     return records
 
