@@ -328,3 +328,20 @@ def test_the_body_limit_counts_while_it_streams_and_the_token_is_checked_first(r
     assert response.status_code == 413 and b"exceeds" in response.body
     response = run(call(service, image, token="nope"))
     assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_new_class_list_is_encoded_outside_the_model_lock_and_never_written(replica, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    service, image, _ = replica
+    monkeypatch.setenv("DEARLI_TEXT_CACHE", str(tmp_path))
+    monkeypatch.setattr(service.labeler.model.backbone, "pretrained", "a-tag")  # as a real CLIP: disk cache on
+    classes = [{"name": "sky,heaven"}, {"name": "red circle", "isthing": True}]
+    prepared = service.labeler.prepare(json.dumps({"image": base64.b64encode(image).decode(),
+                                                   "classes": classes}).encode(), "application/json")
+    with service.labeler.lock, ThreadPoolExecutor(1) as pool:  # a long request holds the model
+        text = pool.submit(service.labeler.text_of, prepared).result(timeout=60)
+    assert text.embeddings.shape[0] == 3 and text.synonym_to_class.tolist() == [0, 0, 1]
+    assert list(tmp_path.iterdir()) == [], "a request's class list must not be written to disk"
+    answer = service.labeler.run(prepared, text)
+    assert {s["category_id"] for s in answer["segments_info"]} <= {0, 1}

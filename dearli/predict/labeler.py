@@ -45,8 +45,9 @@ from dearli.predict.outputs import keep_confident, segment_records
 from dearli.predict.worker import load_predictor, png_bytes
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused while it streams in
-# Pixels of one image a replica labels by default: about 1.7 GB of a replica's memory at the limit (measured
-# with the README's serve table); the training crop is 640² (0.4 MP), a 12 MP photo fits.
+# Pixels of one image a replica labels by default: at the limit a tiny-model replica's peak rose by 1.4 GiB (the
+# README's hostile-request table; it does not grow with the queries); the training crop is 640² (0.4 MP), a
+# 12 MP photo fits.
 SERVE_MAX_PIXELS = 4096 * 4096
 MAX_CLASSES = 1000  # classes in one request's list (COCO has 133, ADE20K-full 847)
 # Synonyms of a request's whole list: each is 14 prompts through the text tower (ADE20K-150 with synonyms ~400).
