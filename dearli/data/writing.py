@@ -47,9 +47,10 @@ def save_semantic_png(path: Path, semantic: np.ndarray) -> None:
 
 def save_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file so an interrupted run never leaves a half-written file."""
-    from dearli.caches.store import write_atomic
-
-    write_atomic(path, json.dumps(data).encode())
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 def refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
