@@ -108,3 +108,28 @@ def test_pseudo_labels_from_the_object_store_become_writable_tensors():
     shared = [(images, result["images"])] + [(label.panoptic, p) for label, p in zip(labels, result["panoptic"])] + [
         (label.valid, v) for label, v in zip(labels, result["valid"])]
     assert not any(np.shares_memory(tensor.numpy(), array) for tensor, array in shared)
+
+
+def test_the_teacher_stream_draws_one_permutation_per_epoch_in_the_same_order_as_before(monkeypatch):
+    from dearli.stages import teacher as teacher_module
+
+    stems = [f"img_{i:03d}" for i in range(50)]
+    seed, rank, world = 3, 1, 2
+
+    def reference(draws: int) -> list[str]:  # the order the feed has always drawn: a fresh permutation per image
+        out = []
+        share = len(range(rank, len(stems), world))
+        for draw in range(draws):
+            order = np.random.default_rng((seed, draw // share)).permutation(len(stems))
+            out.append([stems[i] for i in order[rank::world]][draw % share])
+        return out
+
+    permutations = []
+    real_rng = np.random.default_rng
+    monkeypatch.setattr(teacher_module.np.random, "default_rng", lambda *a: permutations.append(a) or real_rng(*a))
+    feed = teacher_module.PseudoLabelFeed([], stems, per_step=8, rank=rank, world=world, seed=seed, prefetch=0,
+                                          max_staleness=1)
+    drawn = [r["stem"] for _ in range(10) for r in feed._requests()]  # 80 draws: 25 a rank per epoch, 4 epochs
+    monkeypatch.undo()
+    assert drawn == reference(80)
+    assert len(permutations) == 4, "one permutation of the pool per epoch, not one per image"

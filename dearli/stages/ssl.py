@@ -50,7 +50,8 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     cfg, init = common.with_absolute_paths(cfg), common.absolute(init)
     info = load_dataset(cfg.data.dataset)
     labeled = labeled_stems(info, cfg)
-    unlabeled = [r.stem for r in info.split(cfg.data.train_split).records if r.stem not in set(labeled)]
+    labeled_set = set(labeled)  # once: per record it made the filter O(images × labeled)
+    unlabeled = [r.stem for r in info.split(cfg.data.train_split).records if r.stem not in labeled_set]
     if not unlabeled:
         from dearli.errors import DataError
 

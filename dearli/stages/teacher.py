@@ -282,6 +282,7 @@ class PseudoLabelFeed:
         self.queue: collections.deque = collections.deque()
         self.calls = rank  # spreads the ranks' requests over the actors
         self.draw = start_step * per_step  # position in this rank's endless sequence of images
+        self._order: tuple[int, list[str]] = (-1, [])  # (epoch, this rank's images in that epoch's order)
 
     def _requests(self) -> list[dict[str, Any]]:
         out = []
@@ -300,9 +301,12 @@ class PseudoLabelFeed:
         return len(range(self.rank, len(self.stems), self.world)) or len(self.stems)
 
     def _epoch_order(self, epoch: int) -> list[str]:
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.stems))
-        mine = [self.stems[i] for i in order[self.rank::self.world]]
-        return mine or [self.stems[i] for i in order]
+        """This rank's images of ``epoch`` in their order: one permutation of the pool per epoch, kept."""
+        if self._order[0] != epoch:
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.stems))
+            mine = [self.stems[i] for i in order[self.rank::self.world]]
+            self._order = (epoch, mine or [self.stems[i] for i in order])
+        return self._order[1]
 
     def _submit(self, step: int, requests: list[dict[str, Any]] | None = None) -> None:
         requests = requests if requests is not None else self._requests()
