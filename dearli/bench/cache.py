@@ -1,9 +1,11 @@
 """``dearli bench cache``: SAM-cache throughput on Ray with 1, 2, ... actors (GPU actors where the cluster
 has GPUs).
 
-Synthetic images (smooth colour blobs) are written to a temporary directory and cached once per actor
-count into a fresh cache; throughput is images / wall-clock seconds of the whole job, so it includes
-each run's fixed cost of starting the actors and loading the generator (use more images to dilute it).
+Synthetic images (smooth colour blobs) are written to a temporary directory and cached into a fresh cache
+per run; throughput is images / wall-clock seconds of the whole job, so it includes each run's fixed cost of
+starting the actors and loading the generator (use more images to dilute it). One untimed run first (Ray's
+worker processes and the imports), then ``--repeats`` rounds over the actor counts in turn (1, 2, 1, 2, ...,
+so a drift of the machine's speed falls on every count); each count's median with its minimum and maximum.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from dearli.bench.spread import Spread
 
 GENERATORS = ("felzenszwalb", "sam-tiny")
 
@@ -36,6 +40,7 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                         help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU)")
     parser.add_argument("--actors", default="1,2", help="comma-separated actor counts (default: 1,2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per actor count (default: 3)")
     parser.set_defaults(handler=run_bench_cache)
 
 
@@ -68,27 +73,34 @@ def run_bench_cache(args: argparse.Namespace) -> int:
         counts = [int(v) for v in args.actors.split(",") if v.strip()]
     except ValueError:
         counts = []
-    if not counts or min(counts) < 1 or args.num_images < 1:
-        raise ConfigError("--actors must list positive integers (e.g. 1,2) and --num-images must be positive")
-    rates = []
+    if not counts or min(counts) < 1 or args.num_images < 1 or args.repeats < 1:
+        raise ConfigError("--actors must list positive integers (e.g. 1,2); --num-images and --repeats must be "
+                          "positive")
     with ray_session(), tempfile.TemporaryDirectory(prefix="dearli-bench-cache-") as tmp:
         spec = _spec(args, Path(tmp))
         gpus = default_gpus_per_actor() if args.gpus_per_actor is None else args.gpus_per_actor
         print(f"{_name(args)} on {'GPU' if gpus > 0 else 'CPU'} actors ({gpus:g} GPU each)")
         rows = _write_images(Path(tmp), args.num_images, args.size)
-        for n in counts:
+        runs = iter(range(10**6))
+
+        def rate(n: int) -> float:
             # Several parts per actor so the pool can balance the load.
-            per_part = max(1, args.num_images // (4 * n))
             start = time.perf_counter()
-            summary = run_cache_job(str(Path(tmp) / f"cache-{n}"), "sam", spec.settings(), rows, SamWorker,
+            summary = run_cache_job(str(Path(tmp) / f"cache-{next(runs)}"), "sam", spec.settings(), rows, SamWorker,
                                     {"spec": dataclasses.asdict(spec)}, actors=n, gpus_per_actor=gpus,
-                                    images_per_part=per_part)
-            seconds = time.perf_counter() - start
-            rates.append(summary.done / seconds)
-            print(f"{_name(args)}, {n} actor(s): {summary.done} images of {args.size}² in {seconds:.1f} s "
-                  f"-> {rates[-1]:.2f} images/s")
-    for n, rate in zip(counts[1:], rates[1:]):
-        print(f"speed-up {n} vs {counts[0]} actor(s): {rate / rates[0]:.2f}x")
+                                    images_per_part=max(1, args.num_images // (4 * n)))
+            return summary.done / (time.perf_counter() - start)
+
+        rate(counts[0])  # untimed: Ray's workers start and import once
+        timed: dict[int, list[float]] = {n: [] for n in counts}
+        for _ in range(args.repeats):
+            for n in counts:
+                timed[n].append(rate(n))
+    spreads = {n: Spread.of(values) for n, values in timed.items()}
+    for n, spread in spreads.items():
+        print(f"{_name(args)}, {n} actor(s): {spread.text()} images/s ({args.num_images} images of {args.size}² a run)")
+    for n in counts[1:]:
+        print(f"speed-up {n} vs {counts[0]} actor(s): {spreads[n].median / spreads[counts[0]].median:.2f}x (medians)")
     return 0
 
 

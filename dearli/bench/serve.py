@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dearli.bench.spread import Spread
+
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser = bench_subparsers.add_parser(
@@ -42,6 +44,8 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
                         "--rounds of every hostile kind; prints statuses, 429s, p50/p95 of the good ones, the "
                         "replica's peak memory and whether it answers afterwards")
     parser.add_argument("--rounds", type=int, default=3, help="--hostile: each hostile kind sent this often")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per replica count, after the warm-up "
+                        "(default: 3)")
     parser.add_argument("--gpus-per-replica", type=float, default=-1.0)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     parser.set_defaults(handler=_run)
@@ -94,9 +98,9 @@ def _run(args: argparse.Namespace) -> int:
 
     counts = [1] if args.hostile else [int(c) for c in args.replicas.split(",") if c.strip()]
     concurrency = args.concurrency or (64 if args.hostile else 4)
-    if not counts or min(counts) < 1 or args.requests < 1 or concurrency < 1 or args.rounds < 1:
-        raise ConfigError("--replicas must list positive counts; --requests, --concurrency and --rounds must be "
-                          "positive")
+    if not counts or min(counts) < 1 or min(args.requests, concurrency, args.rounds, args.repeats) < 1:
+        raise ConfigError("--replicas must list positive counts; --requests, --concurrency, --rounds and --repeats "
+                          "must be positive")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, dataset = args.checkpoint, args.dataset
         if checkpoint is None:
@@ -119,12 +123,14 @@ def _run(args: argparse.Namespace) -> int:
             if args.hostile:
                 results.append(_hostile(url, checkpoint, images, args, concurrency, token))
             else:
+                rounds = [_time_requests(url, images, args.requests, concurrency) for _ in range(args.repeats)]
                 figures = {"replicas": count, "concurrency": concurrency,
-                           **_time_requests(url, images, args.requests, concurrency)}
+                           **{key: Spread.of([r[key] for r in rounds]).as_dict()
+                              for key in ("requests_per_s", "p50_ms", "p95_ms")}}
                 results.append(figures)
-                print(f"replicas {count}: {figures['requests_per_s']:.1f} requests/s, p50 {figures['p50_ms']:.0f} "
-                      f"ms, p95 {figures['p95_ms']:.0f} ms ({args.requests} requests, {concurrency} clients)",
-                      flush=True)
+                print(f"replicas {count}: {Spread.of([r['requests_per_s'] for r in rounds]).text(1)} requests/s, "
+                      f"p50 {figures['p50_ms']['median']:.0f} ms, p95 {figures['p95_ms']['median']:.0f} ms (medians "
+                      f"of {args.repeats} rounds of {args.requests} requests, {concurrency} clients)", flush=True)
             serve.delete(APP_NAME)
         serve.shutdown()
     if args.json:

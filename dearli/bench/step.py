@@ -207,7 +207,8 @@ def bench_preset(job: dict[str, Any]) -> dict[str, Any]:
         "preset": job["preset"], "backbone": cfg.model.backbone.clip_model, "device": str(device),
         "precision": precision_name(device, cfg.train.amp),
         "threads": torch.get_num_threads(), "size": job["size"], "batch": job["batch_size"],
-        "steps": job["steps"], "median_s": median, "min_s": min(seconds), "images_per_s": job["batch_size"] / median,
+        "steps": job["steps"], "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+        "images_per_s": job["batch_size"] / median,
         "peak_rss_mb": peak_rss_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         **parameter_counts(parts.model),
@@ -230,13 +231,14 @@ def peak_rss_mb() -> float:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The result rows as an aligned text table, with a note line per preset."""
-    header = ("preset", "backbone", "device", "precision", "size", "batch", "median s/step", "min s/step",
+    header = ("preset", "backbone", "device", "precision", "size", "batch", "median s/step", "min s/step", "max s/step",
               "images/s", "peak RSS MiB", "peak CUDA MiB", "trainable M", "frozen M")
     lines = [header]
     for r in rows:
         cuda = "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"
         lines.append((r["preset"], r["backbone"], r["device"], r["precision"], f"{r['size']}×{r['size']}",
-                      str(r["batch"]), f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['images_per_s']:.2f}",
+                      str(r["batch"]), f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['max_s']:.3f}",
+                      f"{r['images_per_s']:.2f}",
                       f"{r['peak_rss_mb']:.0f}", cuda, f"{r['trainable_m']:.2f}", f"{r['frozen_m']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
