@@ -4,7 +4,7 @@ Two measurements:
 
 * the teacher pool alone: pseudo-labelled weak views per second with 1, 2, ... teacher actors (requests sent
   round-robin, as the student's feed does): every actor labels two full batches untimed first (start-up, first
-  weights, first allocations), then ``--repeats`` rounds of ``--requests`` are timed;
+  weights, first allocations) and one whole round untimed, then ``--repeats`` rounds of ``--requests`` are timed;
 * the whole stage: student images per second (labeled + unlabeled) with 1, 2, ... Train workers, the
   fraction of step time the student waited for pseudo-labels and the staleness distribution, read back
   from the run's metrics.jsonl (the first steps, which include start-up, are left out; the rest is cut into
@@ -106,7 +106,7 @@ def _teacher_rate(cfg, requests: int, repeats: int) -> Spread:
             ray.get([teachers[i % len(teachers)].label.remote(views(i), 0) for i in range(requests)])
             return requests * batch / (time.perf_counter() - started)
 
-        return repeated(rate, repeats, warmup=0)
+        return repeated(rate, repeats, warmup=1)  # a whole round untimed: every actor has read every image once
     finally:
         stop_teacher_pool(store, teachers)
 
