@@ -14,6 +14,7 @@ BENCH_MODULES = (
     "dearli.bench.ablation",  # dearli bench ablation
     "dearli.bench.gpu",  # dearli bench gpu
     "dearli.bench.serve",  # dearli bench serve
+    "dearli.bench.scale",  # dearli bench scale
 )
 
 
