@@ -2,9 +2,10 @@
 
 The benchmark writes a synthetic COCO panoptic GT/prediction set (random stuff bands, thing
 ellipses, crowd and VOID regions; predictions shifted, dropped, relabelled and with spurious
-segments), then times both evaluators on it and checks that they agree. panopticapi is not on
+segments), then times the evaluators on it and checks that they agree. panopticapi is not on
 PyPI: pass ``--reference path/to/panopticapi/evaluation.py`` from a checkout of
-cocodataset/panopticapi, or have an importable ``panopticapi`` package.
+cocodataset/panopticapi, or have an importable ``panopticapi`` package. hotcoco (a Rust evaluator
+on PyPI, in the ``test`` extras) is timed when it imports and skipped with a note when it does not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,19 +33,24 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser = bench_subparsers.add_parser(
         "evaluate", help="time PQ evaluation against panopticapi's pq_compute",
         description="Write a synthetic panoptic GT/prediction set, time 'dearli evaluate' (pq_compute) on it "
-        "and, when available, panopticapi's pq_compute and hotcoco's (if installed); print seconds, images/s and "
-        "the ratios. The headline dearli number is cold (every PNG decoded); the 'warm GT cache' line is a "
-        "repeated evaluation with decoded ground truth kept in gt_cache_dir, as during training.",
+        "and, when available, panopticapi's pq_compute and hotcoco's (if installed, as with the 'test' extras); "
+        "after an untimed warm-up round, print min/median/max seconds, images/s and the ratios of the medians "
+        "(other / dearli: ≥ 1 means dearli is as fast or faster). The headline dearli number is cold (every PNG "
+        "decoded); the 'warm GT cache' line is a repeated evaluation with decoded ground truth kept in "
+        "gt_cache_dir, as during training.",
     )
     parser.add_argument("--num-images", type=int, default=300, help="images in the synthetic set (default 300)")
     parser.add_argument("--height", type=int, default=512, help="image height (default 512)")
     parser.add_argument("--width", type=int, default=683, help="image width (default 683)")
-    parser.add_argument("--workers", type=int, default=2, help="dearli worker processes (default 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="dearli worker threads (default: the usable CPUs, at most 8); also the processes "
+                        "writing the synthetic set")
     parser.add_argument("--reference", default=None, metavar="EVALUATION_PY",
                         help="panopticapi/evaluation.py of a cocodataset/panopticapi checkout (default: import "
                         "'panopticapi' if installed)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds; each round runs every evaluator once, the fastest run of each counts")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds (default 5) after one untimed warm-up round; each round runs every "
+                        "evaluator once; min, median and max are printed, ratios use the medians")
     parser.add_argument("--no-warm", dest="warm", action="store_false",
                         help="skip the second dearli timing with a filled ground-truth cache (gt_cache_dir)")
     parser.add_argument("--data-dir", default=None,
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 1 or args.height < 8 or args.width < 8 or args.repeat < 1:
         raise ConfigError("--num-images and --repeat must be ≥ 1, --height and --width ≥ 8")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be ≥ 1")
     reference = load_reference(args.reference)
     with contextlib.ExitStack() as stack:
         if args.data_dir is None:
@@ -72,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-dir {root} is neither empty nor a set written by this benchmark")
         else:
             t0 = time.perf_counter()
-            write_synthetic_set(root, args.num_images, args.height, args.width, args.seed, args.workers)
+            write_synthetic_set(root, args.num_images, args.height, args.width, args.seed,
+                                args.workers or os.cpu_count() or 1)
             print(f"images: {args.num_images} ({args.height}×{args.width}), written in "
                   f"{time.perf_counter() - t0:.1f} s")
         _compare(root, args, reference)
@@ -81,38 +91,42 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare(root: Path, args: argparse.Namespace, reference) -> None:
     """Time every available evaluator in interleaved rounds (fairer on a busy machine), print a table."""
+    from dearli.evaluation.pq import default_workers
+
     files = (str(root / "gt.json"), str(root / "gt"), str(root / "pred.json"), str(root / "pred"))
+    workers = default_workers() if args.workers is None else args.workers
     cache_dir = Path(tempfile.mkdtemp(prefix="dearli-gt-cache-"))  # never inside --data-dir: that set stays as it is
     try:
-        runners = _runners(files, args, reference, cache_dir)
-        results, best = _timed_rounds(args.repeat, runners)
+        runners = _runners(files, args.warm, workers, reference, cache_dir)
+        results, times = _timed_rounds(args.repeat, runners)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
-    n = args.num_images
-    print(f"best of {args.repeat} interleaved runs; dearli with {args.workers} worker processes, the others with "
-          "their own (panopticapi: one per CPU)")
-    print(f"{'evaluator':24s} {'seconds':>8s} {'images/s':>9s}  {'max |ΔPQ/SQ/RQ| vs dearli':>26s}")
+    print(f"{args.repeat} timed rounds after 1 untimed warm-up round, evaluators in rotating order; dearli with "
+          f"{workers} worker thread(s), cold = every PNG decoded, warm = decoded GT from gt_cache_dir; the others "
+          "with their own workers (panopticapi: one process per CPU)")
+    print(f"{'evaluator':24s} {'min s':>8s} {'median s':>8s} {'max s':>8s} {'images/s':>9s}  "
+          f"{'max |ΔPQ/SQ/RQ| vs dearli (cold)':>32s}")
+    medians = {name: statistics.median(t) for name, t in times.items()}
     ours = results["dearli (cold)"]
-    for name, secs in best.items():
+    for name, t in times.items():
         diff = "" if name == "dearli (cold)" else f"{_max_difference(ours, results[name]):.1e}"
-        print(f"{name:24s} {secs:8.3f} {n / secs:9.1f}  {diff:>26s}")
+        print(f"{name:24s} {min(t):8.4f} {medians[name]:8.4f} {max(t):8.4f} {args.num_images / medians[name]:9.1f}  "
+              f"{diff:>32s}")
     for other in ("panopticapi", "hotcoco"):
-        if other in best:
-            for mine in (k for k in best if k.startswith("dearli")):
-                print(f"speed-up of {mine} over {other}: {best[other] / best[mine]:.2f}×")
+        for mine in (k for k in medians if k.startswith("dearli") and other in medians):
+            print(f"ratio {other} / {mine} (median seconds; ≥ 1: dearli as fast or faster): "
+                  f"{medians[other] / medians[mine]:.2f}")
 
 
-def _runners(files: tuple, args: argparse.Namespace, reference, cache_dir: Path) -> dict:
+def _runners(files: tuple, warm: bool, workers: int, reference, cache_dir: Path) -> dict:
     """Name -> zero-argument callable returning a pq_compute-style result, for each available evaluator."""
     from dearli.evaluation.pq import pq_compute
 
-    runners = {"dearli (cold)": lambda: pq_compute(*files, workers=args.workers, progress=False)}
-    if args.warm:
-        with _quiet_stdout():  # fill the cache once, untimed: the warm numbers are repeated evaluations
-            pq_compute(*files, workers=args.workers, progress=False, gt_cache_dir=cache_dir)
+    runners = {"dearli (cold)": lambda: pq_compute(*files, workers=workers, progress=False)}
+    if warm:  # the untimed warm-up round fills the cache: the timed rounds are repeated evaluations
         runners["dearli (warm GT cache)"] = lambda: pq_compute(
-            *files, workers=args.workers, progress=False, gt_cache_dir=cache_dir)
+            *files, workers=workers, progress=False, gt_cache_dir=cache_dir)
     if reference is None:
         print("panopticapi: reference not found (pass --reference path/to/panopticapi/evaluation.py)")
     else:
@@ -120,7 +134,7 @@ def _runners(files: tuple, args: argparse.Namespace, reference, cache_dir: Path)
     try:
         from hotcoco.panoptic import pq_compute as hotcoco_pq
     except ImportError:
-        print("hotcoco: not installed (optional)")
+        print("hotcoco: not installed (optional; pip install -e '.[test]' brings it)")
     else:
         runners["hotcoco"] = _panopticapi_call(hotcoco_pq, files)
     return runners
@@ -133,15 +147,24 @@ def _panopticapi_call(fn, files):
 
 
 def _timed_rounds(repeat: int, runners: dict) -> tuple[dict, dict]:
-    """Run each callable once per round; returns (last result, fastest seconds) per name."""
-    results, best = {}, dict.fromkeys(runners, float("inf"))
-    for _ in range(repeat):
-        for name, fn in runners.items():
+    """One untimed warm-up round, then ``repeat`` timed ones; returns (last result, list of seconds) per name.
+
+    The warm-up pays each evaluator's imports and first-call costs and brings the PNGs into the page
+    cache; the order of the evaluators rotates from round to round, so none always runs after the
+    same neighbour (a busy machine or a heated-up CPU then weighs on each alike).
+    """
+    names = list(runners)
+    results, times = {}, {name: [] for name in names}
+    for round_index in range(repeat + 1):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             with _quiet_stdout():
                 t0 = time.perf_counter()
-                results[name] = fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return results, best
+                results[name] = runners[name]()
+                seconds = time.perf_counter() - t0
+            if round_index:
+                times[name].append(seconds)
+    return results, times
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="print one JSON object: All/Things/Stuff {pq, sq, rq, n} and per_class, as fractions "
                         "(with --semseg also semseg_pan: miou, fwiou, macc, pacc and per_class)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: number of CPUs; 1 = in this process)")
+                        help="worker threads (default: the usable CPUs, at most 8; 1 = in the calling thread)")
     parser.add_argument("--semseg", action="store_true",
                         help="also report mIoU_pan, fwIoU_pan, mACC_pan and pACC_pan: the panoptic predictions "
                         "turned into semantic maps (each segment's pixels get its class, unassigned pixels are "
