@@ -269,9 +269,10 @@ class SSLConfig:
     unlabeled_batch_size: int = 8  # unlabeled images per step across all workers (paper: 8)
     unlabeled_weight: float = 1.0  # weight of the loss on pseudo-labels (paper: 1)
     ema_decay: float = 0.999  # teacher = EMA of the student (parameters and buffers)
-    # Upstream's BURN_IN_ITERS (0 in DEARLi's configs): the first steps train the student on labeled images
-    # only while the teacher copies it, so the EMA starts from a student that knows the classes instead of
-    # labelling with the warm-up's class-agnostic decoder.
+    # Steps at the start that train the student on the labeled images alone, with the teacher copied from it
+    # after each and no pseudo-label asked for: the EMA then starts from a student that knows the classes
+    # instead of labelling with the warm-up's class-agnostic decoder. 0 = none, as in DEARLi's configs. Not
+    # upstream's BURN_IN_ITERS, which keeps its teacher fixed and still trains the student on that one's labels.
     burn_in_steps: int = 0
     cutmix_prob: float = 0.5  # probability that an unlabeled pair is mixed by CutMix
     strong_view: StrongViewConfig = field(default_factory=StrongViewConfig)  # the student's photometric view
@@ -279,6 +280,10 @@ class SSLConfig:
     # unlabeled images (in the weak view's geometry) instead of the teacher's labels. It measures the ceiling of
     # what the semi-supervised branch can learn; the run says so loudly in its log and in MLflow.
     oracle_labels: bool = False
+    # Score the teacher's labels against the ground truth of the unlabeled images where they have one (the log's
+    # gt/segments_per_image, pl/thing_recall, pl/thing_precision): the teacher actors then read those
+    # annotations. On for the synthetic world; off for real data, whose unlabeled images stand for unannotated ones.
+    truth_stats: bool = False
     teacher_actors: int = 1  # actors in the teacher pool
     teacher_gpus: float = -1.0  # GPUs per teacher actor; -1 = 1 when the cluster has GPUs, else 0
     teacher_cpus: float = 1.0  # logical CPUs per teacher actor

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-images", type=int, default=100, help="synthetic validation images")
     parser.add_argument("--partition", default="1_8", help="labeled partition of the synthetic world")
     parser.add_argument("--preset", default="synth", help="config preset (default: synth, the synthetic world's)")
-    parser.add_argument("--steps", type=int, default=2000, help="training steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the preset's train.max_steps, 3000 for synth)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -49,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         # the project's CLIP (preset synth) is cached where jobs/ssl.py keeps it: trained once for both jobs
         os.environ.setdefault(CACHE_ENV, str(workdir / CACHE_FOLDER))
         # JSON strings are valid YAML scalars, so a path like "2017" stays a string.
+        steps = [] if args.steps is None else [f"train.max_steps={args.steps}"]  # else the preset's
         cfg = load_resolved_config(args.preset, [f"data.dataset={json.dumps(str(dataset))}",
                                                  f"data.partition={json.dumps(args.partition)}",
-                                                 f"train.max_steps={args.steps}", *args.overrides])
+                                                 *steps, *args.overrides])
         run_dir = workdir / "runs" / next_run_name(workdir / "runs", "supervised")  # never reuse a finished run
         echo(f"run directory: {run_dir}")
         result = train_supervised(cfg, run_dir)

@@ -252,6 +252,26 @@ def test_supervised_job_writes_absolute_paths_under_its_workdir(tmp_path):
     assert (run_dir / "eval" / "step_0000001" / "metrics.json").is_file()
 
 
+def test_supervised_job_trains_the_presets_steps_unless_told(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dearli.training import supervised
+
+    spec = importlib.util.spec_from_file_location("supervised_job", REPO / "jobs" / "supervised.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    workdir = tmp_path / "work"
+    write_synth_dataset(workdir / "datasets" / "synth_4_1", num_images=4, seed=0, num_val=1, image_size=(64, 64))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("extends: tiny\ntrain:\n  max_steps: 7\n")
+    trained = []
+    monkeypatch.setattr(supervised, "train_supervised", lambda cfg, run_dir: trained.append(cfg) or {"checkpoint": ""})
+    args = ["--workdir", str(workdir), "--preset", str(preset), "--num-images", "4", "--val-images", "1",
+            "--partition", "1_4"]
+    assert job.main(args) == 0 and job.main([*args, "--steps", "3"]) == 0
+    assert [cfg.train.max_steps for cfg in trained] == [7, 3]
+
+
 def test_cache_locations_follow_what_the_caches_hold(synth, tmp_path):
     """The default cache folders are a hash of the cache settings: how a cache is computed (actors, images per
     part) shares it, what it holds (SAM settings, the CLIP's test scale) does not."""

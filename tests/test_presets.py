@@ -52,6 +52,7 @@ def test_dataset_preset_holds_the_paper_recipe(preset, dataset, size):
     assert cfg.train.max_steps == 80_000
     assert (cfg.ssl.labeled_batch_size, cfg.ssl.unlabeled_batch_size) == (8, 8)
     assert cfg.ssl.precision == "fp32" and cfg.ssl.ema_decay == 0.999 and cfg.ssl.cutmix_prob == 0.5
+    assert not cfg.ssl.truth_stats  # the teacher reads no annotation of the unlabeled images
     assert (cfg.warmup.batch_size, cfg.warmup.max_steps) == (16, want["warmup_steps"])
     # Supervised-only baselines: batch 8; 10k, 20k, ... from the smallest partition up.
     assert cfg.train.batch_size == 8
@@ -99,6 +100,8 @@ def test_tiny_preset_for_the_synthetic_world():
     assert cfg.data.color_aug and cfg.data.hue_delta == 0  # colour names the synthetic classes
     assert cfg.model.backbone.pretrained == "" and cfg.model.ensemble.alpha_clip == 0.0
     assert cfg.train.supervised_steps == {}
+    assert cfg.ssl.truth_stats and load_config("synth").ssl.truth_stats  # the world's truth scores the labels
+    assert not load_config("base").ssl.truth_stats and not load_config("large").ssl.truth_stats
 
 
 def test_synth_preset_is_tiny_on_the_project_clip_with_the_ensemble_on():

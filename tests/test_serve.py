@@ -124,6 +124,28 @@ def test_request_parsing_keeps_what_is_good():
         check_classes([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])  # two classes with one id
 
 
+def test_a_diagnostic_checkpoint_is_refused_in_one_line_before_ray_starts(small_world, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A run with ssl.oracle_labels trained its student on the unlabeled images' ground truth: no model to serve."""
+    from dearli.predict import serve as serve_module
+    from dearli.predict.serve import serving_payload
+
+    monkeypatch.setattr("dearli.runtime.ensure_ray", lambda *a, **k: pytest.fail("Ray started for a refused model"))
+    cfg = load_config("tiny", [f"data.dataset={small_world}", "ssl.oracle_labels=true"])
+    torch.manual_seed(0)
+    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
+    checkpoint = str(save_checkpoint(tmp_path, 1, model, cfg))
+    with pytest.raises(serve_module.DataError, match=r"ssl\.oracle_labels=true.*--allow-diagnostic"):
+        serving_payload(checkpoint)
+    assert main(["serve", "--checkpoint", checkpoint]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"dearli serve: error: {checkpoint}: a diagnostic model")
+    payload = serving_payload(checkpoint, allow_diagnostic=True)  # served anyway when asked, with a warning
+    assert payload["step"] == 1 and "WARNING" in capsys.readouterr().err
+    plain = str(save_checkpoint(tmp_path / "plain", 1, model, load_config("tiny", [f"data.dataset={small_world}"])))
+    assert serving_payload(plain)["config"].ssl.oracle_labels is False and not capsys.readouterr().err
+
+
 TOKEN = "s3cret-token"
 
 

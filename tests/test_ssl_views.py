@@ -144,8 +144,8 @@ def tiny():
 
 
 def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
-    """A weight of 0 (ssl.burn_in_steps) leaves the unlabeled images out: two different unlabeled batches give
-    the very same update, and the loss is the supervised one."""
+    """A weight of 0 or no unlabeled batch (ssl.burn_in_steps) leaves the unlabeled images out: two different
+    unlabeled batches and none at all give the very same update, and the loss is the supervised one."""
     from dearli.losses.criterion import build_criterion
     from dearli.training.ema import make_teacher
     from dearli.training.mean_teacher import mean_teacher_step
@@ -163,18 +163,19 @@ def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
                "targets": [{"masks": masks.clone(), "labels": torch.tensor([1])} for _ in range(2)]}
     label = PseudoLabel(masks[0].int(), [{"id": 1, "category_id": 0, "isthing": True, "score": 1.0}])
     updated = []
-    for unlabeled_images in (images[2:], 255 - images[2:]):
+    for unlabeled, weight in ((collate_pseudo(images[2:], [label, label]), 0.0),
+                              (collate_pseudo(255 - images[2:], [label, label]), 0.0), (None, 1.0)):
         torch.manual_seed(7)  # the same sampled points in both runs
         model = make_teacher(tiny)
         for name, param in model.named_parameters():
             param.requires_grad_(not name.startswith("backbone."))
         optimizer = build_optimizer(model, cfg.optim)
         logged = mean_teacher_step(model, build_criterion(cfg.model.loss, 2), optimizer, labeled,
-                                   collate_pseudo(unlabeled_images, [label, label]), cfg,
-                                   make_grad_scaler(torch.device("cpu"), False), torch.device("cpu"), 0.0)
+                                   unlabeled, cfg, make_grad_scaler(torch.device("cpu"), False), torch.device("cpu"),
+                                   weight)
         assert logged["loss"] == logged["loss_sup"] and logged["loss_unsup"] == 0.0
         updated.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
-    assert all(torch.equal(a, b) for a, b in zip(*updated))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*updated))
     with pytest.raises(ConfigError, match=r"ssl\.burn_in_steps"):
         load_config("tiny", ["ssl.burn_in_steps=-1"])
 

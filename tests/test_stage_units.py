@@ -4,7 +4,9 @@ worker unpacks from the object store."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,3 +135,125 @@ def test_the_teacher_stream_draws_one_permutation_per_epoch_in_the_same_order_as
     monkeypatch.undo()
     assert drawn == reference(80)
     assert len(permutations) == 4, "one permutation of the pool per epoch, not one per image"
+
+
+class _Teacher:
+    """A teacher actor's stand-in: ``label.remote`` answers at once (the tests hand ``ray.get`` the answer back),
+    with blank weak views and no segment, labelled by weights of version ``step``."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.calls = size, []
+        self.label = SimpleNamespace(remote=self._label)
+
+    def _label(self, requests: list[dict], step: int) -> dict:
+        self.calls.append(step)
+        count, size = len(requests), self.size
+        return {"version": step, "node_id": "node", "failed": [], "truth": {}, "requests": requests,
+                "stems": [r["stem"] for r in requests], "images": np.zeros((count, 3, size, size), np.uint8),
+                "panoptic": np.zeros((count, size, size), np.int32), "valid": np.ones((count, size, size), bool),
+                "segments": [[] for _ in requests]}
+
+
+@pytest.fixture
+def instant_ray(monkeypatch):
+    from dearli.stages import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module.ray, "get", lambda ref: ref)
+
+
+def _feed(teacher: _Teacher, start_step: int = 0, burn_in: int = 5, prefetch: int = 2, per_step: int = 3):
+    from dearli.stages.teacher import PseudoLabelFeed
+
+    stems = [f"img_{i:02d}" for i in range(10)]
+    return PseudoLabelFeed([teacher], stems, per_step=per_step, rank=0, world=1, seed=4, prefetch=prefetch,
+                           max_staleness=10, start_step=start_step, burn_in=burn_in)
+
+
+def test_the_feed_asks_for_no_label_during_the_burn_in_and_has_the_first_ones_in_flight_after_it(instant_ray):
+    teacher = _Teacher()
+    feed = _feed(teacher, burn_in=5, prefetch=2)
+    assert [feed.next(step) for step in range(1, 5)] == [None] * 4
+    assert teacher.calls == [] and feed.draw == 0
+    assert feed.next(5) is None  # the last burn-in step sends the first requests ahead
+    assert teacher.calls == [5, 5]
+    result, stats = feed.next(6)
+    assert len(result["stems"]) == 3 and stats.version == 5  # labelled while the burn-in ended
+    assert teacher.calls == [5, 5, 6]  # then one request a step, ``prefetch`` of them ahead
+    no_burn_in = _Teacher()
+    assert _feed(no_burn_in, burn_in=0).next(1)[0]["requests"] == result["requests"]  # the stream starts as before
+
+
+def test_a_resumed_feed_draws_what_an_uninterrupted_one_draws(instant_ray):
+    burn_in, last = 5, 20  # 15 steps of 3 draws: the 10 images' epochs turn over mid-step
+
+    def consumed(start: int) -> dict[int, list[dict]]:
+        feed = _feed(_Teacher(), start_step=start, burn_in=burn_in)
+        steps = {step: feed.next(step) for step in range(start + 1, last + 1)}
+        return {step: fed[0]["requests"] for step, fed in steps.items() if fed is not None}
+
+    whole = consumed(0)
+    assert sorted(whole) == list(range(burn_in + 1, last + 1))
+    for start in (3, burn_in - 1, burn_in, burn_in + 1, 12):
+        assert consumed(start) == {step: whole[step] for step in whole if step > start}, start
+        assert _feed(_Teacher(), start_step=start, burn_in=burn_in).draw == 3 * max(0, start - burn_in)
+
+
+def test_a_burn_in_step_asks_for_no_label_and_makes_no_strong_view(instant_ray, monkeypatch):
+    """The student loop: labeled images alone while ``step <= ssl.burn_in_steps``, no request to the teacher
+    pool and no strong view; the step after it trains on the labels requested during its last step."""
+    from dearli.stages.ssl_loop import StudentLoop
+    from dearli.training import mean_teacher, strong_augment
+
+    cfg = load_config("tiny", ["ssl.burn_in_steps=2", "ssl.prefetch=1"])
+    trained, views = [], []
+    monkeypatch.setattr(mean_teacher, "mean_teacher_step",
+                        lambda *args: trained.append((args[4], args[8])) or {"loss": 1.0, "loss_unsup": 0.0})
+    make_view = strong_augment.student_view
+    monkeypatch.setattr(strong_augment, "student_view", lambda *args: views.append(1) or make_view(*args))
+    loop = StudentLoop.__new__(StudentLoop)  # the state _train_step reads, without Ray Train
+    loop.cfg, loop.rank, loop.world, loop.step, loop.device = cfg, 0, 1, 0, torch.device("cpu")
+    loop.ddp = loop.criterion = loop.optimizer = loop.scaler = loop.criterion_u = None
+    loop.window, loop.teacher_nodes, loop.teacher_peak_mb, loop.teacher_gpu_peak_mb = {}, set(), 0.0, 0.0
+    teacher = _Teacher()
+    loop.feed = _feed(teacher, burn_in=2, prefetch=1, per_step=4)
+    calls = []
+    for step in (1, 2, 3):
+        loop._train_step({})
+        loop.step = step
+        calls.append(list(teacher.calls))
+    assert calls == [[], [2], [2, 3]]
+    assert trained[0] == (None, 0.0) and trained[1] == (None, 0.0)
+    batch, weight = trained[2]
+    assert weight == cfg.ssl.unlabeled_weight and len(batch["stems"]) == 4
+    assert len(views) == 4  # made at step 3 only
+    assert loop.window["staleness"] == [1.0] and loop.teacher_nodes == {"node"}
+    assert len(loop.window["loss"]) == 3 and len(loop.window["pl/segments_per_image"]) == 1
+
+
+def test_a_teacher_without_truth_stats_reads_no_annotation_and_still_labels(synth, monkeypatch):
+    from dearli import runtime
+    from dearli.config_io import to_dict
+    from dearli.stages import teacher as teacher_module
+
+    monkeypatch.setattr(runtime, "quiet", lambda: None)
+    monkeypatch.setattr(teacher_module.ray, "get_actor", lambda name: None)
+    monkeypatch.setattr(teacher_module.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "n"))
+    cfg = load_config("tiny", [f"data.dataset={synth}", *FAST, "ssl.truth_stats=false"])
+    worker = teacher_module.TeacherWorker(to_dict(cfg), "store", 0.5)
+    worker._refresh = lambda: None  # labels with the weights it was built with
+    worker.version = 0
+    opened = []
+    split_type, load_target = type(worker.split), type(worker.split).load_target
+    monkeypatch.setattr(split_type, "load_target", lambda split, record: opened.append(record) or load_target(
+        split, record))
+    stems = [r.stem for r in worker.split.records]
+    requests = [{"stem": stem, "seed": 5 + i} for i, stem in enumerate(stems)]
+    result = worker.label(requests, 0)
+    assert opened == [] and result["truth"] == {}
+    assert result["stems"] == stems and not result["failed"] and result["panoptic"].shape[0] == len(stems)
+    # the same images with the statistics on: the annotations are read, the labels and views are the same
+    worker.cfg = dataclasses.replace(cfg, ssl=dataclasses.replace(cfg.ssl, truth_stats=True))
+    scored = worker.label(requests, 0)
+    assert len(opened) == len(stems) and scored["truth"]["images"] == len(stems)
+    assert np.array_equal(scored["images"], result["images"]) and np.array_equal(scored["panoptic"],
+                                                                                result["panoptic"])

@@ -164,6 +164,36 @@ def test_predict_loads_a_registered_model_version(server, pipeline_run, checkpoi
     assert len(err.splitlines()) == 1 and "models:/dearli/9" in err and server in err
 
 
+def test_a_diagnostic_runs_teacher_is_registered_as_one_and_serve_refuses_it(server, pipeline_run, tmp_path,
+                                                                             capsys, monkeypatch):
+    """ssl.oracle_labels: the version carries the tag dearli.diagnostic and says why; dearli serve reads the tag
+    (this checkpoint's own config is an ordinary one) and refuses it in one line, before any Ray starts."""
+    from types import SimpleNamespace
+
+    from dearli.stages.report import _version_tags
+    from dearli.stages.ssl import ORACLE_WARNING
+
+    oracle = SimpleNamespace(cfg=load_config("tiny", ["ssl.oracle_labels=true"]), run_dir=tmp_path / "ssl_007")
+    tags, description = _version_tags(oracle, {"metrics": EVAL})
+    assert _version_tags(SimpleNamespace(cfg=load_config("tiny"), run_dir=oracle.run_dir), {"metrics": EVAL}) == (
+        {"dearli.run_name": "ssl_007", "PQ": "12.50"}, None)
+    tracker = pipeline_run["tracker"]
+    model = registry.register_model(tracker, pipeline_run["model_dir"], "dearli-oracle", tracker.run_id, tags,
+                                    description)
+    version = MlflowClient(server).get_model_version("dearli-oracle", model["version"])
+    assert version.tags[tracking.DIAGNOSTIC_TAG] == ORACLE_WARNING and version.tags["PQ"] == "12.50"
+    assert version.description.startswith(ORACLE_WARNING) and "dearli serve refuses it" in version.description
+    assert registry.resolve_model("models:/dearli-oracle/latest", server)[1][tracking.DIAGNOSTIC_TAG]
+    assert tracking.DIAGNOSTIC_TAG not in registry.resolve_model("models:/dearli/1", server)[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setattr("dearli.runtime.ensure_ray", lambda *a, **k: pytest.fail("Ray started for a refused model"))
+    capsys.readouterr()  # MLflow's own log of the registration
+    assert main(["serve", "--checkpoint", "models:/dearli-oracle/1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "models:/dearli-oracle/1: a diagnostic model" in err
+    assert "tagged dearli.diagnostic" in err and "--allow-diagnostic" in err
+
+
 def test_local_store_lives_in_the_workdir(tmp_path, monkeypatch):
     workdir = tmp_path / "work"
     uri = tracking.resolve_tracking_uri(workdir)

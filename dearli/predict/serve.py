@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse
 
 from dearli.data.panoptic import CategoryMap
 from dearli.device import resolve_device
-from dearli.errors import ConfigError
+from dearli.errors import ConfigError, DataError
 from dearli.predict.labeler import MAX_REQUEST_BYTES, SERVE_MAX_PIXELS, Labeler, RequestError
 
 TOKEN_ENV = "DEARLI_SERVE_TOKEN"  # the token dearli serve reads when --token is not given
@@ -153,20 +154,50 @@ class LabelingService:
             return await asyncio.to_thread(self.labeler.run, prepared, text, check)
 
 
-def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOptions = ServeOptions()) -> Any:
-    """The Serve application of a checkpoint file or registered model (``models:/dearli/N``).
+def serving_payload(checkpoint: str, allow_diagnostic: bool = False) -> dict[str, Any]:
+    """The model payload of a checkpoint file or registered model (``models:/dearli/N``), read on the driver.
+
+    A diagnostic is no model to serve: a model version tagged ``dearli.diagnostic``, or a checkpoint of a run
+    whose student trained on the ground truth of its unlabeled images (``ssl.oracle_labels``). DataError (one
+    line) unless ``allow_diagnostic``; then it is served with a warning on stderr.
+    """
+    from dearli.predict.worker import model_payload
+    from dearli.stages.registry import resolve_model
+    from dearli.stages.tracking import DIAGNOSTIC_TAG
+    from dearli.training.checkpoint import load_checkpoint
+
+    path, tags = resolve_model(checkpoint)
+    payload = model_payload(load_checkpoint(path, "cpu"))
+    if DIAGNOSTIC_TAG in tags:
+        why = f"its model version is tagged {DIAGNOSTIC_TAG}"
+    elif payload["config"].ssl.oracle_labels:
+        why = "ssl.oracle_labels=true: its student trained on the ground truth of the unlabeled images"
+    else:
+        return payload
+    if not allow_diagnostic:
+        raise DataError(checkpoint, f"a diagnostic model, no result to serve ({why}); --allow-diagnostic serves "
+                                    "it anyway")
+    print(f"WARNING: serving {checkpoint}, a diagnostic model, no result ({why})", file=sys.stderr, flush=True)
+    return payload
+
+
+def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOptions = ServeOptions(),
+              allow_diagnostic: bool = False) -> Any:
+    """The Serve application of a checkpoint file or registered model (``models:/dearli/N``; a diagnostic
+    one only with ``allow_diagnostic``, see :func:`serving_payload`).
 
     The checkpoint is read here, on the driver, and handed to the replicas by value: replicas on other
     nodes need no shared file system.
     """
-    from dearli.predict.commands import checkpoint_file
-    from dearli.predict.pseudo_label_command import resolve_classes
-    from dearli.predict.worker import model_payload
-    from dearli.runtime import default_gpus_per_actor
-    from dearli.training.checkpoint import load_checkpoint
-
     options.validate()
-    payload = model_payload(load_checkpoint(checkpoint_file(checkpoint), "cpu"))
+    return payload_app(serving_payload(checkpoint, allow_diagnostic), classes_file, options)
+
+
+def payload_app(payload: dict[str, Any], classes_file: str | None, options: ServeOptions) -> Any:
+    """The Serve application of a :func:`serving_payload` (Ray must be up: the GPUs are the cluster's)."""
+    from dearli.predict.pseudo_label_command import resolve_classes
+    from dearli.runtime import default_gpus_per_actor
+
     classes = [c.to_dict() for c in resolve_classes(classes_file, payload["config"]).categories]
     gpus = default_gpus_per_actor() if options.gpus_per_replica == -1 else options.gpus_per_replica
     scaling: dict[str, Any] = {"num_replicas": options.replicas}
@@ -181,18 +212,22 @@ def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOp
 
 
 def app_builder(args: dict[str, str]) -> Any:
-    """``serve run dearli.predict.serve:app_builder checkpoint=... [classes=FILE] [replicas=N] ...``; the token
-    is ``token=...`` or ``$DEARLI_SERVE_TOKEN``. The proxy's timeout is then Serve's own setting."""
+    """``serve run dearli.predict.serve:app_builder checkpoint=... [classes=FILE] [replicas=N] ...
+    [allow_diagnostic=true]``; the token is ``token=...`` or ``$DEARLI_SERVE_TOKEN``. The proxy's timeout is
+    then Serve's own setting."""
     args = dict(args)
     checkpoint = args.pop("checkpoint", None)
     if not checkpoint:
         raise ConfigError("serve run: pass checkpoint=FILE or checkpoint=models:/dearli/N")
     classes = args.pop("classes", None)
+    allow_diagnostic = args.pop("allow_diagnostic", "false").lower()
+    if allow_diagnostic not in ("true", "false"):
+        raise ConfigError(f"serve run: allow_diagnostic={allow_diagnostic!r} is not true or false")
     fields = ServeOptions.__dataclass_fields__
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise ConfigError(f"serve run: unknown argument(s) {', '.join(unknown)}; known: checkpoint, classes, "
-                          f"{', '.join(fields)}")
+                          f"allow_diagnostic, {', '.join(fields)}")
     values: dict[str, Any] = {"token": os.environ.get(TOKEN_ENV, "")}
     for name, value in args.items():
         try:
@@ -200,7 +235,7 @@ def app_builder(args: dict[str, str]) -> Any:
         except ValueError:
             raise ConfigError(f"serve run: {name}={value!r} is not a {type(getattr(ServeOptions(), name)).__name__}") \
                 from None
-    return build_app(checkpoint, classes, ServeOptions(**values))
+    return build_app(checkpoint, classes, ServeOptions(**values), allow_diagnostic == "true")
 
 
 def start(app: Any, host: str, port: int, request_timeout_s: float = ServeOptions.request_timeout_s) -> str:

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token", default=os.environ.get("DEARLI_SERVE_TOKEN", ""),
                         help="requests must carry 'Authorization: Bearer TOKEN' (401 otherwise); default: "
                         "$DEARLI_SERVE_TOKEN, else no token")
+    parser.add_argument("--allow-diagnostic", action="store_true",
+                        help="serve a diagnostic model anyway (a run with ssl.oracle_labels, whose student trained on "
+                        "the ground truth of its unlabeled images: refused by default)")
     parser.add_argument("--detach", action="store_true",
                         help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
     parser.set_defaults(handler=_run)
@@ -54,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from dearli.predict.serve import ServeOptions, build_app, start
+    from dearli.predict.serve import ServeOptions, payload_app, serving_payload, start
     from dearli.runtime import ensure_ray
 
     options = ServeOptions(replicas=args.replicas, max_replicas=args.max_replicas,
@@ -63,8 +66,9 @@ def _run(args: argparse.Namespace) -> int:
                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
                            max_pixels=args.max_pixels, token=args.token)
     options.validate()
+    payload = serving_payload(args.checkpoint, args.allow_diagnostic)  # a refused model starts no Ray
     ensure_ray()
-    url = start(build_app(args.checkpoint, args.classes, options), args.host, args.port, options.request_timeout_s)
+    url = start(payload_app(payload, args.classes, options), args.host, args.port, options.request_timeout_s)
     guard = "with a token" if options.token else "without a token: anyone who reaches the port can use it"
     print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes), {guard}", flush=True)
     if args.detach:

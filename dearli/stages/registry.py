@@ -4,7 +4,8 @@
 no pickled code) as an MLflow 3 logged model and registers it as a version of a registered model.
 ``resolve_checkpoint`` turns ``models:/NAME/VERSION`` (``/latest``, ``@alias``), ``runs:/RUN_ID/PATH`` or
 ``mlflow-artifacts:/...`` into a downloaded checkpoint file (a plain path stays as it is), which is what
-``dearli predict --checkpoint`` and ``dearli pseudo-label --checkpoint`` accept.
+``dearli predict --checkpoint`` and ``dearli pseudo-label --checkpoint`` accept; ``resolve_model`` also
+returns the model version's tags (``dearli serve`` refuses a ``dearli.diagnostic`` one).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ _MLFLOW_REF = re.compile(r"^(models|runs|mlflow-artifacts):/")
 
 
 def register_model(tracker: PipelineTracker, model_dir: str | Path, name: str, source_run_id: str,
-                   tags: dict[str, str] | None = None) -> dict[str, str]:
+                   tags: dict[str, str] | None = None, description: str | None = None) -> dict[str, str]:
     """Log ``model_dir`` as an MLflow logged model of ``tracker``'s experiment and register it as a version
-    of ``name``.
+    of ``name`` (with ``tags`` and ``description``).
 
     Idempotent per run: a continued pipeline finds the version it registered before.
     Returns {"name", "version", "uri" (models:/name/version), "model_id"}.
@@ -55,7 +56,7 @@ def register_model(tracker: PipelineTracker, model_dir: str | Path, name: str, s
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     version = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=source_run_id,
-                                          model_id=model.model_id, tags=tags)
+                                          model_id=model.model_id, tags=tags, description=description)
     return _version_info(version)
 
 
@@ -89,28 +90,37 @@ def _parse_model_ref(ref: str) -> tuple[str, str, str]:
     return name, version, ""
 
 
-def _artifact_uri(client: Any, ref: str) -> tuple[str, str]:
-    """(download URI, pinned reference): a model version becomes its storage location, ``latest`` and
-    aliases become a version number; other URIs are returned as they are."""
+def _artifact_uri(client: Any, ref: str) -> tuple[str, str, dict[str, str]]:
+    """(download URI, pinned reference, the version's tags): a model version becomes its storage location,
+    ``latest`` and aliases become a version number; other URIs are returned as they are, without tags."""
     if not ref.startswith("models:/"):
-        return ref, ref
+        return ref, ref, {}
     name, version, alias = _parse_model_ref(ref)
     if alias:
-        version = client.get_model_version_by_alias(name, alias).version
+        found = client.get_model_version_by_alias(name, alias)
     elif version.lower() == "latest":
         versions = client.search_model_versions(f"name = '{quote(name)}'")
         if not versions:
             raise DataError(ref, "no version of this registered model exists")
-        version = str(max(int(v.version) for v in versions))
-    return client.get_model_version_download_uri(name, version), f"models:/{name}/{version}"
+        found = max(versions, key=lambda v: int(v.version))
+    else:
+        found = client.get_model_version(name, version)
+    return (client.get_model_version_download_uri(name, found.version), f"models:/{name}/{found.version}",
+            dict(found.tags or {}))
 
 
 def resolve_checkpoint(ref: str, tracking_uri: str | None = None) -> str:
     """A local checkpoint file for ``ref``: a path is returned as it is; ``models:/NAME/VERSION`` (or
     ``/latest``, ``@alias``) and ``runs:/RUN_ID/PATH`` are downloaded from the MLflow store at
     ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else the default workdir's local store)."""
+    return resolve_model(ref, tracking_uri)[0]
+
+
+def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[str, dict[str, str]]:
+    """(local checkpoint file, tags of the model version) for ``ref`` as :func:`resolve_checkpoint` reads
+    it; the tags are {} for a path and for references other than ``models:/``."""
     if not is_mlflow_uri(ref):
-        return ref
+        return ref, {}
     if ref.startswith("models:/"):
         _parse_model_ref(ref)  # a malformed reference fails before any connection
     from mlflow.exceptions import MlflowException
@@ -119,8 +129,8 @@ def resolve_checkpoint(ref: str, tracking_uri: str | None = None) -> str:
 
     uri = tracking_uri or resolve_tracking_uri(DEFAULT_WORKDIR)
     try:
-        source, pinned = _artifact_uri(mlflow_client(uri), ref)
-        return str(_checkpoint_file(_download(source, pinned, uri), ref))
+        source, pinned, tags = _artifact_uri(mlflow_client(uri), ref)
+        return str(_checkpoint_file(_download(source, pinned, uri), ref)), tags
     except MlflowException as err:
         raise DataError(ref, f"cannot fetch it from the MLflow store {uri}: {err.message.splitlines()[0]}") from None
 

@@ -124,14 +124,26 @@ def evaluate(ctx: StageContext, ssl_result: dict[str, Any], model_name: str, max
         for path in draw(ctx, info, ssl_result, max_images):
             tracker.log_artifact(path, path.name if path.is_dir() else "plots")
         model_dir = export_teacher(ssl_result["checkpoint"], ctx.run_dir / "model")
-        pq = ssl_result["metrics"].get(TEACHER, {}).get("PQ")
-        tags = {"dearli.run_name": ctx.run_dir.name, **({"PQ": f"{pq:.2f}"} if pq is not None else {})}
-        model = registry.register_model(tracker, model_dir, model_name, tracker.run_id, tags)
+        model = registry.register_model(tracker, model_dir, model_name, tracker.run_id,
+                                        *_version_tags(ctx, ssl_result))
         tracker.set_tags({"dearli.model": model["uri"]})
         ctx.echo(f"evaluate: registered the final teacher as {model['uri']} ({model_dir / registry.MODEL_FILE})")
     result = {"model": model, "per_class": str(table), "model_dir": str(model_dir)}
     ctx.record("evaluate", result)
     return result
+
+
+def _version_tags(ctx: StageContext, ssl_result: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """(tags, description) of the registered teacher: its run and PQ; a diagnostic run's (``ssl.oracle_labels``)
+    says so in the tag ``dearli.diagnostic`` and the description, and ``dearli serve`` refuses it."""
+    pq = ssl_result["metrics"].get(TEACHER, {}).get("PQ")
+    tags = {"dearli.run_name": ctx.run_dir.name, **({"PQ": f"{pq:.2f}"} if pq is not None else {})}
+    if not ctx.cfg.ssl.oracle_labels:
+        return tags, None
+    from dearli.stages.ssl import ORACLE_TAG, ORACLE_WARNING
+
+    return {**tags, ORACLE_TAG: ORACLE_WARNING}, (f"{ORACLE_WARNING}. Not a model to use: dearli serve refuses "
+                                                  "it (--allow-diagnostic serves it anyway).")
 
 
 def summary_line(summary: dict[str, float]) -> str:

@@ -18,13 +18,13 @@ from dearli import runtime
 from dearli.config import Config
 from dearli.stages import common
 from dearli.stages.ssl_loop import STAGE, VARIANTS
-from dearli.stages.tracking import TrackingSpec
+from dearli.stages.tracking import DIAGNOSTIC_TAG, TrackingSpec
 
 # What a run with ssl.oracle_labels says, in its log and as an MLflow tag: its figures are a ceiling, not a result.
 ORACLE_WARNING = ("DIAGNOSTIC RUN: ssl.oracle_labels=true, the student's unlabeled branch trains on the GROUND "
                   "TRUTH of the unlabeled images, not on the teacher's pseudo-labels; its metrics measure the ceiling "
                   "of the semi-supervised branch and are no semi-supervised result")
-ORACLE_TAG = "dearli.diagnostic"
+ORACLE_TAG = DIAGNOSTIC_TAG  # on its MLflow runs and its registered model version
 
 
 def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: bool = False, echo=print,

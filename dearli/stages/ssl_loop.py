@@ -13,7 +13,7 @@ import ray.train
 import torch
 
 from dearli.stages import common
-from dearli.stages.teacher import FeedStats, PseudoLabelFeed, published_weights
+from dearli.stages.teacher import PseudoLabelFeed, published_weights
 from dearli.stages.tracking import EVAL_PREFIXES, StepLogger
 from dearli.training.loop import due
 from dearli.training.pseudo_labels import PseudoLabel
@@ -92,7 +92,8 @@ class StudentLoop:
         self.feed = PseudoLabelFeed(config["teachers"], config["unlabeled"],
                                     views_per_step(common.per_rank(cfg.ssl.unlabeled_batch_size, self.world),
                                                    cfg.ssl.cutmix_prob), self.rank, self.world,
-                                    cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step)
+                                    cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step,
+                                    cfg.ssl.burn_in_steps)
         self.window: dict[str, list[float]] = {}
         self.teacher_nodes: set[str] = set()  # Ray nodes whose teacher actors labelled this worker's batches
 
@@ -160,33 +161,36 @@ class StudentLoop:
             self.epoch, self.position = self.epoch + 1, 0
 
     def _train_step(self, labeled_batch: dict[str, Any]) -> dict[str, float]:
-        """One student step on a labeled batch and this step's pseudo-labelled views; its numbers are kept
-        for the next log line."""
+        """One student step on a labeled batch and this step's pseudo-labelled views (none during the burn-in,
+        see ``ssl.burn_in_steps``: no label is asked for, no view made); its numbers are kept for the next log
+        line."""
         from dearli.training.mean_teacher import mean_teacher_step
 
         started = time.perf_counter()
-        unlabeled_batch, stats, pl_stats = self._unlabeled_batch()
-        burning_in = self.step < self.cfg.ssl.burn_in_steps  # labeled images only (see ssl.burn_in_steps)
+        fed = self.feed.next(self.step + 1)
+        unlabeled_batch, pl_stats = (None, {}) if fed is None else self._unlabeled_batch(fed[0])
         logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
                                    self.cfg, self.scaler, self.device,
-                                   0.0 if burning_in else self.cfg.ssl.unlabeled_weight, self.criterion_u)
-        seconds = time.perf_counter() - started
-        for key, value in {**logged, **pl_stats, "staleness": stats.staleness,
-                           "wait_fraction": stats.wait_s / max(seconds, 1e-9), "relabelled": stats.relabelled,
-                           "teacher_version": stats.version}.items():
+                                   0.0 if fed is None else self.cfg.ssl.unlabeled_weight, self.criterion_u)
+        values = {**logged, **pl_stats}
+        if fed is not None:
+            stats, seconds = fed[1], time.perf_counter() - started
+            values.update(staleness=stats.staleness, wait_fraction=stats.wait_s / max(seconds, 1e-9),
+                          relabelled=stats.relabelled, teacher_version=stats.version)
+            self.teacher_nodes.add(stats.node_id)
+        for key, value in values.items():
             self.window.setdefault(key, []).append(float(value))
-        self.teacher_nodes.add(stats.node_id)
         return logged
 
     def _advance(self, step: int, logged: dict[str, float]) -> None:
         self.step = step
 
-    def _unlabeled_batch(self) -> tuple[dict[str, Any], FeedStats, dict[str, float]]:
-        """Strong views (+ CutMix) of the teacher's weak views with their pseudo-labels, in collate format."""
+    def _unlabeled_batch(self, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Strong views (+ CutMix) of a teacher's answer (weak views with their pseudo-labels) in collate
+        format, and the labels' statistics."""
         from dearli.training.pseudo_labels import collate_pseudo, pseudo_label_stats
         from dearli.training.strong_augment import student_view
 
-        result, stats = self.feed.next(self.step + 1)
         self.teacher_peak_mb = max(self.teacher_peak_mb, float(result.get("peak_rss_mb", 0.0)))
         self.teacher_gpu_peak_mb = max(self.teacher_gpu_peak_mb, float(result.get("gpu_peak_mb", 0.0)))
         self._record_failures()
@@ -205,7 +209,7 @@ class StudentLoop:
         batch = collate_pseudo(views, mixed, ssl.min_confidence, result["stems"][:count], ssl.thing_floor())
         pl_stats = {f"pl/{k}": v for k, v in pseudo_label_stats(labels, ssl.min_confidence, ssl.thing_floor()).items()}
         pl_stats.update(truth_rates(result.get("truth") or {}))
-        return batch, stats, pl_stats
+        return batch, pl_stats
 
     def _update_teacher(self, step: int, logged: dict[str, float]) -> None:
         from dearli.training.ema import ema_decay, ema_update
@@ -242,7 +246,8 @@ class StudentLoop:
         if self.logger is None or not due(step, self.cfg.train.log_every, self.cfg.train.max_steps):
             return
         values = {k: sum(v) / len(v) for k, v in self.window.items()}
-        values["staleness_max"] = max(self.window["staleness"])
+        if "staleness" in self.window:  # not during the burn-in: no label was asked for
+            values["staleness_max"] = max(self.window["staleness"])
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         self.logger.log(self.step, {**values, **self.progress.rates(self.step),
                                     "teacher_nodes": sorted(self.teacher_nodes)})

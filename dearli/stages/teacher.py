@@ -12,9 +12,11 @@ Three parts:
   ensemble (α from the schedule) + panoptic inference, and return the views with their pseudo-labels.
   Actors restart on failure (also on another node) and calls to a lost actor are retried.
 * :class:`PseudoLabelFeed`, inside each Train worker: keeps ``ssl.prefetch`` requests in flight and hands
-  the student one batch per step. Staleness (student step minus the weights version that made the labels)
-  is bounded by construction: a batch older than ``ssl.max_staleness`` is labelled again with the newest
-  weights before use, so no step ever trains on staler labels. Time spent blocked is measured.
+  the student one batch per step after the burn-in (``ssl.burn_in_steps``: no request before its last
+  step, which sends the first ``ssl.prefetch`` ones so the step after it does not wait). Staleness
+  (student step minus the weights version that made the labels) is bounded by construction: a batch older
+  than ``ssl.max_staleness`` is labelled again with the newest weights before use, so no step ever trains
+  on staler labels. Time spent blocked is measured.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class TeacherWorker:
              {id, category_id, isthing, score}, "stems", "version", "node_id", "seconds", "peak_rss_mb" (of
              this actor's process),
              "truth": the teacher's labels against the ground truth of the same views (sums over the batch,
-             see :func:`truth_stats`; {} when the images have no annotation),
+             see :func:`truth_stats`; {} when the images have no annotation or ``ssl.truth_stats`` is off),
              "failed": [(stem, path, reason)] for unreadable images (left out of the batch)}
         """
         from dearli.model.ensemble import alpha_schedule
@@ -138,7 +140,8 @@ class TeacherWorker:
             predictions = predict_batch(self.model, images, self.cfg.model, self.thing_ids, alpha, rule)
             labels = [from_prediction(p, v) for p, v in zip(predictions, valids)]
             if all(t is not None for t in truths):
-                out["truth"] = truth_stats(labels, truths)
+                if self.cfg.ssl.truth_stats:
+                    out["truth"] = truth_stats(labels, truths)
                 if self.cfg.ssl.oracle_labels:
                     labels = truths
             out["images"] = images.to(torch.uint8).cpu().numpy()
@@ -152,7 +155,8 @@ class TeacherWorker:
 
     def _weak_view(self, record: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(weak view 3×S×S uint8, valid S×S bool, the ground truth of the view as a PseudoLabel or None when
-        the image has no annotation); DataError when the image (or, for the oracle, its annotation) is bad."""
+        the image has no annotation or none is read, see :meth:`_truth`); DataError when the image (or, for the
+        oracle, its annotation) is bad."""
         from dearli.training.pseudo_labels import truth_view, weak_view
 
         image = torch.from_numpy(np.ascontiguousarray(self.split.load_image(record))).permute(2, 0, 1)
@@ -169,8 +173,11 @@ class TeacherWorker:
 
     def _truth(self, record: Any) -> Any:
         """The image's panoptic ground truth, or None when it has none (or, outside the oracle, a bad one: the
-        truth only feeds statistics then, and a bad annotation costs them, not the image)."""
+        truth only feeds statistics then, and a bad annotation costs them, not the image). Neither the oracle
+        nor ``ssl.truth_stats`` asks for it: None, and no annotation is read."""
         oracle = self.cfg.ssl.oracle_labels
+        if not oracle and not self.cfg.ssl.truth_stats:
+            return None
         if record.panoptic_path is None:
             if oracle:
                 raise DataError(record.image_path, "ssl.oracle_labels needs the ground truth of every unlabeled "
@@ -269,19 +276,22 @@ class PseudoLabelFeed:
     """The student side: a stream of pseudo-labelled weak views, ``prefetch`` requests ahead.
 
     Each rank draws its own share of the unlabeled images (a per-epoch permutation, ranks interleaved), so
-    ranks never label the same image in the same epoch.
+    ranks never label the same image in the same epoch. The first ``burn_in`` steps take no batch: the
+    stream starts at step ``burn_in + 1``, and a worker resumed after ``start_step`` steps draws the images
+    an uninterrupted one would.
     """
 
     def __init__(self, teachers: list[Any], stems: list[str], per_step: int, rank: int, world: int,
-                 seed: int, prefetch: int, max_staleness: int, start_step: int = 0):
+                 seed: int, prefetch: int, max_staleness: int, start_step: int = 0, burn_in: int = 0):
         self.teachers, self.stems, self.per_step = teachers, list(stems), per_step
         self.rank, self.world, self.seed = rank, world, seed
-        self.prefetch, self.max_staleness = prefetch, max_staleness
+        self.prefetch, self.max_staleness, self.burn_in = prefetch, max_staleness, burn_in
         self.skip: set[str] = set()
         self.failed: list[tuple[str, str, str]] = []
         self.queue: collections.deque = collections.deque()
         self.calls = rank  # spreads the ranks' requests over the actors
-        self.draw = start_step * per_step  # position in this rank's endless sequence of images
+        # Position in this rank's endless sequence of images: every step after the burn-in took one batch.
+        self.draw = max(0, start_step - burn_in) * per_step
         self._order: tuple[int, list[str]] = (-1, [])  # (epoch, this rank's images in that epoch's order)
 
     def _requests(self) -> list[dict[str, Any]]:
@@ -314,8 +324,13 @@ class PseudoLabelFeed:
         self.calls += 1
         self.queue.append((requests, teacher.label.remote(requests, step)))
 
-    def next(self, step: int) -> tuple[dict[str, Any], FeedStats]:
-        """The pseudo-labelled batch for student step ``step`` (labels at most ``max_staleness`` old)."""
+    def next(self, step: int) -> tuple[dict[str, Any], FeedStats] | None:
+        """The pseudo-labelled batch for student step ``step`` (labels at most ``max_staleness`` old); None
+        during the burn-in (``step <= burn_in``), whose last step sends the first ``prefetch`` requests."""
+        if step <= self.burn_in:
+            while step == self.burn_in and len(self.queue) < self.prefetch:
+                self._submit(step)
+            return None
         started = time.perf_counter()
         relabelled = 0
         while True:

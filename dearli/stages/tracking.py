@@ -8,7 +8,9 @@ pipeline run in MLflow:
 * one nested run per stage (``cache``, ``warmup``, ``ssl``, ``evaluate``), found by ``dearli.stage``;
 * params: the resolved config, flattened (``optim.lr``); evaluation metrics ``eval/PQ`` ... (see
   ``EVAL_PREFIXES``) on the parent and the ``evaluate`` run;
-* the final teacher as an MLflow 3 logged model, registered as a model version (see the registry module).
+* the final teacher as an MLflow 3 logged model, registered as a model version (see the registry module);
+  a diagnostic run's (``ssl.oracle_labels``) carries the tag ``dearli.diagnostic`` (``DIAGNOSTIC_TAG``), as
+  its runs do, and ``dearli serve`` refuses it.
 
 Step metrics. A stage's MLflow run holds, per logged step, the numeric values of the ``metrics.jsonl``
 record of that step under the same names (nested dicts joined with ``/``; non-numbers such as
@@ -25,7 +27,10 @@ record.
   the step time the student waited for pseudo-labels), ``relabelled`` (batches labelled again because too
   stale), ``teacher_version``, and the pseudo-label statistics ``pl/segments_per_image``,
   ``pl/labeled_fraction`` (pixels owned by a kept segment) and ``pl/mean_confidence`` (teacher score of
-  the kept segments); evaluations during training as ``eval/PQ`` ... at their step.
+  the kept segments), none of these during the burn-in (``ssl.burn_in_steps``, no label asked for); with
+  ``ssl.truth_stats``, the labels against the unlabeled images' annotations: ``gt/segments_per_image``,
+  ``gt/things_per_image``, ``pl/thing_recall``, ``pl/thing_precision``; evaluations during training as
+  ``eval/PQ`` ... at their step.
 
 Ray Train V2 has no MLflow callback: the training function logs from rank 0 itself. It receives a
 picklable :class:`TrackingSpec` (tracking URI + run id of the stage's MLflow run) and opens a
@@ -53,6 +58,8 @@ RUN_DIR_TAG = "dearli.run_dir"  # identifies a pipeline's parent run: same direc
 RUN_NAME_TAG = "dearli.run_name"
 STAGE_TAG = "dearli.stage"
 REUSED_TAG = "dearli.reused"  # a stage whose output existed before this run
+# Runs and model versions whose figures are no result (ssl.oracle_labels); dearli serve refuses such a model.
+DIAGNOSTIC_TAG = "dearli.diagnostic"
 LOCAL_STORE = "mlflow.db"  # the sqlite store inside the workdir when MLFLOW_TRACKING_URI is unset
 LOCAL_ARTIFACTS = "mlartifacts"  # artifact root beside a local sqlite store
 # Eval metric prefixes of the four evaluated variants (ensembled teacher first).

@@ -50,7 +50,7 @@ def unlabeled_criterion(cfg: Config, num_classes: int, thing_ids: Sequence[int],
 
 
 def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                      labeled_batch: dict[str, Any], unlabeled_batch: dict[str, Any], cfg: Config,
+                      labeled_batch: dict[str, Any], unlabeled_batch: dict[str, Any] | None, cfg: Config,
                       scaler: torch.amp.GradScaler, device: torch.device, unlabeled_weight: float,
                       criterion_u: nn.Module | None = None) -> dict[str, float]:
     """loss = supervised loss on ``labeled_batch`` + ``unlabeled_weight`` × loss on ``unlabeled_batch``.
@@ -59,7 +59,8 @@ def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.o
     :func:`dearli.training.pseudo_labels.collate_pseudo`) with crops of one size: they go through the model
     as ONE concatenated forward, so a DistributedDataParallel model sees one forward per backward.
     Precision is ``cfg.ssl.precision`` (fp32 unless "amp", as upstream trains this stage). ``criterion_u``
-    scores the pseudo-labels (default ``criterion``); a weight of 0 leaves the unlabeled images out.
+    scores the pseudo-labels (default ``criterion``); a weight of 0 or no unlabeled batch (the burn-in)
+    leaves the unlabeled images out.
 
     Returns:
         {"loss", "loss_sup", "loss_unsup", "grad_norm"} and the final layer's terms ("loss_ce", "loss_mask",
@@ -67,18 +68,21 @@ def mean_teacher_step(model: nn.Module, criterion: nn.Module, optimizer: torch.o
     """
     model.train()
     images_l, targets_l = move_batch(labeled_batch, device)
-    images_u, targets_u = move_batch(unlabeled_batch, device)
-    if images_l.shape[1:] != images_u.shape[1:]:
-        raise ValueError(f"labeled images {tuple(images_l.shape[1:])} and unlabeled images "
-                         f"{tuple(images_u.shape[1:])} must share one crop size")
-    # A weight of 0 (the burn-in) leaves the unlabeled images out of the forward pass altogether.
-    images = torch.cat([images_l, images_u]) if unlabeled_weight > 0 else images_l
+    # No batch or a weight of 0 (the burn-in) leaves the unlabeled images out of the forward pass altogether.
+    unlabeled = unlabeled_batch is not None and unlabeled_weight > 0
+    images = images_l
+    if unlabeled:
+        images_u, targets_u = move_batch(unlabeled_batch, device)
+        if images_l.shape[1:] != images_u.shape[1:]:
+            raise ValueError(f"labeled images {tuple(images_l.shape[1:])} and unlabeled images "
+                             f"{tuple(images_u.shape[1:])} must share one crop size")
+        images = torch.cat([images_l, images_u])
     with autocast_for(device, cfg.ssl.precision == "amp"):
         outputs = model(images)
     # Losses in fp32, as train_step: the point-sampled BCE and dice are sensitive to fp16 rounding.
     outputs_l, outputs_u = split_outputs(outputs_to_float(outputs), images_l.shape[0])
     losses_sup = criterion(outputs_l, targets_l)
-    losses_unsup = (criterion_u or criterion)(outputs_u, targets_u) if unlabeled_weight > 0 else {}
+    losses_unsup = (criterion_u or criterion)(outputs_u, targets_u) if unlabeled else {}
     loss_sup = total_loss(losses_sup)
     loss_unsup = total_loss(losses_unsup) if losses_unsup else torch.zeros((), device=loss_sup.device)
     loss = loss_sup + unlabeled_weight * loss_unsup
