@@ -367,3 +367,20 @@ def test_a_new_class_list_is_encoded_outside_the_model_lock_and_never_written(re
     assert list(tmp_path.iterdir()) == [], "a request's class list must not be written to disk"
     answer = service.labeler.run(prepared, text)
     assert {s["category_id"] for s in answer["segments_info"]} <= {0, 1}
+
+
+def test_the_served_path_and_the_evaluation_path_give_one_panoptic_map(replica):
+    # Serving upsamples the masks a few queries at a time without a semantic map; evaluation and `dearli predict`
+    # upsample all of them at once for both maps: the panoptic maps must be the same, at a size the model never saw.
+    from dearli.model.predictor import predict_image
+
+    service, image, _ = replica
+    labeler = service.labeler
+    big = np.asarray(Image.open(io.BytesIO(image)).convert("RGB").resize((203, 157), Image.BILINEAR))
+    thing_ids = labeler.default.thing_ids
+    served = predict_image(labeler.model, big, labeler.model_cfg, thing_ids, semantic=False)
+    evaluated = predict_image(labeler.model, big, labeler.model_cfg, thing_ids, semantic=True)
+    assert served.panoptic.shape == (157, 203) and evaluated.semantic.shape == (157, 203)
+    assert served.semantic.size == 0 and len(served.segments) >= 2
+    np.testing.assert_array_equal(served.panoptic, evaluated.panoptic)
+    assert served.segments == evaluated.segments

@@ -71,8 +71,9 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, t
 
     ``alpha_clip`` is the CLIP weight of the geometric ensemble (default ``cfg.ensemble.alpha_clip``);
     0 uses the decoder's classifier alone. The panoptic map is decided at the image's size (Mask2Former's
-    rule) with the masks upsampled :data:`UPSAMPLE_CHUNK` queries at a time; ``semantic=False`` skips the
-    semantic map (K×H×W scores) and leaves ``Prediction.semantic`` empty. ``check`` is called between the
+    rule); ``semantic=False`` skips the semantic map (K×H×W scores), leaves ``Prediction.semantic`` empty
+    and upsamples the masks :data:`UPSAMPLE_CHUNK` queries at a time (memory O(H·W), not O(Q·H·W)); both
+    give the same panoptic map. ``check`` is called between the
     steps and may raise to stop the work (a labeling request whose client has gone).
     """
     model.eval()
@@ -90,13 +91,16 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, cfg: ModelConfig, t
     def upsample(masks: torch.Tensor) -> torch.Tensor:
         return postprocess_masks(masks, padded.shape[-2:], resized.shape[-2:], image.shape[:2])
 
-    panoptic, segments = panoptic_inference(
-        scores[0], outputs["pred_masks"][0], thing_ids, cfg.inference.object_mask_threshold,
-        cfg.inference.overlap_threshold, probs=probs, upsample=upsample, chunk=UPSAMPLE_CHUNK, check=check)
     semantic_map = np.zeros((0, 0), np.uint8)
-    if semantic:
+    if semantic:  # the semantic map needs every mask at full size anyway: upsample them once, for both maps
         masks = upsample(outputs["pred_masks"][0])
         semantic_map = semantic_inference(scores[0], masks, probs=probs).argmax(0).to(torch.uint8).cpu().numpy()
+        low, lazy = masks, None
+    else:
+        low, lazy = outputs["pred_masks"][0], upsample
+    panoptic, segments = panoptic_inference(
+        scores[0], low, thing_ids, cfg.inference.object_mask_threshold, cfg.inference.overlap_threshold,
+        probs=probs, upsample=lazy, chunk=UPSAMPLE_CHUNK, check=check)
     return Prediction(panoptic.cpu().numpy(), segments, semantic_map)
 
 
