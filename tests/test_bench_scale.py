@@ -1,6 +1,11 @@
 """``dearli bench scale``: the stages' figures and the growth verdict (the sizes themselves are for the bench)."""
 
+import json
+import subprocess
+import sys
+
 from dearli.bench.scale import growth, run_stage
+from dearli.bench.scale_stages import PREPARE, DescendantPeak
 
 
 def test_growth_flags_a_stage_whose_cost_per_image_grows():
@@ -19,7 +24,29 @@ def test_stages_report_their_figures_on_a_small_world(tmp_path):
     row = run_stage("world", str(world), 24)
     assert row["images"] == 24 and row["files"] > 3 * 24 and row["bytes"] > 0 and row["peak_mib"] > 0
     assert run_stage("load", str(world), 24)["records"] == 24
-    start = run_stage("ssl-start", str(world), 24)
+    start = run_stage("ssl-split", str(world), 24)
     assert start["labeled"] + start["unlabeled"] == 24 and start["labeled"] == 3
     assert run_stage("teacher-stream", str(world), 24)["ms_per_step"] > 0
     assert run_stage("check", str(world), 24)["exit"] == 0
+
+
+def test_assemble_stage_assembles_every_committed_image(tmp_path):
+    world = tmp_path / "world"
+    run_stage("world", str(world), 20)
+    prepared = PREPARE["assemble"](world, 20)
+    row = run_stage("assemble", str(world), 20)
+    assert prepared["run_id"] and row["images_out"] == 20 and row["parts"] == 3  # 8 + 8 + 4 images
+    gt = json.loads((world / "annotations" / "panoptic_train.json").read_text())
+    out = json.loads((tmp_path / "world_assemble" / "panoptic.json").read_text())
+    assert row["segments"] == sum(len(a["segments_info"]) for a in gt["annotations"])
+    assert sorted(a["file_name"] for a in out["annotations"]) == sorted(a["file_name"] for a in gt["annotations"])
+
+
+def test_descendant_peak_sees_a_child_process_memory():
+    code = "b = bytearray(200 * 2**20); import time; time.sleep(1.0)"
+    with DescendantPeak(interval=0.05) as peak:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert peak.peak_mib >= 200
+    with DescendantPeak(interval=0.05) as idle:
+        pass
+    assert idle.peak_mib == 0

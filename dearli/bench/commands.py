@@ -15,6 +15,7 @@ BENCH_MODULES = (
     "dearli.bench.gpu",  # dearli bench gpu
     "dearli.bench.serve",  # dearli bench serve
     "dearli.bench.scale",  # dearli bench scale
+    "dearli.bench.scoring",  # dearli bench test-world
 )
 
 

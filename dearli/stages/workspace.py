@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from dearli.config import DEFAULT_WORKDIR, Config
+from dearli.data.synth.worlds import MAIN
 
 __all__ = ["DEFAULT_WORKDIR"]  # re-exported: the jobs and the report read it from here
-SYNTH_SEED = 0  # the embedded default world
+SYNTH_SEED = MAIN.seed  # the embedded default world
 SAM_SPLIT = "train"  # warm-up trains on the SAM masks of every training image, labeled or not
 CLIP_SPLIT = "val"  # what the zero-shot baselines score (dearli baseline oracle | sam-clip)
 _RUN_INDEX = re.compile(r"^(?P<prefix>.+)_(?P<index>\d{3,})$")

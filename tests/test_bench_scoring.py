@@ -1,0 +1,38 @@
+"""``dearli bench test-world``: the reserved world is written once and scores a checkpoint as ``dearli predict``."""
+
+import json
+
+import torch
+
+from dearli.bench.scoring import ensure_world, score
+from dearli.cli import main
+from dearli.config import load_config
+from dearli.data.dataset import load_dataset
+from dearli.data.synth.worlds import TEST, WORLDS, WorldSpec
+from dearli.model.m2f_lang import build_m2f_lang
+from dearli.training.checkpoint import save_checkpoint
+
+SMALL = WorldSpec("small", 3, 2, 5, "this test")
+
+
+def test_the_test_world_is_reserved_and_distinct():
+    assert [w.name for w in WORLDS].count("test") == 1
+    assert TEST.seed not in {w.seed for w in WORLDS if w is not TEST}
+    assert TEST.role.startswith("reporting only")
+
+
+def test_a_checkpoint_scores_as_dearli_predict_on_the_written_world(tmp_path, capsys):
+    world = ensure_world(tmp_path, SMALL)
+    stamp = (world / "dataset.yaml").stat().st_mtime_ns
+    assert ensure_world(tmp_path, SMALL) == world and (world / "dataset.yaml").stat().st_mtime_ns == stamp
+    assert len(load_dataset(world).split("val").records) == 5
+    cfg = load_config("tiny", ["model.inference.test_short_side=64"])
+    torch.manual_seed(0)
+    model = build_m2f_lang(cfg.model, load_dataset(world).categories.synonyms)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, model, cfg)
+    mine = score(str(checkpoint), world, alpha_clip=0.4)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(world), "--out", str(tmp_path / "pred"),
+                 "--alpha-clip", "0.4", "--json", "--visualize", "0"]) == 0
+    predicted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert mine == {k: round(predicted[k], 2) for k in ("PQ", "PQ_th", "PQ_st", "mIoU")}
