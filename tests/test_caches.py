@@ -265,6 +265,24 @@ def test_superseded_writer_cannot_commit_and_duplicates_are_dropped(tmp_path):
     assert sorted(sum(stems, [])) == ["a", "b", "c"]
 
 
+def test_compact_merges_small_parts_and_keeps_every_row_once(tmp_path):
+    store = CacheStore(str(tmp_path / "cache"))
+    store.open_for_writing("sam", {"x": 1})
+    store.take_lease("run-a")
+    noise = np.random.default_rng(0)  # incompressible rows: a part's size grows with its rows
+    for i in range(10):
+        store.commit(pa.Table.from_pylist([{"stem": f"s{j:02d}", "v": noise.bytes(1000)} for j in (2 * i, 2 * i + 1)]),
+                     "run-a")
+    size = max(p.stat().st_size for p in (tmp_path / "cache" / "parts").iterdir())
+    assert store.compact("run-a", target_bytes=4 * size) == 10 - 3  # groups of 4, 4 and 2 parts
+    rows = [pa.parquet.read_table(p).num_rows for p in store.part_files()]
+    assert sorted(rows) == [4, 8, 8]
+    stems = [s for p in store.part_files() for s in pa.parquet.read_table(p).column("stem").to_pylist()]
+    assert sorted(stems) == [f"s{i:02d}" for i in range(20)]
+    assert max(Path(p).stat().st_size for p in store.part_files()) <= 4 * size
+    assert sorted(read_sam_cache(str(tmp_path / "cache"))) == [f"s{i:02d}" for i in range(20)]
+
+
 def _sam_cache_with(tmp_path, mask_counts: list[int]) -> str:
     """A committed SAM cache whose image i holds ``mask_counts[i]`` 4×4 masks."""
     from dearli.caches.generators import MaskRecord

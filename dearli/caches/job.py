@@ -2,7 +2,8 @@
 
 The driver lists the images still missing from the cache (resume), Ray Data streams them through an
 actor pool (one model per actor, GPUs when the cluster has them), every batch is committed by the
-actor that computed it, and the driver gathers the per-image status rows into a summary. A batch that
+actor that computed it, and the driver gathers the per-image status rows into a summary and, at the end,
+merges the small parts into few large ones (``CacheStore.compact``). A batch that
 could not be written (disk full, read-only) or whose run was superseded stops the job with that error;
 what was committed stays, and a rerun does the rest.
 
@@ -198,6 +199,7 @@ def run_cache_job(uri: str, kind: str, settings: dict[str, Any], rows: list[dict
     store.require_lease(run_id)  # a newer run on this output finishes it: change nothing more
     # A worker of an earlier, killed run may have committed an image this run also did: keep one copy.
     store.drop_duplicate_rows()
+    store.compact(run_id)
     attempted = {r["stem"] for r in todo}
     summary.retried = len(previous_errors & attempted)
     store.drop_retried_errors(run_id, attempted)

@@ -55,6 +55,7 @@ SUCCESS = "_SUCCESS"
 WRITER = "_WRITER"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+COMPACT_BYTES = 64 * 2**20  # merged parts grow to about this: few files to list and open, bounded memory
 TMP_MARK = ".tmp-"  # write_atomic's temporary files: .<name>.tmp-<random>, beside their target
 
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("stem", pa.string()), ("image_path", pa.string()),
@@ -318,6 +319,37 @@ class CacheStore:
     def drop_rows(self, stems: set[str]) -> int:
         """Uncommit the rows of ``stems`` (a rerun processes those images again); returns how many went."""
         return self._filter_rows(lambda stem: stem not in stems)
+
+    def compact(self, run_id: str, target_bytes: int = COMPACT_BYTES) -> int:
+        """Merge runs of small committed parts (in name order) into parts of about ``target_bytes``.
+
+        Workers commit a few images a part, so that a crash loses little; a finished cache of 10⁵ images
+        would otherwise be 10⁴ files for every reader to list and open (Ray Data's first batch waits for all
+        of them). Each merged part is committed (``_tmp/``, then a rename) before its sources are deleted:
+        a crash in between leaves two copies of some rows, and readers keep the first. Returns how many
+        fewer part files there are.
+        """
+        paths = self.part_files()
+        sizes = [info.size for info in self.fs.get_file_info(paths)]
+        groups: list[list[str]] = [[]]
+        total = 0
+        for path, size in zip(paths, sizes):
+            if groups[-1] and total + size > target_bytes:
+                groups.append([])
+                total = 0
+            groups[-1].append(path)
+            total += size
+        removed = 0
+        for group in (g for g in groups if len(g) > 1):
+            merged = pa.concat_tables([pq.read_table(p, filesystem=self.fs) for p in group])
+            final = self.commit(merged, run_id)
+            removed -= 1
+            for path in group:
+                if path != final:
+                    with writing(path):
+                        self.fs.delete_file(path)
+                    removed += 1
+        return removed
 
     def read_errors(self) -> pa.Table:
         """The latest error of every image that is still missing from the cache."""
