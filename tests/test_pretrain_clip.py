@@ -18,7 +18,14 @@ from dearli.data.synth.world import SynthWorld
 from dearli.errors import ConfigError, DataError
 from dearli.model.backbone import build_backbone
 from dearli.model.m2f_lang import build_m2f_lang
-from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip, read_metadata, write_checkpoint
+from dearli.pretrain.checkpoint import (
+    cached_path,
+    content_key,
+    ensure_pretrained_clip,
+    read_metadata,
+    shipped_checkpoint,
+    write_checkpoint,
+)
 from dearli.pretrain.clip import PretrainOptions, create_clip
 from dearli.pretrain.pairs import GROUP_SIZE, PairOptions, make_batch, make_group, make_pair, pick_instance
 from dearli.pretrain.resolve import resolve_clip
@@ -168,3 +175,22 @@ def test_the_synth_preset_resolves_to_the_cached_project_clip(tmp_path):
     saved = torch.load(expected, map_location="cpu", weights_only=True)["state_dict"]
     backbone = build_backbone(resolved.model.backbone)
     assert torch.equal(backbone.clip.state_dict()["visual.trunk.stem.0.weight"], saved["visual.trunk.stem.0.weight"])
+
+
+def test_the_package_ships_the_default_clip_and_an_empty_cache_copies_it(tmp_path, monkeypatch):
+    shipped = shipped_checkpoint(PretrainOptions())
+    assert shipped is not None, "the package ships no CLIP of the default options: run 'dearli pretrain-clip "
+    "--cache-dir DIR' and put the file in dearli/pretrain/weights"
+    assert read_metadata(shipped)["key"] == content_key(PretrainOptions())  # the file matches today's settings
+    assert shipped_checkpoint(TINY) is None  # other options train as before
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the package ships the checkpoint")
+
+    monkeypatch.setattr("dearli.pretrain.checkpoint.train_clip", no_training)
+    lines: list[str] = []
+    resolved = resolve_clip(load_config("synth"), tmp_path, log=lines.append)
+    path = cached_path(tmp_path, PretrainOptions())
+    assert resolved.model.backbone.pretrained == str(path) and path.read_bytes() == shipped.read_bytes()
+    assert len(lines) == 1 and "comes with the package" in lines[0]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

@@ -9,6 +9,10 @@ the open_clip model config, the class table and the versions of the world genera
 stream): the same request returns the same file and trains at most once, also across processes (a lock
 file serialises concurrent requests). Files are written to a temporary name and linked into place, so a
 reader never sees half a checkpoint and an existing file is never replaced.
+
+The package ships the checkpoint of the default options (``weights/``, trained by ``dearli pretrain-clip``
+with them): a cache that lacks it gets a copy instead of minutes of training. Any other options, or a
+change to what the key covers, train as before.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -84,6 +89,26 @@ def write_checkpoint(model: nn.Module, options: PretrainOptions, path: str | Pat
     return path
 
 
+SHIPPED_DIR = Path(__file__).parent / "weights"  # checkpoints that come with the package
+
+
+def shipped_checkpoint(options: PretrainOptions) -> Path | None:
+    """The package's checkpoint of ``options``, or None when it ships none for them."""
+    path = SHIPPED_DIR / cached_path(".", options).name
+    return path if path.is_file() else None
+
+
+def _install(source: Path, path: Path) -> None:
+    """Copy ``source`` to ``path`` through a temporary file and a link (never replaces a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
+            shutil.copyfileobj(src, handle)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """Exclusive lock on ``path`` (created if missing) for the duration of the block."""
@@ -101,7 +126,7 @@ def _locked(path: Path):
 def ensure_pretrained_clip(cache_root: str | Path, steps: int | None = None, seed: int | None = None,
                            options: PretrainOptions | None = None, log=None) -> Path:
     """Path of the pretrained CLIP for ``options`` (``steps`` / ``seed`` override its fields), training it
-    first if the cache does not hold it yet.
+    first if the cache does not hold it yet (copied from the package instead when it ships that checkpoint).
 
     The returned file loads with ``model.backbone.pretrained=<path>``. A file at the cached name whose
     recorded key differs (a corrupt or foreign file) is an error, never overwritten.
@@ -112,7 +137,10 @@ def ensure_pretrained_clip(cache_root: str | Path, steps: int | None = None, see
     options.validate()
     path = cached_path(cache_root, options)
     with _locked(path.with_name(path.name + ".lock")):
-        if not path.exists():
+        shipped = shipped_checkpoint(options)
+        if not path.exists() and shipped is not None:
+            _install(shipped, path)
+        elif not path.exists():
             write_checkpoint(train_clip(options, log=log), options, path)
     if read_metadata(path).get("key") != content_key(options):
         raise DataError(path, "holds a checkpoint of other pre-training settings; remove it or use another cache")

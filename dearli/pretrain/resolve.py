@@ -2,8 +2,9 @@
 
 The synthetic world's preset names the small CLIP that ``dearli pretrain-clip`` trains rather than a
 file: drivers (the ``dearli`` commands, ``jobs/*.py``, the benches) call :func:`resolve_clip` once, which
-trains the checkpoint on first use (about 7 minutes on 2 CPU cores) and replaces the name by the cached
-file's absolute path. Workers then build the backbone from that path like any open_clip checkpoint.
+puts the checkpoint in the cache on first use (the copy the package ships; trained, about 7 minutes on 2
+CPU cores, when the package has none for the current settings) and replaces the name by the cached file's
+absolute path. Workers then build the backbone from that path like any open_clip checkpoint.
 
 The cache is content-addressed (see :mod:`dearli.pretrain.checkpoint`): ``$DEARLI_CLIP_CACHE``, else
 ``clip/`` in the jobs' default workdir (``~/ray_results/dearli/clip``), so the commands and the jobs
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from dearli.config import DEFAULT_WORKDIR, PROJECT_CLIP, Config, load_config
 from dearli.errors import ConfigError
-from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip
+from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip, shipped_checkpoint
 from dearli.pretrain.clip import PretrainOptions
 
 CACHE_ENV = "DEARLI_CLIP_CACHE"
@@ -62,6 +63,10 @@ def pretrain_project_clip(cache_dir: str | Path, log: Callable[[str], None] = pr
     path = cached_path(root, options)
     if path.exists():
         return path
+    if shipped_checkpoint(options) is not None:
+        log(f"[clip] the project's CLIP comes with the package; cached as {path} ('dearli pretrain-clip --out "
+            f"FILE' trains it again: {options.steps} steps, about 7 minutes on 2 CPU cores)")
+        return ensure_pretrained_clip(root, options=options)
     log(f"[clip] pre-training the project's CLIP once ({options.steps} steps); cached as {path}")
 
     def progress(step: int, metrics: dict) -> None:
