@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dearli.data.coco_format import VOID_ID
 from dearli.errors import DataError
+from dearli.evaluation import png_reader
 
 _ID_MASK = np.uint32(0xFFFFFF)  # a panoptic id has 24 bits: R + 256·G + 256²·B
 _NOT_AN_ID = np.uint32(0xFFFFFFFF)  # never equal to a 24-bit id: stands after the last id of an IdTable
@@ -159,16 +160,16 @@ def _pixel_words(im: Image.Image) -> np.ndarray | None:
 
 
 def preload_decoder() -> None:
-    """Decode a tiny PNG, so that everything decoding imports lazily is loaded in this process.
+    """Decode a tiny PNG, so that everything decoding imports lazily is loaded before worker threads start.
 
-    Pillow's PNG plugin and pyarrow take ~0.1 s to import; done once in the parent, forked worker
-    processes inherit them, and repeated evaluations (e.g. one per epoch) no longer pay that in
-    every new worker.
+    Pillow's PNG plugin and pyarrow take ~0.1 s to import; they are needed only when the fast reader
+    (see :func:`_fast_png_runs`) is missing, so they are loaded only then.
     """
     buf = io.BytesIO()
     Image.new("RGB", (2, 1)).save(buf, format="PNG")
-    buf.seek(0)
-    read_panoptic_runs(buf)
+    if _fast_png_runs(buf.getvalue()) is None:
+        buf.seek(0)
+        read_panoptic_runs(buf)
 
 
 def read_panoptic_rgb(path: str) -> np.ndarray:
@@ -226,8 +227,23 @@ def runs_from_rgb(rgb: np.ndarray) -> PanopticRuns:
     return PanopticRuns((h, w), starts, _rgb_to_ids(flat.reshape(-1, 3)[starts]))
 
 
+def _fast_png_runs(data: bytes) -> PanopticRuns | None:
+    """:func:`png_reader.png_runs` of a PNG's bytes as :class:`PanopticRuns` (None: Pillow decodes it)."""
+    found = png_reader.png_runs(data)
+    return None if found is None else PanopticRuns(*found)
+
+
+def _read_fast(path: str) -> PanopticRuns | None:
+    """:func:`png_reader.read_runs` of a file as :class:`PanopticRuns` (None: Pillow decodes it)."""
+    found = png_reader.read_runs(path)
+    return None if found is None else PanopticRuns(*found)
+
+
 def read_panoptic_runs(path: str) -> PanopticRuns:
-    """Decode a panoptic PNG into runs (see :class:`PanopticRuns`)."""
+    """Decode a panoptic PNG into runs (see :class:`PanopticRuns`); ``path`` may also be a binary file object."""
+    runs = _read_fast(path)
+    if runs is not None:
+        return runs
     with _open_png(path) as im:
         words = _pixel_words(im) if im.mode == "RGB" else None
         if words is None:
@@ -269,7 +285,7 @@ class IdTable:
     """
 
     def __init__(self, ids: np.ndarray):
-        self.ids = np.asarray(ids, dtype=np.uint32)
+        self.ids = np.ascontiguousarray(ids, dtype=np.uint32)
         self.other = len(self.ids)
         self._stored = np.append(self.ids, _NOT_AN_ID)
 
@@ -286,6 +302,28 @@ class IdTable:
         return slots, known
 
 
+def pair_histogram(a: PanopticRuns, a_table: IdTable, b: PanopticRuns, b_table: IdTable) -> tuple[np.ndarray, bool]:
+    """Pixel counts of (slot of ``a``, slot of ``b``) pairs of two same-size run maps (see :class:`IdTable`).
+
+    Returns:
+        (R×C int64 counts with R = ``a_table.other + 1``, C = ``b_table.other + 1``; whether every id of
+        ``b`` is in ``b_table``).
+    """
+    if png_reader._runs is not None:
+        counts, absent = png_reader._runs.pair_histogram(
+            np.ascontiguousarray(a.starts, dtype=np.int64), np.ascontiguousarray(a.ids, dtype=np.uint32), a_table.ids,
+            np.ascontiguousarray(b.starts, dtype=np.int64), np.ascontiguousarray(b.ids, dtype=np.uint32), b_table.ids,
+            a.shape[0] * a.shape[1])
+        return np.frombuffer(counts, dtype=np.int64).reshape(a_table.other + 1, b_table.other + 1), absent == 0
+    a_slots, _ = a_table.lookup(a.ids)
+    b_slots, b_known = b_table.lookup(b.ids)
+    ja, jb, lengths = joint_runs(PanopticRuns(a.shape, a.starts, a_slots), PanopticRuns(b.shape, b.starts, b_slots))
+    rows, cols = a_table.other + 1, b_table.other + 1
+    # float weights are exact here (counts < 2**53) and bincount beats np.add.at several times over
+    hist = np.bincount(ja * cols + jb, weights=lengths, minlength=rows * cols)
+    return hist.astype(np.int64).reshape(rows, cols), bool(b_known.all())
+
+
 class GTRunCache:
     """Decoded ground-truth run maps kept on disk across evaluations (e.g. every epoch of a training run).
 
@@ -293,10 +331,12 @@ class GTRunCache:
     file is decoded again. Stale entries are never read; the folder may be deleted at any time.
 
     Args:
-        folder: cache folder (created when missing); only ``*.npy`` files named by this class are written.
+        folder: cache folder (created when missing); only ``gt-*.runs`` files named by this class are written.
     """
 
-    _VERSION = 1
+    # an entry is little-endian int64: version, H, W, M, then M run starts and M run ids (read without the
+    # header parsing of np.load, which costs several times the reading)
+    _VERSION = 2
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -312,7 +352,7 @@ class GTRunCache:
         except FileNotFoundError:
             raise DataError(path, "PNG file not found") from None
         key = f"{os.path.realpath(path)}\0{st.st_mtime_ns}\0{st.st_size}"
-        entry = self.folder / f"gt-{hashlib.sha1(key.encode()).hexdigest()}.npy"
+        entry = self.folder / f"gt-{hashlib.sha1(key.encode()).hexdigest()}.runs"
         runs = self._load(entry)
         if runs is None:
             runs = read_panoptic_runs(path)
@@ -321,21 +361,26 @@ class GTRunCache:
 
     def _load(self, entry: Path) -> PanopticRuns | None:
         try:
-            data = np.load(entry, allow_pickle=False)
+            data = np.frombuffer(entry.read_bytes(), dtype="<i8")
         except (OSError, ValueError):  # missing, or damaged by an interrupted writer: decode again
             return None
-        if data.ndim != 1 or data.size < 4 or data[0] != self._VERSION or data.size != 4 + 2 * data[3]:
+        if data.size < 4 or data[0] != self._VERSION or data.size != 4 + 2 * data[3]:
             return None
         m = int(data[3])
-        return PanopticRuns((int(data[1]), int(data[2])), data[4:4 + m], data[4 + m:].astype(np.uint32))
+        return PanopticRuns((int(data[1]), int(data[2])), data[4:4 + m].astype(np.int64),
+                            data[4 + m:].astype(np.uint32))
 
     def _store(self, entry: Path, runs: PanopticRuns) -> None:
         header = [self._VERSION, *runs.shape, len(runs.starts)]
-        data = np.concatenate((header, runs.starts, runs.ids)).astype(np.int64)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        data = np.concatenate((header, runs.starts, runs.ids)).astype("<i8")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)  # it may have been deleted since __init__
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        except OSError:  # not writable (any more): the entry is simply not kept
+            return
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, data)
+                f.write(data.tobytes())
             os.replace(tmp, entry)  # atomic: concurrent workers never see a half-written entry
         except OSError:
             with contextlib.suppress(OSError):

@@ -17,12 +17,13 @@ One deliberate difference: a group (Things or Stuff) with no counted class repor
 and n = 0 where panopticapi divides by zero.
 
 The per-image work is a joint histogram of (GT slot, prediction slot) pixel pairs. Each PNG is
-reduced to runs of equal ids right after decoding (a byte-wise compare, no per-pixel id map), the
-two run maps are split at each other's boundaries, and one weighted ``np.bincount`` over the few
-thousand joint runs gives the histogram; everything after that is on tiny matrices. PNG decoding
-is therefore nearly all of the cost (Pillow's inflate and unfiltering, ~3/4 of it). Pillow decodes
-without the GIL, so images are spread over a thread pool (no worker start-up, nothing pickled), and
-decoded GT maps can be kept in a cache folder for repeated evaluation of the same ground truth.
+reduced to runs of equal ids while it is decoded (no per-pixel id map), the run ids are looked up
+in the segment tables, and a merge of the two run maps gives the histogram; everything after that
+is on tiny matrices. Decoding is done by dearli's C extension after libdeflate's inflate (see
+``png_reader.png_runs``), without the GIL, or by Pillow where the extension is missing or a
+file is not a plain 8-bit RGB(A) PNG (same runs, same errors). Images are spread over a thread pool
+(no worker start-up, nothing pickled), and decoded GT maps can be kept in a cache folder for
+repeated evaluation of the same ground truth.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from dearli.evaluation.panoptic_io import (
     GTRunCache,
     IdTable,
     ImageTask,
-    joint_runs,
     load_categories,
     load_json,
     pair_annotations,
+    pair_histogram,
     preload_decoder,
     read_panoptic_runs,
     segment_table,
@@ -54,7 +55,7 @@ from dearli.evaluation.panoptic_io import (
 
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
 IGNORED_FRACTION = 0.5  # an unmatched prediction is ignored when more than this lies on VOID/crowd
-_MAX_DEFAULT_WORKERS = 8  # image decoding runs without the GIL, the rest (~1/6 of the work) holds it
+_MAX_DEFAULT_WORKERS = 8  # image decoding runs without the GIL, the rest (~1/4 of the work) holds it
 _CHUNK_IMAGES = 4  # images summed by one thread task: fixed, so sums never depend on the thread count
 _AHEAD = 4  # chunks per thread submitted ahead of the one being consumed
 
@@ -117,7 +118,7 @@ class _Context:
     cat_index: dict  # category id -> position in the GT categories list
     pred_json: str | None
     semseg_index: dict | None  # category id -> contiguous class, or None when semseg is off
-    gt_cache_dir: str | None = None  # folder of decoded GT run maps, or None to decode every time
+    gt_cache: GTRunCache | None = None  # decoded GT run maps kept in a folder, or None to decode every time
 
 
 def _image_counts(task: ImageTask, ctx: _Context) -> tuple[np.ndarray, np.ndarray | None]:
@@ -153,25 +154,19 @@ def _pair_histogram(task: ImageTask, ctx: _Context, gt_table: IdTable, pred_tabl
     Both PNGs are reduced to runs of equal ids, so every step after decoding works on a few thousand
     runs rather than on every pixel.
     """
-    if ctx.gt_cache_dir is None:
-        gt_runs = read_panoptic_runs(task.gt_png)
-    else:
-        gt_runs = GTRunCache(ctx.gt_cache_dir).read(task.gt_png)
+    gt_runs = read_panoptic_runs(task.gt_png) if ctx.gt_cache is None else ctx.gt_cache.read(task.gt_png)
     pred_runs = read_panoptic_runs(task.pred_png)
     if gt_runs.shape != pred_runs.shape:
         raise DataError(task.pred_png, f"size {pred_runs.shape[::-1]} differs from the ground truth "
                         f"{task.gt_png} {gt_runs.shape[::-1]} (W×H)")
-    g_ids, p_ids, lengths = joint_runs(gt_runs, pred_runs)
-    g_slots, _ = gt_table.lookup(g_ids)  # GT ids missing from the JSON share the "other" slot
-    p_slots, p_known = pred_table.lookup(p_ids)
-    if not p_known.all():
-        extra = np.unique(p_ids[~p_known])
+    # GT ids missing from the JSON share the "other" slot; prediction ids missing from it are an error
+    hist, pred_known = pair_histogram(gt_runs, gt_table, pred_runs, pred_table)
+    if not pred_known:
+        _, known = pred_table.lookup(pred_runs.ids)
+        extra = np.unique(pred_runs.ids[~known])
         raise DataError(task.pred_png, f"segment ids {extra[:10].tolist()} are in the PNG but not in the "
                         f"segments_info of image {task.image_id!r} in {ctx.pred_json or 'the prediction JSON'}")
-    n_g, n_p = gt_table.other + 1, pred_table.other + 1
-    # float weights are exact here (counts < 2**53) and bincount beats np.add.at several times over
-    hist = np.bincount(g_slots * n_p + p_slots, weights=lengths, minlength=n_g * n_p)
-    return hist.astype(np.int64).reshape(n_g, n_p)
+    return hist
 
 
 def _slot_categories(slot_ids: np.ndarray, segs: dict, cat_index: dict, unknown: int) -> np.ndarray:
@@ -298,9 +293,8 @@ def collect_stats(
         if not os.path.isdir(folder):
             raise DataError(folder, "folder of panoptic PNG files not found")
     tasks = pair_annotations(gt, gt_path, gt_dir, pred, pred_path, pred_dir)
-    if gt_cache_dir is not None:
-        GTRunCache(gt_cache_dir)  # create the folder (or fail) once, before any worker starts
-    ctx = _Context(cat_index, pred_path, semseg_index, None if gt_cache_dir is None else str(gt_cache_dir))
+    # the cache folder is created (or fails) once, before any worker starts
+    ctx = _Context(cat_index, pred_path, semseg_index, None if gt_cache_dir is None else GTRunCache(gt_cache_dir))
     conf = [np.zeros((len(semseg_index) + 1,) * 2, dtype=np.int64)] if semseg_index is not None else [None]
 
     def consume(out: tuple[np.ndarray, np.ndarray | None]) -> None:
