@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from dearli.bench.scale import growth, run_stage
-from dearli.bench.scale_stages import PREPARE, DescendantPeak
+from dearli.bench.scale_stages import PREPARE
 
 
 def test_growth_flags_a_stage_whose_cost_per_image_grows():
@@ -42,11 +42,24 @@ def test_assemble_stage_assembles_every_committed_image(tmp_path):
     assert sorted(a["file_name"] for a in out["annotations"]) == sorted(a["file_name"] for a in gt["annotations"])
 
 
+_PEAK_OF_A_CHILD = """
+import subprocess, sys
+from dearli.bench.scale_stages import DescendantPeak
+child = "b = bytearray({mib} * 2**20); import time; time.sleep(1.0)"
+with DescendantPeak(interval=0.05) as peak:
+    if {mib}:
+        subprocess.run([sys.executable, "-c", child], check=True)
+print(peak.peak_mib)
+"""
+
+
+def _peak_seen(mib: int) -> float:
+    """DescendantPeak in a new process (no other children) around a child holding ``mib`` MiB, or none."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_OF_A_CHILD.format(mib=mib)], check=True, capture_output=True,
+                         text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def test_descendant_peak_sees_a_child_process_memory():
-    code = "b = bytearray(200 * 2**20); import time; time.sleep(1.0)"
-    with DescendantPeak(interval=0.05) as peak:
-        subprocess.run([sys.executable, "-c", code], check=True)
-    assert peak.peak_mib >= 200
-    with DescendantPeak(interval=0.05) as idle:
-        pass
-    assert idle.peak_mib == 0
+    assert _peak_seen(200) >= 200
+    assert _peak_seen(0) == 0
