@@ -63,3 +63,12 @@ def _peak_seen(mib: int) -> float:
 def test_descendant_peak_sees_a_child_process_memory():
     assert _peak_seen(200) >= 200
     assert _peak_seen(0) == 0
+
+
+def test_bad_sizes_and_stages_are_one_line_errors(capsys):
+    from dearli.cli import main
+
+    assert main(["bench", "scale", "--sizes", "5"]) != 0
+    assert "--sizes must list image counts of at least 16, got '5'" in capsys.readouterr().err
+    assert main(["bench", "scale", "--stages", "world,foo"]) != 0
+    assert "--stages: unknown foo (known: world" in capsys.readouterr().err

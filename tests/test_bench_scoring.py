@@ -36,3 +36,10 @@ def test_a_checkpoint_scores_as_dearli_predict_on_the_written_world(tmp_path, ca
                  "--alpha-clip", "0.4", "--json", "--visualize", "0"]) == 0
     predicted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert mine == {k: round(predicted[k], 2) for k in ("PQ", "PQ_th", "PQ_st", "mIoU")}
+
+
+def test_a_missing_checkpoint_is_refused_before_the_world_is_written(tmp_path, capsys):
+    assert main(["bench", "test-world", "--checkpoint", str(tmp_path / "nope.pt"), "--workdir", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.pt: checkpoint not found (--checkpoint)" in err[0]
+    assert not (tmp_path / "datasets").exists()

@@ -116,8 +116,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         sizes = []
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
-    if not sizes or min(sizes) < 16 or unknown:
-        raise ConfigError(f"--sizes must list counts of at least 16; unknown --stages {unknown} (known: {STAGES})")
+    if not sizes or min(sizes) < 16:
+        raise ConfigError(f"--sizes must list image counts of at least 16, got {args.sizes!r:.80}")
+    if unknown:
+        raise ConfigError(f"--stages: unknown {', '.join(unknown)[:80]} (known: {', '.join(STAGES)})")
     return sizes, [s for s in STAGES if s in stages]  # pipeline order: later stages read earlier ones' outputs
 
 

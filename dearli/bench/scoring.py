@@ -69,11 +69,14 @@ def score(checkpoint: str, world: Path, alpha_clip: float | None = None) -> dict
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dearli.errors import ConfigError
+    from dearli.errors import ConfigError, DataError
     from dearli.stages.workspace import resolve_workdir
 
     if args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0:
         raise ConfigError(f"--alpha-clip must lie in [0, 1], got {args.alpha_clip}")
+    for checkpoint in args.checkpoint:  # before minutes of writing the world
+        if not checkpoint.startswith(("models:/", "runs:/")) and not Path(checkpoint).expanduser().is_file():
+            raise DataError(checkpoint, "checkpoint not found (--checkpoint)")
     world = ensure_world(resolve_workdir(args.workdir))
     print(f"test world: seed {TEST.seed}, {TEST.val} validation images ({world})", flush=True)
     rows: list[dict[str, Any]] = []

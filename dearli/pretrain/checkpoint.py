@@ -30,7 +30,7 @@ from torch import nn
 
 from dearli.data.synth.classes import CLASSES
 from dearli.data.synth.writer import GENERATOR_VERSION
-from dearli.errors import DataError
+from dearli.errors import DataError, OutputError
 from dearli.pretrain.clip import PretrainOptions, train_clip
 from dearli.pretrain.pairs import PAIRS_VERSION
 
@@ -100,13 +100,17 @@ def shipped_checkpoint(options: PretrainOptions) -> Path | None:
 
 def _install(source: Path, path: Path) -> None:
     """Copy ``source`` to ``path`` through a temporary file and a link (never replaces a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
-            shutil.copyfileobj(src, handle)
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle, open(source, "rb") as src:
+                shutil.copyfileobj(src, handle)
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    except OSError as err:
+        raise OutputError(path, f"cannot copy the shipped CLIP here ({err.strerror or err}); free space or set "
+                          "DEARLI_CLIP_CACHE to a writable folder") from err
 
 
 @contextlib.contextmanager
