@@ -197,6 +197,9 @@ class TrainConfig:
     num_workers: int = 1  # Train workers (DDP ranks); train.batch_size is split across them
     use_gpu: str = "auto"  # auto (GPU workers when the cluster has GPUs) | yes | no
     cpus_per_worker: float = 1.0  # logical CPUs each Train worker reserves
+    # torch intra-op threads of each Train worker; 0 = one per logical CPU it reserves (Ray's OMP_NUM_THREADS).
+    # Where dearli starts a local Ray it counts more logical CPUs than cores, so a worker then gets 1 thread.
+    threads_per_worker: int = 0
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
     # How the workers' placement group uses the nodes: PACK (fewest nodes, the fastest DDP) | SPREAD (over the
     # nodes, best effort: a restart after a lost node still fits on the others) | STRICT_PACK | STRICT_SPREAD.
@@ -211,6 +214,7 @@ class TrainConfig:
         _require(self.use_gpu in ("auto", "yes", "no"), "train.use_gpu",
                  f"must be auto, yes or no, got {self.use_gpu!r}")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+        _require(self.threads_per_worker >= 0, "train.threads_per_worker", "must be >= 0")
         _require(self.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
                  f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
         _require(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")

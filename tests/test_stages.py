@@ -74,7 +74,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
 
     # A batch of 3 on 2 workers: 2 each (rounded up, as every stage splits a batch), said in the log.
     cfg = load_config("tiny", [f"data.dataset={world}", *TINY, "warmup.max_steps=4", "warmup.batch_size=3",
-                               "train.num_workers=2", "train.checkpoint_every=2"])
+                               "train.num_workers=2", "train.checkpoint_every=2", "train.threads_per_worker=2"])
     said: list[str] = []
     warm = run_warmup(cfg, tmp_path / "warmup", str(sam_cache), echo=said.append)
     assert any("batch 3 (effective batch 4: 2 per worker on 2 workers) on 2 worker(s)" in line for line in said)
@@ -84,7 +84,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     losses = [m for m in metrics(tmp_path / "warmup") if "loss" in m]
     assert [m["step"] for m in losses] == [1, 2, 3, 4] and all("loss_ce" not in m or m["loss_ce"] == 0 for m in losses)
     workers = [json.loads(line) for line in (tmp_path / "warmup" / "workers.jsonl").read_text().splitlines()]
-    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert sorted(w["rank"] for w in workers) == [0, 1] and {w["threads"] for w in workers} == {2}
     costs = [json.loads(line) for line in (tmp_path / "warmup" / "costs.jsonl").read_text().splitlines()]
     assert sorted(c["rank"] for c in costs if c["peak_rss_mb"] > 50) == [0, 1]  # what each worker's loop cost
 
@@ -110,6 +110,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
         "step_0000003.pt", "step_0000006.pt", "step_0000009.pt", "step_0000012.pt"]
     workers = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
     assert len(workers) == 4, "the worker group was not restarted"
+    assert {w["threads"] for w in workers} == {1}, "a Train worker takes one thread per logical CPU it reserves"
     records = metrics(run)
     steps = [m for m in records if "loss" in m]
     numbers = [m["step"] for m in steps]

@@ -50,8 +50,8 @@ def _counts(text: str) -> list[int]:
 
 
 def run_bench_ssl(args: argparse.Namespace) -> int:
-    from dearli.config import load_config
     from dearli.data.synth.writer import write_synth_dataset
+    from dearli.pretrain.resolve import load_resolved_config
     from dearli.runtime import ensure_ray
 
     ensure_ray()
@@ -63,7 +63,7 @@ def run_bench_ssl(args: argparse.Namespace) -> int:
         print("teacher pool (pseudo-labelled views/s):")
         rates = {}
         for actors in _counts(args.actors):
-            cfg = load_config(args.preset, [*base, f"ssl.teacher_actors={actors}"])
+            cfg = load_resolved_config(args.preset, [*base, f"ssl.teacher_actors={actors}"])
             rates[actors] = _teacher_rate(cfg, args.requests, args.repeats)
             print(f"  {actors} actor(s): {rates[actors].text()} views/s")
         first = next(iter(rates.values()), None)
@@ -71,7 +71,8 @@ def run_bench_ssl(args: argparse.Namespace) -> int:
             print(f"  speed-up {actors} vs {next(iter(rates))} actor(s): {rate.median / first.median:.2f}x (medians)")
         print("student (images/s, labeled + unlabeled; waiting fraction; staleness):")
         for workers in _counts(args.workers):
-            cfg = load_config(args.preset, [*base, f"train.num_workers={workers}", f"train.max_steps={args.steps}"])
+            cfg = load_resolved_config(args.preset, [*base, f"train.num_workers={workers}",
+                                                     f"train.max_steps={args.steps}"])
             print("  " + _student_line(cfg, Path(tmp) / f"run_{workers}", workers))
     return 0
 

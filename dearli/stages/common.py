@@ -142,6 +142,12 @@ def worker_device(cfg: Config) -> torch.device:
     return get_device() if cfg.train.device == "auto" else resolve_device(cfg.train.device)
 
 
+def set_worker_threads(cfg: Config) -> None:
+    """``train.threads_per_worker`` torch threads in this worker (0 leaves Ray's choice)."""
+    if cfg.train.threads_per_worker:
+        torch.set_num_threads(cfg.train.threads_per_worker)
+
+
 def report_checkpoint(rank: int, run_dir: Path, step: int, metrics: dict[str, Any], write) -> None:
     """Every rank calls this (it is a barrier); rank 0 writes the checkpoint with ``write(folder)``.
 
@@ -198,13 +204,14 @@ def latest_stage_checkpoint(device: torch.device, run_dir: Path) -> dict[str, An
 
 
 def record_worker(run_dir: Path, stage: str, rank: int) -> None:
-    """Append this worker's pid and Ray node to ``workers.jsonl`` (where each rank of each attempt ran)."""
+    """Append this worker's pid, Ray node and torch threads to ``workers.jsonl`` (where each rank of each attempt
+    ran, and on how many threads)."""
     import json
 
     import ray
 
     entry = {"stage": stage, "rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-             "time": time.time()}
+             "threads": torch.get_num_threads(), "time": time.time()}
     with open(run_dir / "workers.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")
 

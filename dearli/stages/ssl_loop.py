@@ -70,6 +70,7 @@ class StudentLoop:
         self.run_dir = Path(config["run_dir"])
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        common.set_worker_threads(cfg)
         common.record_worker(self.run_dir, STAGE, self.rank)
         self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
         self.teacher_gpu_peak_mb = 0.0  # ... and of GPU memory, on CUDA

@@ -87,6 +87,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    common.set_worker_threads(cfg)
     common.record_worker(run_dir, STAGE, rank)
     device = common.worker_device(cfg)
     info = load_dataset(cfg.data.dataset)
