@@ -14,17 +14,15 @@ import json
 import os
 import sys
 
-# jobs/ holds ssl.py, named like the standard library's ssl: with jobs/ first on sys.path (as
-# ``python jobs/supervised.py`` puts it) every later ``import ssl`` would import that job file instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-# A Ray job's output is a pipe: without line buffering the log would arrive in blocks, late.
-sys.stdout.reconfigure(line_buffering=True)
+from dearli.job_script import prepare_job_script  # imports nothing: jobs/ leaves sys.path before ``ssl`` is imported
+
+prepare_job_script(__file__)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dearli.config import DEFAULT_WORKDIR
     from dearli.pretrain.resolve import CACHE_ENV, CACHE_FOLDER
-    from dearli.stages.workspace import DEFAULT_WORKDIR, next_run_name, resolve_workdir, synth_dataset
+    from dearli.stages.workspace import next_run_name, resolve_workdir, synth_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None,

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from _two_nodes import TwoNodeCluster
 
-from dearli.stages.common import train_run_name
+from dearli.stages.ray_train import train_run_name
 
 pytestmark = [pytest.mark.multinode, pytest.mark.ray]
 

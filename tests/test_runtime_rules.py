@@ -12,7 +12,7 @@ from dearli.config import load_config
 from dearli.device import resolve_device
 from dearli.errors import ConfigError
 from dearli.runtime import gpu_share
-from dearli.stages import common
+from dearli.stages import costs, ray_train
 
 
 def test_resolve_device():
@@ -27,18 +27,18 @@ def test_resolve_device():
 
 def test_train_device_reaches_the_ray_stages():
     # train.device used to be ignored by the Ray stages: they always took Ray Train's device.
-    assert common.worker_device(load_config("tiny", ["train.device=cpu"])) == torch.device("cpu")
+    assert ray_train.worker_device(load_config("tiny", ["train.device=cpu"])) == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
-            common.worker_device(load_config("tiny", ["train.device=cuda"]))
+            ray_train.worker_device(load_config("tiny", ["train.device=cuda"]))
 
 
 def test_one_batch_split_for_every_stage():
     # Rounded up: 16 on 3 workers is 6 each (18 a step), never 5 (15); at least one image per worker.
-    assert [common.per_rank(16, w) for w in (1, 2, 3, 4, 32)] == [16, 8, 6, 4, 1]
-    assert common.batch_note(16, 4) == ""
-    assert common.batch_note(16, 3) == " (effective batch 18: 6 per worker on 3 workers)"
-    assert common.batch_note(2, 4, "labeled batch") == " (effective labeled batch 4: 1 per worker on 4 workers)"
+    assert [ray_train.per_rank(16, w) for w in (1, 2, 3, 4, 32)] == [16, 8, 6, 4, 1]
+    assert ray_train.batch_note(16, 4) == ""
+    assert ray_train.batch_note(16, 3) == " (effective batch 18: 6 per worker on 3 workers)"
+    assert ray_train.batch_note(2, 4, "labeled batch") == " (effective labeled batch 4: 1 per worker on 4 workers)"
 
 
 def test_gpu_share_fits_every_user_on_a_gpu():
@@ -55,28 +55,28 @@ def test_mean_teacher_shares_one_gpu_between_student_and_teacher():
     # teacher unplaced and the student waiting for labels forever; they get half a GPU each.
     cfg = load_config("tiny")
     assert (cfg.train.num_workers, cfg.ssl.teacher_actors, cfg.ssl.teacher_gpus) == (1, 1, -1)
-    assert common.ssl_gpus(cfg, 1) == (0.5, 0.5)
-    assert common.ssl_gpus(cfg, 2) == (1.0, 1.0)
-    assert common.ssl_gpus(cfg, 0) == (0.0, 0.0)
-    assert common.ssl_gpus(load_config("tiny", ["train.num_workers=2", "ssl.teacher_actors=2"]), 2) == (0.5, 0.5)
-    assert common.ssl_gpus(load_config("tiny", ["train.device=cpu"]), 1) == (0.0, 1.0)  # the teacher alone
-    assert common.ssl_gpus(load_config("tiny", ["ssl.teacher_gpus=0"]), 1) == (1.0, 0.0)  # as the user set it
+    assert ray_train.ssl_gpus(cfg, 1) == (0.5, 0.5)
+    assert ray_train.ssl_gpus(cfg, 2) == (1.0, 1.0)
+    assert ray_train.ssl_gpus(cfg, 0) == (0.0, 0.0)
+    assert ray_train.ssl_gpus(load_config("tiny", ["train.num_workers=2", "ssl.teacher_actors=2"]), 2) == (0.5, 0.5)
+    assert ray_train.ssl_gpus(load_config("tiny", ["train.device=cpu"]), 1) == (0.0, 1.0)  # the teacher alone
+    assert ray_train.ssl_gpus(load_config("tiny", ["ssl.teacher_gpus=0"]), 1) == (1.0, 0.0)  # as the user set it
 
 
 def test_stage_costs_carry_gpu_memory_where_workers_recorded_it(tmp_path):
     from dearli.stages.pipeline_steps import COSTS, cost_lines
 
-    common.record_cost(tmp_path, "ssl", 0, peak_rss_mb=900.0, teacher_peak_rss_mb=700.0, gpu_peak_mb=5000.0,
+    costs.record_cost(tmp_path, "ssl", 0, peak_rss_mb=900.0, teacher_peak_rss_mb=700.0, gpu_peak_mb=5000.0,
                        teacher_gpu_peak_mb=3000.0)
-    common.record_cost(tmp_path, "ssl", 1, peak_rss_mb=950.0, gpu_peak_mb=5200.0)
-    peaks = common.worker_peaks(tmp_path)
+    costs.record_cost(tmp_path, "ssl", 1, peak_rss_mb=950.0, gpu_peak_mb=5200.0)
+    peaks = costs.worker_peaks(tmp_path)
     assert peaks == {"worker_peak_mb": 950.0, "teacher_peak_mb": 700.0, "worker_gpu_peak_mb": 5200.0,
                      "teacher_gpu_peak_mb": 3000.0}
     [line] = cost_lines({COSTS: {"ssl": {"seconds": 12.0, "driver_peak_mb": 500.0, **peaks}}})
     assert line == ("cost of ssl: 12 s; peak memory: driver 500 MiB, Train worker 950 MiB, teacher actor 700 MiB, "
                     "GPU of a Train worker 5200 MiB, GPU of a teacher actor 3000 MiB")
     if not torch.cuda.is_available():
-        assert common.peak_gpu_mb() == {}  # a CPU worker records no GPU figure
+        assert costs.peak_gpu_mb() == {}  # a CPU worker records no GPU figure
 
 
 def test_parquet_footer_pool_follows_the_number_of_files(monkeypatch):

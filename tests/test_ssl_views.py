@@ -116,7 +116,7 @@ def test_thing_agreement_counts_same_class_matches_above_half_iou():
 
 
 def test_the_progress_line_shows_the_labels_beside_the_truth():
-    from dearli.stages.common import progress_text
+    from dearli.stages.progress import progress_text
 
     record = {"step": 50, "loss": 1.5, "pl/segments_per_image": 3.46, "gt/segments_per_image": 6.9,
               "pl/thing_recall": 0.4, "pl/thing_precision": 0.625}

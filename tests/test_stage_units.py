@@ -17,7 +17,7 @@ from dearli.data.dataset import load_dataset
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.model.predictor import predict_batch
-from dearli.stages.common import run_config, train_run_name
+from dearli.stages.ray_train import run_config, train_run_name
 from dearli.stages.ssl_loop import unpack_pseudo_labels
 from dearli.stages.teacher import load_published_weights, published_weights
 from dearli.training.ema import ema_update, make_teacher
@@ -211,7 +211,8 @@ def test_a_burn_in_step_asks_for_no_label_and_makes_no_strong_view(instant_ray, 
     make_view = strong_augment.student_view
     monkeypatch.setattr(strong_augment, "student_view", lambda *args: views.append(1) or make_view(*args))
     loop = StudentLoop.__new__(StudentLoop)  # the state _train_step reads, without Ray Train
-    loop.cfg, loop.rank, loop.world, loop.step, loop.device = cfg, 0, 1, 0, torch.device("cpu")
+    loop.cfg, loop.rank, loop.world, loop.device = cfg, 0, 1, torch.device("cpu")
+    loop.loop = SimpleNamespace(step=0)  # the TrainLoop's step counter
     loop.ddp = loop.criterion = loop.optimizer = loop.scaler = loop.criterion_u = None
     loop.window, loop.teacher_nodes, loop.teacher_peak_mb, loop.teacher_gpu_peak_mb = {}, set(), 0.0, 0.0
     teacher = _Teacher()
@@ -219,7 +220,7 @@ def test_a_burn_in_step_asks_for_no_label_and_makes_no_strong_view(instant_ray, 
     calls = []
     for step in (1, 2, 3):
         loop._train_step({})
-        loop.step = step
+        loop.loop.step = step
         calls.append(list(teacher.calls))
     assert calls == [[], [2], [2, 3]]
     assert trained[0] == (None, 0.0) and trained[1] == (None, 0.0)

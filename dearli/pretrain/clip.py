@@ -21,6 +21,8 @@ from torch import nn
 from dearli.data.synth.world import SynthWorld
 from dearli.model.backbone import create_random_clip
 from dearli.pretrain.pairs import PairOptions, make_batch
+from dearli.training.hooks import Periodic
+from dearli.training.loop import FunctionSchedule, TrainLoop
 
 DEFAULT_MODEL = "dearli-convnext-atto"
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's training clamp of the learnable temperature
@@ -123,12 +125,11 @@ def train_clip(options: PretrainOptions, log: Log | None = None, log_every: int 
                                   eps=1e-6)
     mean, std = _normaliser(model)
     world = SynthWorld(options.seed)
-    model.train()
+    schedule = FunctionSchedule(optimizer, lambda step: lr_at(step, options))
     start = time.perf_counter()
-    for step in range(options.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, options)
-        images, captions = make_batch(world, step * options.batch_size, options.batch_size, options.pairs)
+
+    def step_fn(batch: tuple[torch.Tensor, list[str]]) -> dict[str, float]:
+        images, captions = batch
         image_f, text_f, scale = model((images - mean) / std, tokenizer(captions))[:3]
         loss = loss_fn(image_f, text_f, scale)
         optimizer.zero_grad(set_to_none=True)
@@ -136,8 +137,15 @@ def train_clip(options: PretrainOptions, log: Log | None = None, log_every: int 
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == options.steps):
-            log(step + 1, {"loss": float(loss.detach()), "lr": lr_at(step, options),
-                           "logit_scale": float(model.logit_scale.detach().exp()),
-                           "seconds": time.perf_counter() - start})
+        return {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
+
+    def write(at: int, logged: dict[str, float]) -> None:
+        log(at, {**logged, "logit_scale": float(model.logit_scale.detach().exp()),
+                 "seconds": time.perf_counter() - start})
+
+    batches = (make_batch(world, step * options.batch_size, options.batch_size, options.pairs)
+               for step in range(options.steps))
+    model.train()
+    TrainLoop(schedule, options.steps, hooks=[Periodic(log_every, write)] if log is not None else []).run(
+        batches, step_fn)
     return model.eval()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dearli.config import Config, load_config
+from dearli.caches import plan as cache_plan
+from dearli.config import DEFAULT_WORKDIR, Config, load_config
 from dearli.config_io import flatten_params, to_dict
 from dearli.errors import ConfigError, DearliError
 from dearli.pretrain.resolve import CACHE_FOLDER, resolve_clip
@@ -42,7 +43,7 @@ class PipelineOptions:
     dataset: str | None = None  # None = the synthetic world under the workdir
     partition: str = "1_8"
     preset: str = "synth"  # the synthetic world's preset: tiny model, the project's pretrained CLIP
-    workdir: str | None = None  # None = workspace.DEFAULT_WORKDIR
+    workdir: str | None = None  # None = DEFAULT_WORKDIR
     experiment: str = tracking.DEFAULT_EXPERIMENT
     run_name: str | None = None
     resume: bool = False
@@ -72,7 +73,7 @@ def build_arg_parser(prog: str = "jobs/ssl.py") -> argparse.ArgumentParser:
                         help=f"config preset (default: {d.preset}; tiny, ade20k-base, ...) or a YAML file")
     parser.add_argument("--workdir", default=None, metavar="DIR",
                         help=f"where datasets, caches, runs and the local MLflow store go (default: "
-                        f"{workspace.DEFAULT_WORKDIR})")
+                        f"{DEFAULT_WORKDIR})")
     parser.add_argument("--experiment", default=d.experiment, help=f"MLflow experiment (default: {d.experiment})")
     parser.add_argument("--run-name", default=None,
                         help=f"name of the run; an existing name continues that run (default: a new "
@@ -136,9 +137,9 @@ def build_config(opts: PipelineOptions, dataset: Path, workdir: Path, run_name: 
         raise ConfigError("cache.sam_checkpoint: SAM needs its weights file (cache.sam_checkpoint=PATH), or pass "
                           "an existing cache (cache.sam_cache=URI), or use --sam-generator felzenszwalb")
     cache = cfg.cache
-    settings = workspace.cache_settings(cfg, generator)
-    sam = cache.sam_cache or workspace.default_cache_uri(workdir, str(dataset), f"sam-{generator}", settings["sam"])
-    clip = cache.clip_cache or workspace.default_cache_uri(workdir, str(dataset), "clip", settings["clip"])
+    settings = cache_plan.cache_settings(cfg, generator)
+    sam = cache.sam_cache or cache_plan.default_cache_uri(workdir, str(dataset), f"sam-{generator}", settings["sam"])
+    clip = cache.clip_cache or cache_plan.default_cache_uri(workdir, str(dataset), "clip", settings["clip"])
     train = cfg.train
     if train.storage_path:  # a shared Train storage (e.g. s3://...) holds many runs: one folder per run name
         train = dataclasses.replace(train, storage_path=f"{train.storage_path.rstrip('/')}/{run_name}")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dearli import runtime
+from dearli.caches import plan as cache_plan
 from dearli.config import Config
-from dearli.stages import workspace
 from dearli.stages.tracking import PipelineTracker
 
 
@@ -44,7 +44,7 @@ class StageContext:
         """What ``stage`` cost, recorded under "costs" in ``stages.json`` and logged to MLflow
         (``cost/<stage>/seconds``, ``.../driver_peak_mb``, and the workers' peaks they wrote in ``stage_dir``).
         The driver's peak is the process's peak so far: it never goes down from one stage to the next."""
-        from dearli.stages.common import peak_rss_mb, worker_peaks
+        from dearli.stages.costs import peak_rss_mb, worker_peaks
 
         started = time.perf_counter()
         yield
@@ -110,10 +110,10 @@ def caches(ctx: StageContext, generator: str) -> None:
     """SAM masks of the train split and CLIP features of the val split, computed only where missing."""
     cfg = ctx.cfg
     dataset = cfg.data.dataset
-    jobs = [("sam", workspace.SAM_SPLIT, cfg.cache.sam_cache), ("clip", workspace.CLIP_SPLIT, cfg.cache.clip_cache)]
+    jobs = [("sam", cache_plan.SAM_SPLIT, cfg.cache.sam_cache), ("clip", cache_plan.CLIP_SPLIT, cfg.cache.clip_cache)]
     tags = {"dearli.sam_cache": cfg.cache.sam_cache, "dearli.clip_cache": cfg.cache.clip_cache,
             "dearli.sam_generator": generator}
-    missing = {kind: workspace.missing_images(uri, kind, dataset, split) for kind, split, uri in jobs}
+    missing = {kind: cache_plan.missing_images(uri, kind, dataset, split) for kind, split, uri in jobs}
     if not any(missing.values()):
         for kind, split, uri in jobs:
             ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
@@ -127,7 +127,7 @@ def caches(ctx: StageContext, generator: str) -> None:
                 ctx.echo(f"cache {kind}: reusing {uri} (every {split} image is cached)")
                 continue
             ctx.echo(f"cache {kind}: {missing[kind]} {split} images to compute into {uri} ({actors} actors)")
-            workspace.build_cache(kind, cfg, generator, split, uri, actors, ctx.echo)
+            cache_plan.build_cache(kind, cfg, generator, split, uri, actors, ctx.echo)
 
 
 def _done_before(ctx: StageContext, stage: str) -> dict[str, Any] | None:

@@ -125,7 +125,7 @@ def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[str, dict[
         _parse_model_ref(ref)  # a malformed reference fails before any connection
     from mlflow.exceptions import MlflowException
 
-    from dearli.stages.workspace import DEFAULT_WORKDIR
+    from dearli.config import DEFAULT_WORKDIR
 
     uri = tracking_uri or resolve_tracking_uri(DEFAULT_WORKDIR)
     try:

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dearli.stages import registry, tracking, workspace
+from dearli.config import DEFAULT_WORKDIR
+from dearli.stages import registry, tracking
 from dearli.stages.pipeline_steps import StageContext, cost_lines
 
 TEACHER, STUDENT = "teacher", "student"  # ensembled variants; "<variant>_noens" without the ensemble
@@ -170,7 +171,7 @@ def closing_lines(ctx: StageContext, ssl_result: dict[str, Any], report: dict[st
     echo(f"final checkpoint: {ssl_result['checkpoint']}")
     model = report["model"]
     # dearli predict finds the store through MLFLOW_TRACKING_URI, else in the default workdir
-    default_store = tracking.local_store_uri(workspace.DEFAULT_WORKDIR)
+    default_store = tracking.local_store_uri(DEFAULT_WORKDIR)
     env = f"MLFLOW_TRACKING_URI={tracker.uri} " if tracker.uri != default_store else ""
     echo(f"registered model: {model['uri']} (e.g. {env}dearli predict --checkpoint {model['uri']} "
          f"--dataset {ctx.cfg.data.dataset} --out PRED_DIR)")

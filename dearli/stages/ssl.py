@@ -16,9 +16,11 @@ from typing import Any
 
 from dearli import runtime
 from dearli.config import Config
-from dearli.stages import common
+from dearli.stages import ray_train
+from dearli.stages.progress import FollowMetrics
 from dearli.stages.ssl_loop import STAGE, VARIANTS
 from dearli.stages.tracking import DIAGNOSTIC_TAG, TrackingSpec
+from dearli.training.checkpoint import checkpoint_path
 
 # What a run with ssl.oracle_labels says, in its log and as an MLflow tag: its figures are a ceiling, not a result.
 ORACLE_WARNING = ("DIAGNOSTIC RUN: ssl.oracle_labels=true, the student's unlabeled branch trains on the GROUND "
@@ -47,7 +49,7 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
         raise ConfigError(f"ssl.burn_in_steps: {cfg.ssl.burn_in_steps} burn-in steps leave none of the "
                           f"{cfg.train.max_steps} steps (train.max_steps) to the unlabeled images; lower it "
                           "(ssl.burn_in_steps=0 turns it off)")
-    cfg, init = common.with_absolute_paths(cfg), common.absolute(init)
+    cfg, init = ray_train.with_absolute_paths(cfg), ray_train.absolute(init)
     info = load_dataset(cfg.data.dataset)
     labeled = labeled_stems(info, cfg)
     labeled_set = set(labeled)  # once: per record it made the filter O(images × labeled)
@@ -56,13 +58,13 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
         from dearli.errors import DataError
 
         raise DataError(cfg.data.dataset, f"partition {cfg.data.partition!r} leaves no unlabeled image")
-    run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
+    run_dir = ray_train.prepare_stage_dir(run_dir, cfg, resume)
     runtime.ensure_ray()
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
-    worker_gpus, teacher_gpus = common.ssl_gpus(cfg, runtime.cluster_gpus())
+    worker_gpus, teacher_gpus = ray_train.ssl_gpus(cfg, runtime.cluster_gpus())
     # A run that already holds its last checkpoint takes no step, it only finishes its evaluation: the
     # teacher pool (actors, and GPUs on a cluster) would wait for requests that never come.
-    finished = resume and common.checkpoint_path(run_dir, cfg.train.max_steps).is_file()
+    finished = resume and checkpoint_path(run_dir, cfg.train.max_steps).is_file()
     store, teachers = (None, []) if finished else start_teacher_pool(cfg, fraction, teacher_gpus)
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
@@ -70,20 +72,20 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
     labeled_ds = ray.data.from_items([{"index": i} for i in range(len(labeled))])
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, init=init, evaluate=evaluate,
+        train_loop_config=ray_train.loop_config(cfg, run_dir, tracking=tracking, init=init, evaluate=evaluate,
                                              labeled=labeled,
                                              unlabeled=unlabeled, teachers=teachers, store=store),
-        scaling_config=common.scaling_config(cfg, worker_gpus),
-        run_config=common.run_config(cfg, run_dir, STAGE),
+        scaling_config=ray_train.scaling_config(cfg, worker_gpus),
+        run_config=ray_train.run_config(cfg, run_dir, STAGE),
         datasets={"labeled": labeled_ds},
     )
     try:
-        with common.FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.train.max_steps, echo):
+        with FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.train.max_steps, echo):
             result = trainer.fit()
     finally:
         stop_teacher_pool(store, teachers)
-    common.check_fit_result(result, STAGE)
-    final = common.checkpoint_path(run_dir, cfg.train.max_steps)
+    ray_train.check_fit_result(result, STAGE)
+    final = checkpoint_path(run_dir, cfg.train.max_steps)
     metrics = _final_metrics(run_dir, cfg.train.max_steps)
     for variant, summary in metrics.items():
         echo(f"[{STAGE}] {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
@@ -93,8 +95,8 @@ def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: b
 def _plan_line(cfg: Config, labeled: list[str], unlabeled: list[str], teachers: int, run_dir: Path) -> str:
     return (f"[{STAGE}] {len(labeled)} labeled + {len(unlabeled)} unlabeled images of {cfg.data.dataset}; "
             f"{cfg.train.max_steps} steps of {cfg.ssl.labeled_batch_size}+{cfg.ssl.unlabeled_batch_size} images"
-            f"{common.batch_note(cfg.ssl.labeled_batch_size, cfg.train.num_workers, 'labeled batch')}"
-            f"{common.batch_note(cfg.ssl.unlabeled_batch_size, cfg.train.num_workers, 'unlabeled batch')} on "
+            f"{ray_train.batch_note(cfg.ssl.labeled_batch_size, cfg.train.num_workers, 'labeled batch')}"
+            f"{ray_train.batch_note(cfg.ssl.unlabeled_batch_size, cfg.train.num_workers, 'unlabeled batch')} on "
             f"{cfg.train.num_workers} worker(s), {teachers} teacher actor(s); run dir {run_dir}")
 
 

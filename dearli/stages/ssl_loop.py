@@ -12,10 +12,13 @@ import ray
 import ray.train
 import torch
 
-from dearli.stages import common
+from dearli.stages import checkpoints, costs, ray_train
+from dearli.stages.progress import Progress
 from dearli.stages.teacher import PseudoLabelFeed, published_weights
 from dearli.stages.tracking import EVAL_PREFIXES, StepLogger
-from dearli.training.loop import due
+from dearli.training.data import PanopticTrainDataset
+from dearli.training.hooks import EMAHook, EvalHook, Periodic, PeriodicCheckpointer
+from dearli.training.loop import Hook, TrainLoop
 from dearli.training.pseudo_labels import PseudoLabel
 
 STAGE = "ssl"
@@ -66,15 +69,15 @@ class StudentLoop:
         from dearli.training.mean_teacher import unlabeled_criterion
         from dearli.training.parts import build_training_parts
 
-        self.cfg = cfg = common.config_from_loop(config)
+        self.cfg = cfg = ray_train.config_from_loop(config)
         self.run_dir = Path(config["run_dir"])
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        common.set_worker_threads(cfg)
-        common.record_worker(self.run_dir, STAGE, self.rank)
+        ray_train.set_worker_threads(cfg)
+        costs.record_worker(self.run_dir, STAGE, self.rank)
         self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
         self.teacher_gpu_peak_mb = 0.0  # ... and of GPU memory, on CUDA
-        self.device = common.worker_device(cfg)
+        self.device = ray_train.worker_device(cfg)
         self.info = load_dataset(cfg.data.dataset)
         self.split = self.info.split(cfg.data.train_split)
         parts = build_training_parts(cfg, self.info.categories.synonyms, self.info.categories.num_classes,
@@ -84,82 +87,88 @@ class StudentLoop:
         self.criterion_u = unlabeled_criterion(cfg, self.info.categories.num_classes,
                                                self.info.categories.thing_ids, self.criterion).to(self.device)
         self.teacher = None
-        self.step, self.epoch, self.position = 0, 0, 0
-        self.warm_started = self._restore(config.get("init"))
+        self.state = {"epoch": 0, "position": 0}  # where in the shuffled labeled shard the next batch starts
+        start, self.warm_started = self._restore(config.get("init"))
+        self.loop = TrainLoop(self.scheduler, cfg.train.max_steps, start)
         self.logger = StepLogger(self.run_dir / "metrics.jsonl", config["tracking"]) if self.rank == 0 else None
         self.labeled = config["labeled"]
         self.evaluate = config.get("evaluate", True)
         self.store = config["store"]
         self.feed = PseudoLabelFeed(config["teachers"], config["unlabeled"],
-                                    views_per_step(common.per_rank(cfg.ssl.unlabeled_batch_size, self.world),
+                                    views_per_step(ray_train.per_rank(cfg.ssl.unlabeled_batch_size, self.world),
                                                    cfg.ssl.cutmix_prob), self.rank, self.world,
                                     cfg.train.seed, cfg.ssl.prefetch, cfg.ssl.max_staleness, self.step,
                                     cfg.ssl.burn_in_steps)
         self.window: dict[str, list[float]] = {}
         self.teacher_nodes: set[str] = set()  # Ray nodes whose teacher actors labelled this worker's batches
 
-    def _restore(self, init: str | None) -> bool:
-        """Resume from Ray Train's checkpoint, else start from ``init``; rank 0 builds the EMA teacher."""
+    @property
+    def step(self) -> int:
+        """Steps taken so far (in a hook: the step just taken)."""
+        return self.loop.step
+
+    def _restore(self, init: str | None) -> tuple[int, bool]:
+        """Resume from Ray Train's checkpoint, else start from ``init``; rank 0 builds the EMA teacher.
+        Returns (the step to start from, whether the student starts from trained weights)."""
         from dearli.training.checkpoint import load_checkpoint, restore
         from dearli.training.ema import load_trainable_state, make_teacher
 
-        payload = common.latest_stage_checkpoint(self.device, self.run_dir)
+        start, payload = 0, checkpoints.latest_stage_checkpoint(self.device, self.run_dir)
         if payload is not None:  # SSL checkpoints hold the teacher as "model", the student in extra
             restore(self.model, {**payload, "model": payload["extra"]["student"]}, self.optimizer, self.scheduler)
-            self.step = int(payload["step"])
-            self.epoch, self.position = payload["extra"]["epoch"], payload["extra"]["position"]
+            start = int(payload["step"])
+            self.state = {"epoch": payload["extra"]["epoch"], "position": payload["extra"]["position"]}
         elif init:
             restore(self.model, load_checkpoint(init, self.device))
         if self.rank == 0:
             self.teacher = make_teacher(self.model)
             if payload is not None:
                 load_trainable_state(self.teacher, payload["extra"]["teacher"])
-        return payload is not None or bool(init)
+        return start, payload is not None or bool(init)
 
     def run(self) -> None:
         from ray.train.torch import prepare_model
 
-        from dearli.training.loop import TrainLoop
+        from dearli.training.data import resumable_batches
 
         self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
         if self.step < self.cfg.train.max_steps:
             self._publish()
-        self.progress = common.Progress(self.cfg.train.max_steps, self.step,
-                                        (common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-                                         + common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world)
-        hooks = [self._advance, self._update_teacher, self._log, self._maybe_checkpoint, self._maybe_evaluate]
+        per_step = (ray_train.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
+                    + ray_train.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world)) * self.world
+        self.progress = Progress(self.cfg.train.max_steps, self.step, per_step)
+        self.loop.hooks = self._hooks()
+        dataset = PanopticTrainDataset(self.split, self.labeled, self.cfg.data, seed=self.cfg.train.seed + self.rank)
+        shard = ray.train.get_dataset_shard("labeled")
+
+        def rows(epoch: int):
+            dataset.set_epoch(epoch)
+            return ray_train.shuffled_rows(shard, self.cfg.train.seed + epoch, buffer=16)
+
+        batches = resumable_batches(rows, lambda epoch, index, row: dataset[int(row["index"])],
+                                    ray_train.per_rank(self.cfg.ssl.labeled_batch_size, self.world), self.state)
         try:
-            TrainLoop(self.scheduler, self.cfg.train.max_steps, self.step, hooks).run(
-                self._labeled_batches(ray.train.get_dataset_shard("labeled")), self._train_step)
-            # A restart after the last checkpoint resumes at max_steps and takes no step: the final
-            # evaluation (skipped variant by variant where its metrics are already written) must still run.
-            self._maybe_evaluate(self.step, {})
+            self.loop.run(batches, self._train_step)
         finally:
             self.feed.close()
             teacher_gpu = {"teacher_gpu_peak_mb": self.teacher_gpu_peak_mb} if self.teacher_gpu_peak_mb else {}
-            common.record_cost(self.run_dir, STAGE, self.rank, peak_rss_mb=common.peak_rss_mb(),
-                               teacher_peak_rss_mb=self.teacher_peak_mb, **common.peak_gpu_mb(), **teacher_gpu)
+            costs.record_cost(self.run_dir, STAGE, self.rank, peak_rss_mb=costs.peak_rss_mb(),
+                               teacher_peak_rss_mb=self.teacher_peak_mb, **costs.peak_gpu_mb(), **teacher_gpu)
 
-    def _labeled_batches(self, shard):
-        """Batches of this rank's labeled images, epoch after epoch (a resumed epoch skips what it used); the
-        position is counted before each step, so a checkpoint after it resumes past it."""
-        from dearli.training.data import PanopticTrainDataset, collate
-
-        dataset = PanopticTrainDataset(self.split, self.labeled, self.cfg.data, seed=self.cfg.train.seed + self.rank)
-        size = common.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-        while True:
-            dataset.set_epoch(self.epoch)
-            batch, index, skip = [], 0, self.position * size
-            for row in common.shuffled_rows(shard, self.cfg.train.seed + self.epoch, buffer=16):
-                index += 1
-                if index <= skip:
-                    continue
-                batch.append(dataset[int(row["index"])])
-                if len(batch) == size:
-                    self.position += 1
-                    yield collate(batch)
-                    batch = []
-            self.epoch, self.position = self.epoch + 1, 0
+    def _hooks(self) -> list[Hook]:
+        """Rank 0's EMA teacher and its publication to the teacher pool, the log, the checkpoints and (rank 0)
+        the evaluations: after every step in this order, the final evaluation after training (also when a
+        restart after the last checkpoint has no step left)."""
+        cfg = self.cfg
+        hooks: list[Hook] = []
+        if self.rank == 0:
+            hooks += [EMAHook(self.teacher, self.model, self._decay_at),
+                      Periodic(cfg.ssl.publish_every, lambda at, logged: self._publish(), at_last=False)]
+        hooks += [Periodic(cfg.train.log_every, self._log),
+                  PeriodicCheckpointer(cfg.train.checkpoint_every, self._checkpoint)]
+        if self.rank == 0 and self.evaluate:
+            hooks.append(EvalHook(cfg.train.eval_every, self._evaluate))
+        return hooks
 
     def _train_step(self, labeled_batch: dict[str, Any]) -> dict[str, float]:
         """One student step on a labeled batch and this step's pseudo-labelled views (none during the burn-in,
@@ -183,9 +192,6 @@ class StudentLoop:
             self.window.setdefault(key, []).append(float(value))
         return logged
 
-    def _advance(self, step: int, logged: dict[str, float]) -> None:
-        self.step = step
-
     def _unlabeled_batch(self, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """Strong views (+ CutMix) of a teacher's answer (weak views with their pseudo-labels) in collate
         format, and the labels' statistics."""
@@ -197,7 +203,7 @@ class StudentLoop:
         self._record_failures()
         images, labels = unpack_pseudo_labels(result)
         generator = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, self.step)) & 0x7FFFFFFF)
-        count = min(len(labels), common.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world))
+        count = min(len(labels), ray_train.per_rank(self.cfg.ssl.unlabeled_batch_size, self.world))
         views, mixed = [], []
         for i in range(count):
             j = (i + 1) % len(labels)  # CutMix partner: the next view (views_per_step asks for at least two)
@@ -212,20 +218,15 @@ class StudentLoop:
         pl_stats.update(truth_rates(result.get("truth") or {}))
         return batch, pl_stats
 
-    def _update_teacher(self, step: int, logged: dict[str, float]) -> None:
-        from dearli.training.ema import ema_decay, ema_update
+    def _decay_at(self, step: int) -> float:
+        """The EMA decay after ``step``: 0 (a copy of the student) until the burn-in ends, then the schedule."""
+        from dearli.training.ema import ema_decay
 
-        if self.rank != 0:
-            return
         burn_in = self.cfg.ssl.burn_in_steps
-        if self.step <= burn_in:
-            decay = 0.0  # the teacher is a copy of the student until the burn-in ends, then averages from it
-        else:
-            # The update after the first step is update 0 (upstream numbers it by the 0-based iteration).
-            decay = ema_decay(self.step - 1, self.cfg.ssl.ema_decay, ramp=not self.warm_started and not burn_in)
-        ema_update(self.teacher, self.model, decay)
-        if self.step % self.cfg.ssl.publish_every == 0:
-            self._publish()
+        if step <= burn_in:
+            return 0.0
+        # The update after the first step is update 0 (upstream numbers it by the 0-based iteration).
+        return ema_decay(step - 1, self.cfg.ssl.ema_decay, ramp=not self.warm_started and not burn_in)
 
     def _publish(self) -> None:
         """Rank 0 hands the current EMA weights (version = step) to the teacher pool."""
@@ -244,7 +245,7 @@ class StudentLoop:
         self.feed.failed.clear()
 
     def _log(self, step: int, logged: dict[str, float]) -> None:
-        if self.logger is None or not due(step, self.cfg.train.log_every, self.cfg.train.max_steps):
+        if self.logger is None:
             return
         values = {k: sum(v) / len(v) for k, v in self.window.items()}
         if "staleness" in self.window:  # not during the burn-in: no label was asked for
@@ -254,26 +255,22 @@ class StudentLoop:
                                     "teacher_nodes": sorted(self.teacher_nodes)})
         self.window = {}
 
-    def _maybe_checkpoint(self, step: int, logged: dict[str, float]) -> None:
-        if not due(step, self.cfg.train.checkpoint_every, self.cfg.train.max_steps):
-            return
+    def _checkpoint(self, step: int, logged: dict[str, float]) -> None:
         from dearli.training.ema import trainable_state
 
         def write(folder: Path) -> Path:
             from dearli.training.checkpoint import model_state
 
             student = model_state(self.model, include_backbone=self.cfg.model.backbone.pretrained == "")
-            extra = {"student": student, "teacher": trainable_state(self.teacher), "epoch": self.epoch,
-                     "position": self.position, "stage": STAGE}
-            return common.write_stage_checkpoint(folder, self.step, self.teacher, self.cfg, self.optimizer,
+            extra = {"student": student, "teacher": trainable_state(self.teacher), **self.state, "stage": STAGE}
+            return checkpoints.write_stage_checkpoint(folder, self.step, self.teacher, self.cfg, self.optimizer,
                                                  self.scheduler, extra)
 
-        common.report_checkpoint(self.rank, self.run_dir, self.step, {"step": self.step, "loss": logged["loss"]},
+        checkpoints.report_checkpoint(self.rank, self.run_dir, self.step, {"step": self.step, "loss": logged["loss"]},
                                  write)
 
-    def _maybe_evaluate(self, step: int, logged: dict[str, float]) -> None:
-        if self.rank != 0 or not self.evaluate or not due(step, self.cfg.train.eval_every, self.cfg.train.max_steps):
-            return
+    def _evaluate(self, step: int) -> None:
+        """Every variant of VARIANTS on the validation split, skipping those already evaluated at ``step``."""
         from dearli.training.evaluate import evaluate_model
 
         for variant, (which, ensembled) in VARIANTS.items():

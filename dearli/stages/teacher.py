@@ -35,7 +35,7 @@ from dearli.config import Config
 from dearli.config_io import from_dict, to_dict
 from dearli.device import resolve_device
 from dearli.errors import DataError
-from dearli.stages.common import peak_gpu_mb, peak_rss_mb
+from dearli.stages.costs import peak_gpu_mb, peak_rss_mb
 
 
 @ray.remote(num_cpus=0)
@@ -234,7 +234,7 @@ def load_published_weights(model: torch.nn.Module, state: dict[str, torch.Tensor
 
 def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float) -> tuple[Any, list[Any]]:
     """The weights store and ``ssl.teacher_actors`` teacher actors (restarted and retried on failure) with
-    ``gpus`` GPUs each (``common.ssl_gpus``)."""
+    ``gpus`` GPUs each (``ray_train.ssl_gpus``)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The store lives with the driver (as Ray Train's controller does): a restarted store would be empty, and

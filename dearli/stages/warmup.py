@@ -16,8 +16,10 @@ from typing import Any
 from dearli import runtime
 from dearli.config import Config
 from dearli.errors import DataError
-from dearli.stages import common
+from dearli.stages import checkpoints, costs, ray_train
+from dearli.stages.progress import FollowMetrics, Progress
 from dearli.stages.tracking import StepLogger, TrackingSpec
+from dearli.training.checkpoint import checkpoint_path
 
 STAGE = "warmup"
 
@@ -35,7 +37,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
 
     from dearli.caches.readers import read_sam_cache, without_masks
 
-    cfg = common.with_absolute_paths(cfg)
+    cfg = ray_train.with_absolute_paths(cfg)
     sam_cache = sam_cache if "://" in str(sam_cache) else str(Path(sam_cache).expanduser().resolve())
     reader = read_sam_cache(sam_cache)  # checks that it is a SAM cache before anything starts
     if len(reader) == 0:
@@ -45,7 +47,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
         raise DataError(sam_cache, f"none of the SAM cache's {len(reader)} images holds a mask: the warm-up would "
                         "learn nothing (loss 0). Check cache.sam_checkpoint against cache.sam_type, or lower "
                         "cache.pred_iou_thresh / cache.stability_score_thresh, and build the cache again")
-    run_dir = common.prepare_stage_dir(run_dir, cfg, resume)
+    run_dir = ray_train.prepare_stage_dir(run_dir, cfg, resume)
     runtime.ensure_ray()
     parts = reader.store.part_files()
     # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
@@ -55,19 +57,19 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
         echo(f"[{STAGE}] WARNING {empty} of {len(reader)} images of the SAM cache hold no mask (they teach only "
              "'no object')")
     echo(f"[{STAGE}] {len(reader)} images with SAM masks from {sam_cache}; {cfg.warmup.max_steps} steps, "
-         f"batch {cfg.warmup.batch_size}{common.batch_note(cfg.warmup.batch_size, cfg.train.num_workers)} on "
+         f"batch {cfg.warmup.batch_size}{ray_train.batch_note(cfg.warmup.batch_size, cfg.train.num_workers)} on "
          f"{cfg.train.num_workers} worker(s); run dir {run_dir}")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=common.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader)),
-        scaling_config=common.scaling_config(cfg),
-        run_config=common.run_config(cfg, run_dir, STAGE),
+        train_loop_config=ray_train.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader)),
+        scaling_config=ray_train.scaling_config(cfg),
+        run_config=ray_train.run_config(cfg, run_dir, STAGE),
         datasets={"sam": dataset},
     )
-    with common.FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.warmup.max_steps, echo):
+    with FollowMetrics(run_dir / "metrics.jsonl", STAGE, cfg.warmup.max_steps, echo):
         result = trainer.fit()
-    common.check_fit_result(result, STAGE)
-    final = common.checkpoint_path(run_dir, cfg.warmup.max_steps)
+    ray_train.check_fit_result(result, STAGE)
+    final = checkpoint_path(run_dir, cfg.warmup.max_steps)
     echo(f"[{STAGE}] done: {final}")
     return {"step": cfg.warmup.max_steps, "checkpoint": str(final), "run_dir": str(run_dir)}
 
@@ -77,19 +79,23 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.torch import prepare_model
 
+    from dearli.caches.readers import decode_masks
     from dearli.data.dataset import load_dataset
     from dearli.training.checkpoint import restore
-    from dearli.training.loop import TrainLoop, due
+    from dearli.training.data import resumable_batches
+    from dearli.training.hooks import Periodic, PeriodicCheckpointer
+    from dearli.training.loop import TrainLoop
     from dearli.training.parts import build_training_parts
     from dearli.training.step import train_step
+    from dearli.training.warmup_data import sam_sample, sample_generator
 
-    cfg = warmup_config(common.config_from_loop(config))
+    cfg = warmup_config(ray_train.config_from_loop(config))
     run_dir = Path(config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    common.set_worker_threads(cfg)
-    common.record_worker(run_dir, STAGE, rank)
-    device = common.worker_device(cfg)
+    ray_train.set_worker_threads(cfg)
+    costs.record_worker(run_dir, STAGE, rank)
+    device = ray_train.worker_device(cfg)
     info = load_dataset(cfg.data.dataset)
     split = info.split(cfg.data.train_split)
     parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
@@ -97,49 +103,35 @@ def _train_loop(config: dict[str, Any]) -> None:
     model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
                                                       parts.scheduler, parts.scaler)
     step, state = 0, {"epoch": 0, "position": 0}  # where in the shuffled shard the next batch starts
-    if (payload := common.latest_stage_checkpoint(device, run_dir)) is not None:
+    if (payload := checkpoints.latest_stage_checkpoint(device, run_dir)) is not None:
         step = restore(model, payload, optimizer, scheduler)
         state = {"epoch": payload["extra"]["epoch"], "position": payload["extra"]["position"]}
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    per_worker = common.per_rank(cfg.warmup.batch_size, world)
+    per_worker = ray_train.per_rank(cfg.warmup.batch_size, world)
     logger = StepLogger(run_dir / "metrics.jsonl", config["tracking"]) if rank == 0 else None
-    progress = common.Progress(cfg.warmup.max_steps, step, per_worker * world)
+    progress = Progress(cfg.warmup.max_steps, step, per_worker * world)
 
     def log(at: int, logged: dict[str, float]) -> None:
-        if logger is not None and due(at, cfg.train.log_every, cfg.warmup.max_steps):
+        if logger is not None:
             logger.log(at, {**logged, **progress.rates(at), "lr": optimizer.param_groups[0]["lr"]})
 
     def checkpoint(at: int, logged: dict[str, float]) -> None:
-        if due(at, cfg.train.checkpoint_every, cfg.warmup.max_steps):
-            def write(folder: Path) -> Path:
-                return common.write_stage_checkpoint(folder, at, model, cfg, optimizer, scheduler,
-                                                     {**state, "stage": STAGE})
+        def write(folder: Path) -> Path:
+            extra = {**state, "stage": STAGE}
+            return checkpoints.write_stage_checkpoint(folder, at, model, cfg, optimizer, scheduler, extra)
 
-            common.report_checkpoint(rank, run_dir, at, {"step": at, "loss": logged["loss"]}, write)
+        checkpoints.report_checkpoint(rank, run_dir, at, {"step": at, "loss": logged["loss"]}, write)
 
-    batches = _sam_batches(ray.train.get_dataset_shard("sam"), split, cfg, rank, per_worker, state)
-    TrainLoop(scheduler, cfg.warmup.max_steps, step, [log, checkpoint]).run(
+    def sample(epoch: int, index: int, row: dict[str, Any]) -> dict[str, Any]:
+        generator = sample_generator(cfg.train.seed + rank, epoch, index)
+        return sam_sample(split.load_image(split.record(row["stem"])), decode_masks(row), row["stem"], cfg.data,
+                          cfg.warmup, generator)
+
+    shard = ray.train.get_dataset_shard("sam")
+    batches = resumable_batches(lambda epoch: ray_train.shuffled_rows(shard, cfg.train.seed + epoch), sample,
+                                per_worker, state)
+    hooks = [Periodic(cfg.train.log_every, log), PeriodicCheckpointer(cfg.train.checkpoint_every, checkpoint)]
+    TrainLoop(scheduler, cfg.warmup.max_steps, step, hooks).run(
         batches, lambda batch: train_step(ddp, criterion, optimizer, batch, cfg, scaler, device))
-    common.record_cost(run_dir, STAGE, rank, peak_rss_mb=common.peak_rss_mb(), **common.peak_gpu_mb())
+    costs.record_cost(run_dir, STAGE, rank, peak_rss_mb=costs.peak_rss_mb(), **costs.peak_gpu_mb())
 
-
-def _sam_batches(shard: Any, split: Any, cfg: Config, rank: int, per_worker: int, state: dict[str, int]):
-    """This rank's warm-up batches, epoch after epoch, from ``state`` ({"epoch", "position"}: batches of the
-    epoch already used), which it keeps current for the checkpoints."""
-    from dearli.caches.readers import decode_masks
-    from dearli.training.data import collate
-    from dearli.training.warmup_data import sam_sample, sample_generator
-
-    while True:
-        batch: list[dict[str, Any]] = []
-        for index, row in enumerate(common.shuffled_rows(shard, cfg.train.seed + state["epoch"])):
-            if index < state["position"] * per_worker:  # resumed mid-epoch: skip what earlier steps used
-                continue
-            generator = sample_generator(cfg.train.seed + rank, state["epoch"], index)
-            batch.append(sam_sample(split.load_image(split.record(row["stem"])), decode_masks(row), row["stem"],
-                                    cfg.data, cfg.warmup, generator))
-            if len(batch) == per_worker:
-                state["position"] += 1  # counted before the step: a checkpoint after it resumes past it
-                yield collate(batch)
-                batch = []
-        state["epoch"], state["position"] = state["epoch"] + 1, 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,3 +71,25 @@ def infinite_batches(loader: torch.utils.data.DataLoader, dataset: PanopticTrain
             loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def resumable_batches(rows: Callable[[int], Iterable[Any]], sample: Callable[[int, int, Any], dict[str, Any]],
+                      size: int, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Collated batches of ``size`` samples, epoch after epoch, from ``state`` = {"epoch", "position"}
+    (batches of the epoch already used), which it keeps current for the checkpoints.
+
+    ``rows(epoch)`` gives the epoch's rows in order (called when the epoch starts); ``sample(epoch, index,
+    row)`` makes the sample of the ``index``-th row. A resumed epoch skips the rows that earlier steps used.
+    The position is counted before a batch is handed out, so a checkpoint taken after its step resumes past it.
+    """
+    while True:
+        epoch, skip, batch = state["epoch"], state["position"] * size, []
+        for index, row in enumerate(rows(epoch)):
+            if index < skip:
+                continue
+            batch.append(sample(epoch, index, row))
+            if len(batch) == size:
+                state["position"] += 1
+                yield collate(batch)
+                batch = []
+        state["epoch"], state["position"] = epoch + 1, 0

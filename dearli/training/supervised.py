@@ -14,26 +14,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dearli.config import Config, save_config, supervised_config
+from dearli.config import Config, supervised_config
 from dearli.data.dataset import load_dataset
 from dearli.device import resolve_device
-from dearli.errors import DataError
 from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
 from dearli.training.evaluate import evaluate_model
-from dearli.training.loop import TrainLoop, due
+from dearli.training.hooks import EvalHook, Periodic, PeriodicCheckpointer
+from dearli.training.loop import TrainLoop
 from dearli.training.parts import build_training_parts
+from dearli.training.run_dir import append_metrics, prepare_run_dir
 from dearli.training.step import train_step
-
-
-def prepare_run_dir(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
-    """Create the run directory and save the config; refuse to reuse a finished or foreign one."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise DataError(run_dir, "run directory is not empty; pass --resume to continue it or choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def labeled_stems(info: Any, cfg: Config) -> list[str]:
@@ -42,11 +33,6 @@ def labeled_stems(info: Any, cfg: Config) -> list[str]:
     if not cfg.data.partition:
         return [r.stem for r in split.records]
     return list(info.partition(cfg.data.partition).labeled)
-
-
-def _log(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 def evaluate_and_log(model: torch.nn.Module, cfg: Config, info: Any, run_dir: Path, step: int,
@@ -58,7 +44,7 @@ def evaluate_and_log(model: torch.nn.Module, cfg: Config, info: Any, run_dir: Pa
         return json.loads((out_dir / "metrics.json").read_text())
     metrics = evaluate_model(model, cfg.model, info, cfg.data.val_split, out_dir,
                              gt_cache_dir=run_dir / "eval" / "gt_cache")
-    _log(run_dir, {"step": step, "eval": metrics["summary"]})
+    append_metrics(run_dir, {"step": step, "eval": metrics["summary"]})
     echo(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["summary"].items()))
     return metrics
 
@@ -91,25 +77,20 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     echo(f"training on {len(stems)} labeled images of {cfg.data.dataset} ({info.categories.num_classes} classes), "
          f"device {device}, {cfg.train.max_steps} steps")
     started = time.perf_counter()
-    last_path = latest_checkpoint(run_dir)
 
     def log(at: int, logged: dict[str, float]) -> None:
-        if due(at, cfg.train.log_every, cfg.train.max_steps):
-            logged.update(step=at, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
-            _log(run_dir, logged)
-            echo(f"step {at}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
+        logged.update(step=at, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+        append_metrics(run_dir, logged)
+        echo(f"step {at}/{cfg.train.max_steps} loss {logged['loss']:.3f} ({logged['seconds']:.0f}s)")
 
-    def checkpoint(at: int, logged: dict[str, float]) -> None:
-        nonlocal last_path
-        if due(at, cfg.train.checkpoint_every, cfg.train.max_steps):
-            last_path = save_checkpoint(run_dir, at, model, cfg, optimizer, scheduler)
-
-    def periodic_eval(at: int, logged: dict[str, float]) -> None:
-        if evaluate and cfg.train.eval_every and at % cfg.train.eval_every == 0 and at < cfg.train.max_steps:
-            evaluate_and_log(model, cfg, info, run_dir, at, echo)
-
-    loop = TrainLoop(scheduler, cfg.train.max_steps, step, [log, checkpoint, periodic_eval])
+    checkpointer = PeriodicCheckpointer(cfg.train.checkpoint_every,
+                                        lambda at, _: save_checkpoint(run_dir, at, model, cfg, optimizer, scheduler),
+                                        last=latest_checkpoint(run_dir))
+    evaluation = EvalHook(cfg.train.eval_every if evaluate else 0,
+                          lambda at: evaluate_and_log(model, cfg, info, run_dir, at, echo), final=evaluate)
+    loop = TrainLoop(scheduler, cfg.train.max_steps, step, [Periodic(cfg.train.log_every, log), checkpointer,
+                                                             evaluation])
     step = loop.run(infinite_batches(loader, dataset),
                     lambda batch: train_step(model, criterion, optimizer, batch, cfg, scaler, device))
-    metrics = evaluate_and_log(model, cfg, info, run_dir, step, echo) if evaluate else None
+    last_path, metrics = checkpointer.last, evaluation.result
     return {"step": step, "checkpoint": str(last_path) if last_path else None, "metrics": metrics}
