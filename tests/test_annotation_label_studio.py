@@ -13,7 +13,7 @@ from _label_studio_factory import CHECKPOINT_SHA, annotated_export, drop_annotat
 from _panoptic_factory import DEFAULT_CATEGORIES, FakeImage, random_image, write_dataset
 
 from dearli.annotation import dataset_import
-from dearli.annotation.label_studio import label_config, task_for_image
+from dearli.annotation.label_studio import class_names, label_config, task_for_image
 from dearli.annotation.label_studio_results import PROBLEM_KINDS, Region, latest_annotation, task_stem
 from dearli.annotation.label_studio_rle import (
     RleError,
@@ -27,6 +27,7 @@ from dearli.annotation.polygon import mask_polygons, polygon_mask
 from dearli.cli import main
 from dearli.data.dataset import load_dataset
 from dearli.data.panoptic import CategoryMap
+from dearli.errors import DataError
 
 UNLABELED = ["train_003", "train_004", "train_005"]  # images of the train split without an annotation
 PSEUDO = ["train_002", *UNLABELED]  # train_002 has one: the import replaces it
@@ -356,6 +357,13 @@ def test_later_regions_win_and_stuff_classes_merge():
     assert ((segment_map == 1) == ((masks["sky1"] | masks["sky2"]) & ~masks["car1"] & ~masks["car2"])).all()
     assert [i["area"] for i in infos] == [(segment_map == k).sum() for k in (1, 2, 3, 4)]
     assert class_lookup(cats)("girl").id == 3 and class_lookup(cats)("unicorn") is None
+
+
+def test_classes_sharing_a_display_name_cannot_be_labels():
+    cats = CategoryMap.from_dicts([{"id": 1, "name": "car, auto", "isthing": 1},
+                                   {"id": 2, "name": "car, cart", "isthing": 1}], "classes")
+    with pytest.raises(DataError, match="labels.json: classes car share a display name"):
+        class_names(cats, "labels.json")
 
 
 def test_label_config_escapes_class_names():

@@ -123,7 +123,7 @@ def _export(args: argparse.Namespace) -> int:
     rows, categories = ls.read_pseudo_labels(args.labels)
     if not rows:
         raise DataError(args.labels, "holds no labelled image")
-    names = ls.class_names(categories)
+    names = ls.class_names(categories, Path(args.labels) / "panoptic.json")
     paths = [row["image_path"] for row in rows]
     root = Path(args.document_root) if args.document_root else ls.default_document_root(paths)
     version = args.model_version or ls.model_version(args.labels)

@@ -100,8 +100,11 @@ def read_pseudo_labels(labels: str | Path) -> tuple[list[dict[str, Any]], Catego
 
     root = Path(labels)
     store = CacheStore(str(root))
-    manifest = store.manifest() if (root / MANIFEST).is_file() else None
-    if manifest is None or manifest.get("kind") != KIND or not (root / PANOPTIC_JSON).is_file():
+    try:
+        manifest = store.manifest() if (root / MANIFEST).is_file() else None
+    except (OSError, ValueError) as err:
+        raise DataError(root / MANIFEST, f"cannot read: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not (root / PANOPTIC_JSON).is_file():
         raise DataError(root, "is not the output folder of 'dearli pseudo-label' (cache.json and panoptic.json)")
     try:
         published = json.loads((root / PANOPTIC_JSON).read_text(encoding="utf-8"))
@@ -125,7 +128,7 @@ def _segment_map(path: Path, row: dict[str, Any]) -> np.ndarray:
     try:
         with Image.open(path) as png:
             ids = rgb2id(np.asarray(png.convert("RGB")))
-    except OSError as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(path, f"cannot read the panoptic PNG: {err}") from None
     if ids.shape != (row["height"], row["width"]):
         raise DataError(path, f"is {ids.shape[1]}x{ids.shape[0]}, the labels say {row['width']}x{row['height']}")
@@ -178,11 +181,12 @@ def tasks_from_pseudo_labels(labels: str | Path, image_root: str = LOCAL_FILES,
     return tasks_from_rows(labels, rows, image_root, root, polygons, version)
 
 
-def class_names(categories: CategoryMap) -> list[str]:
-    """The labels of the config: display names in category order (DataError if two are the same)."""
+def class_names(categories: CategoryMap, source: str | Path | None = None) -> list[str]:
+    """The labels of the config: display names in category order (DataError naming ``source`` if two are
+    the same)."""
     names = categories.names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise DataError(None, f"classes {', '.join(twice)} share a display name; Label Studio needs one label "
+        raise DataError(source, f"classes {', '.join(twice)} share a display name; Label Studio needs one label "
                               "per class (rename them in the class list)")
     return names
