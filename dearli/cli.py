@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "dearli.predict.suggest_command",  # dearli suggest
     "dearli.predict.serve_command",  # dearli serve
     "dearli.predict.review_command",  # dearli review
+    "dearli.annotation.commands",  # dearli export label-studio | import label-studio
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle
     "dearli.pretrain.commands",  # dearli pretrain-clip

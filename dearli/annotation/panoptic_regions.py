@@ -1,0 +1,84 @@
+"""Labelled regions of one image -> a COCO panoptic segment map and its ``segments_info``.
+
+Regions are painted in their order and a later region wins where they overlap (in an annotation tool, what
+was drawn last lies on top). Every region of a thing class is its own instance; the regions of one stuff
+class are one segment (COCO panoptic has one segment per stuff class and image). Class labels map onto the
+dataset's categories by display name, then case-insensitively, then by an unambiguous synonym.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from dearli.annotation.label_studio_results import Problem, Region
+from dearli.data.panoptic import Category, CategoryMap
+from dearli.data.writing import segment_entry
+
+
+def class_lookup(categories: CategoryMap) -> Callable[[str], Category | None]:
+    """name -> the category it names, or None: display name exactly, then case-insensitively, then a synonym
+    that names one category only."""
+    exact = {c.name: c for c in categories.categories}
+    folded = {c.name.casefold(): c for c in categories.categories}
+    synonyms: dict[str, list[Category]] = {}
+    for category in categories.categories:
+        for synonym in {s.casefold() for s in category.synonyms}:
+            synonyms.setdefault(synonym, []).append(category)
+
+    def lookup(name: str) -> Category | None:
+        key = name.strip()
+        found = exact.get(key) or folded.get(key.casefold())
+        if found is None and len(synonyms.get(key.casefold(), ())) == 1:
+            found = synonyms[key.casefold()][0]
+        return found
+
+    return lookup
+
+
+def paint_regions(regions: list[Region], size: tuple[int, int], lookup: Callable[[str], Category | None],
+                  task: object = None, stem: str | None = None) -> tuple[np.ndarray, list[dict], list[Problem]]:
+    """Paint ``regions`` (masks of ``size`` = (H, W)) into a panoptic segment map.
+
+    Returns the H×W int64 segment map (ids 1..N, 0 = unlabeled), the N ``segments_info`` entries (dataset
+    category ids, area, bbox, iscrowd 0) and the problems: unknown classes, empty masks, regions a later one
+    covered entirely."""
+    segment_map = np.zeros(size, np.int64)
+    categories: list[Category] = []  # of segment id k + 1
+    stuff_segment: dict[int, int] = {}
+    painted: list[tuple[Region, int]] = []
+    problems = []
+    for region in regions:
+        category = lookup(region.label)
+        problem = None if category else ("unknown-class", "no class of the dataset has this name")
+        if problem is None and not region.mask.any():
+            problem = ("empty-mask", "the region has no pixel")
+        if problem:
+            problems.append(Problem(*problem, task, stem, region.region_id, region.label))
+            continue
+        segment_id = stuff_segment.get(category.id) if not category.isthing else None
+        if segment_id is None:
+            categories.append(category)
+            segment_id = len(categories)
+            if not category.isthing:
+                stuff_segment[category.id] = segment_id
+        segment_map[region.mask] = segment_id
+        painted.append((region, segment_id))
+    for region, segment_id in painted:
+        if not (segment_map[region.mask] == segment_id).any():
+            problems.append(Problem("hidden", "later regions cover all of its pixels", task, stem,
+                                    region.region_id, region.label))
+    return (*_renumber(segment_map, categories), problems)
+
+
+def _renumber(segment_map: np.ndarray, categories: list[Category]) -> tuple[np.ndarray, list[dict]]:
+    """Drop segments without a pixel left and number the rest 1..N in their order."""
+    present = np.zeros(len(categories) + 1, bool)
+    present[np.unique(segment_map)] = True
+    new_id = np.zeros(len(categories) + 1, np.int64)
+    new_id[1:][present[1:]] = np.arange(1, int(present[1:].sum()) + 1)
+    segment_map = new_id[segment_map]
+    kept = [c for c, keep in zip(categories, present[1:]) if keep]
+    infos = [segment_entry(k, c.id, segment_map == k) for k, c in enumerate(kept, start=1)]
+    return segment_map, infos
