@@ -1,0 +1,1 @@
+"""Exchange of labels with annotation tools: Label Studio, CVAT."""
