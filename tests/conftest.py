@@ -10,16 +10,20 @@ SLOW_FIRST = ["test_job_ssl.py", "test_multinode.py", "test_caches.py", "test_st
 
 def pytest_collection_modifyitems(items):
     """Every test that uses the session's Ray carries the ``ray`` marker (``-m "not ray and not paper"``: the
-    fast part; a ``-m`` of the command line replaces the ``not paper`` of the configured options).
+    fast part; a ``-m`` of the command line replaces the ``not paper`` of the configured options), every test
+    that uses the Label Studio server the ``label_studio`` marker.
 
-    Files with Ray tests run first, in the order of ``SLOW_FIRST`` and then by name; the rest keep their
-    order. With ``pytest -n 2`` (the README's command) files go to the two workers in this order, so the
-    minute-long Ray files start early and the many quick ones fill in around them."""
+    Files with Ray tests (or the Label Studio server, up to a minute to start) run first, in the order of
+    ``SLOW_FIRST`` and then by name; the rest keep their order. With ``pytest -n 2`` (the README's command)
+    files go to the two workers in this order, so the minute-long Ray files start early and the many quick
+    ones fill in around them."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-    ray_files = {item.path.name for item in items if item.get_closest_marker("ray") or item.get_closest_marker(
-        "multinode")}
+        if "label_studio" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.label_studio)
+    ray_files = {item.path.name for item in items if any(item.get_closest_marker(name) for name in (
+        "ray", "multinode", "label_studio"))}
 
     def rank(item) -> tuple[int, int]:
         name = item.path.name
@@ -48,6 +52,19 @@ def mlflow_url(tmp_path_factory):
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio server on 127.0.0.1 (sqlite in a temp dir, offline), stopped at the end: its URL,
+    user, password, a legacy token and a personal access token. Fails, naming the install command, where
+    ``.venv-label-studio`` is missing."""
+    from _label_studio import label_studio_server, missing
+
+    if why := missing():
+        pytest.fail(why, pytrace=False)
+    with label_studio_server(tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,1 +1,2 @@
-"""Exchange of labels with annotation tools: pseudo-labels out as pre-annotated tasks, corrected labels back in."""
+"""Exchange of labels with annotation tools (Label Studio, CVAT): pseudo-labels out as pre-annotated tasks,
+corrected labels back in."""
