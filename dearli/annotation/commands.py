@@ -95,18 +95,12 @@ def _push_settings(args: argparse.Namespace) -> tuple[str, str, int]:
 
 
 def _push(args: argparse.Namespace, tasks: list[dict[str, Any]]) -> None:
-    """Send the tasks to the project at --url (the HTTP client lives in dearli.annotation.label_studio_api)."""
-    from dearli.errors import ConfigError
+    """Send the tasks to the project at --url, in chunks, skipping the images the project holds already."""
+    from dearli.annotation.label_studio_api import Client
 
     url, token, project = _push_settings(args)
-    try:
-        from dearli.annotation.label_studio_api import push_tasks
-    except ModuleNotFoundError as err:
-        if err.name != "dearli.annotation.label_studio_api":
-            raise
-        raise ConfigError("this dearli cannot send tasks to Label Studio; import tasks.json in its web page "
-                          "instead") from None
-    push_tasks(url, token, project, tasks)
+    pushed, skipped = Client(url, token).push_tasks(project, tasks)
+    print(f"Label Studio project {project} at {url}: {pushed} task(s) sent, {skipped} already there")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -137,7 +131,6 @@ def _export(args: argparse.Namespace) -> int:
     _print_steps(args, root, paths, out)
     if pushing:
         _push(args, tasks)
-        print(f"  sent {len(tasks)} tasks to project {args.project} at {args.url}")
     return 0
 
 
