@@ -41,14 +41,7 @@ from dearli.training.strong_augment import (
     student_view,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine, threads waiting on each other cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- EMA
@@ -111,14 +104,6 @@ def test_ema_decay_ramp():
     teacher, student = _Net(), _Net()
     ema_update(teacher, student, ema_decay(0, 0.999, ramp=True))
     assert torch.equal(teacher.head.weight, student.head.weight)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from dearli.model.m2f_lang import build_tiny
-
-    torch.manual_seed(0)
-    return build_tiny([["cat"], ["grass"]])
 
 
 def test_teacher_of_the_real_model_has_no_second_backbone(tiny):
