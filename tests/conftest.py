@@ -74,3 +74,60 @@ def small_world(tmp_path_factory):
 
     return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=4, seed=1, num_val=2,
                                image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def synth(request, tmp_path_factory):
+    """A synthetic dataset of 64×64 images for one module: ``write_synth_dataset`` with the ``num_images``,
+    ``seed`` and ``num_val`` of the module's ``SYNTH`` dict; a module without one gets ``small_world``."""
+    options = getattr(request.module, "SYNTH", None)
+    if options is None:
+        return request.getfixturevalue("small_world")
+    from dearli.data.synth.writer import write_synth_dataset
+
+    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", image_size=(64, 64), **options)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(request, synth, tmp_path_factory):
+    """An untrained tiny M2F-Lang checkpoint of ``synth``'s classes: ``_tiny_model.tiny_checkpoint`` with the
+    keyword arguments of the module's ``CHECKPOINT`` dict (config overrides, step, optimizer state)."""
+    from _tiny_model import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"), synth, **getattr(request.module, "CHECKPOINT", {}))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The tiny preset's frozen CLIP backbone (random ConvNeXt-atto, seeded), one per module."""
+    import torch
+
+    from dearli.config import load_config
+    from dearli.model.backbone import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone(load_config("tiny").model.backbone)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny M2F-Lang (seeded) whose vocabulary is cat and grass, one per module."""
+    import torch
+
+    from dearli.config import load_config
+    from dearli.model.m2f_lang import build_m2f_lang
+
+    torch.manual_seed(0)
+    return build_m2f_lang(load_config("tiny").model, [["cat"], ["grass"]])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    small shared machine, threads waiting on each other cost more than they give."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

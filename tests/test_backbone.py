@@ -5,17 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from dearli.config import BackboneConfig, load_config
+from dearli.config import BackboneConfig
 from dearli.errors import ConfigError, DataError
 from dearli.model.backbone import FrozenClipBackbone, build_backbone, register_dearli_clip_configs
 
 TINY = "dearli-convnext-atto"
-
-
-@pytest.fixture(scope="module")
-def backbone() -> FrozenClipBackbone:
-    torch.manual_seed(0)
-    return build_backbone(load_config("tiny").model.backbone)
 
 
 def test_tiny_config_is_shipped_and_registered():

@@ -2,15 +2,12 @@
 
 import json
 
-import torch
+from _tiny_model import tiny_checkpoint
 
 from dearli.bench.scoring import ensure_world, score
 from dearli.cli import main
-from dearli.config import load_config
 from dearli.data.dataset import load_dataset
 from dearli.data.synth.worlds import TEST, WORLDS, WorldSpec
-from dearli.model.m2f_lang import build_m2f_lang
-from dearli.training.checkpoint import save_checkpoint
 
 SMALL = WorldSpec("small", 3, 2, 5, "this test")
 
@@ -26,10 +23,7 @@ def test_a_checkpoint_scores_as_dearli_predict_on_the_written_world(tmp_path, ca
     stamp = (world / "dataset.yaml").stat().st_mtime_ns
     assert ensure_world(tmp_path, SMALL) == world and (world / "dataset.yaml").stat().st_mtime_ns == stamp
     assert len(load_dataset(world).split("val").records) == 5
-    cfg = load_config("tiny", ["model.inference.test_short_side=64"])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(world).categories.synonyms)
-    checkpoint = save_checkpoint(tmp_path / "run", 1, model, cfg)
+    checkpoint = tiny_checkpoint(tmp_path / "run", world, ["model.inference.test_short_side=64"])
     mine = score(str(checkpoint), world, alpha_clip=0.4)
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(world), "--out", str(tmp_path / "pred"),

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pytest
 import torch
 from _faults import Killed, killed_before_rename
+from _reference import expected_geometry
 from PIL import Image
 
-from dearli.caches.clip_features import build_cache_backbone, dense_feature, expected_geometry
+from dearli.caches.clip_features import build_cache_backbone, dense_feature
 from dearli.caches.generators import GeneratorSpec, build_generator
 from dearli.caches.readers import decode_feature, decode_masks, read_clip_cache, read_sam_cache
 from dearli.caches.records import SAM_SCHEMA, decode_rles, encode_masks, load_rgb, sam_row

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from dearli.config import EnsembleConfig, load_config
 from dearli.errors import ConfigError
-from dearli.model.backbone import build_backbone
 from dearli.model.ensemble import BUDGET_MIN_FRACTION, alpha_schedule, geometric_ensemble
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings
 from dearli.model.zero_shot import mask_pool, zero_shot_logits
@@ -104,12 +103,6 @@ def test_mask_pool_resizes_logits_before_thresholding():
     dense.requires_grad_(True)
     mask_pool(dense, masks.requires_grad_(True)).sum().backward()
     assert dense.grad is not None and masks.grad is None
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return build_backbone(load_config("tiny").model.backbone)
 
 
 def test_zero_shot_logits(backbone):

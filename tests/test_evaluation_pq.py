@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _reference import read_panoptic_ids
 from PIL import Image
 
 from dearli.cli import main
 from dearli.data.coco_format import id2rgb
 from dearli.errors import DataError
-from dearli.evaluation.panoptic_io import IdTable, read_panoptic_ids, read_panoptic_runs
+from dearli.evaluation.panoptic_io import IdTable, read_panoptic_runs
 from dearli.evaluation.pq import PQStats, collect_stats, pq_compute, pq_from_stats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pq"
@@ -269,7 +270,7 @@ def test_rgba_png_uses_rgb_and_gray_png_is_rejected(tmp_path):
     np.testing.assert_array_equal(np.repeat(runs.ids, np.diff(runs.starts, append=4)).reshape(2, 2), ids)
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "g.png")
     with pytest.raises(DataError, match="expected an RGB panoptic PNG"):
-        read_panoptic_ids(str(tmp_path / "g.png"))
+        read_panoptic_runs(str(tmp_path / "g.png"))
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _reference import read_panoptic_ids
 from PIL import Image
 
-from dearli.data.coco_format import VOID_ID, id2rgb, rgb2id
+from dearli.data.coco_format import VOID_ID, id2rgb
 from dearli.evaluation.pq import PQStats, collect_stats, pq_compute, pq_from_stats
 
 CATS = [{"id": c, "name": f"c{c}", "isthing": int(c <= 5)} for c in range(1, 9)]  # 1..5 things, 6..8 stuff
@@ -85,10 +86,6 @@ def write_generated_set(root: Path, n_images: int, seed: int, h: int = 64, w: in
     return str(root / "gt.json"), str(root / "gt"), str(root / "pred.json"), str(root / "pred")
 
 
-def _ids(path: Path) -> np.ndarray:
-    return rgb2id(np.asarray(Image.open(path).convert("RGB")).astype(np.uint32))
-
-
 def _image_reference(g: np.ndarray, gt_segms: dict, p: np.ndarray, pred_segms: dict, stats: dict) -> None:
     """panopticapi's per-image rules on pixel maps; adds [iou, tp, fp, fn] into ``stats`` by category id."""
     for label, area in zip(*np.unique(p, return_counts=True)):
@@ -136,7 +133,8 @@ def reference_counts(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str) -
     preds = {a["image_id"]: a for a in pred["annotations"]}
     for ann in gt["annotations"]:
         pred_ann = preds[ann["image_id"]]
-        g, p = _ids(Path(gt_dir) / ann["file_name"]), _ids(Path(pred_dir) / pred_ann["file_name"])
+        g = read_panoptic_ids(Path(gt_dir) / ann["file_name"])
+        p = read_panoptic_ids(Path(pred_dir) / pred_ann["file_name"])
         gt_segms = {s["id"]: s for s in ann["segments_info"]}
         pred_segms = {s["id"]: dict(s) for s in pred_ann["segments_info"]}
         _image_reference(g, gt_segms, p, pred_segms, stats)
@@ -158,8 +156,8 @@ def test_generated_set_has_the_hard_cases(generated):
                   if s["iscrowd"]]
     assert len(crowd_cats) > len(set(crowd_cats)) > 5  # several crowd segments of one category in an image
     assert max(len(a["segments_info"]) for a in gt["annotations"]) > 100
-    assert (_ids(Path(files[1]) / "000000.png") == VOID_ID).any()
-    assert sum(s["area"] > (_ids(Path(files[1]) / "000000.png") == s["id"]).sum()
+    assert (read_panoptic_ids(Path(files[1]) / "000000.png") == VOID_ID).any()
+    assert sum(s["area"] > (read_panoptic_ids(Path(files[1]) / "000000.png") == s["id"]).sum()
                for s in gt["annotations"][0]["segments_info"]) > 0
     assert len(segs) > 1000
 

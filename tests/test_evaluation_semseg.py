@@ -8,17 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _reference import read_panoptic_ids, semantic_from_panoptic
 from PIL import Image
 
 from dearli.cli import main
 from dearli.errors import DataError
-from dearli.evaluation.panoptic_io import read_panoptic_ids
 from dearli.evaluation.semseg import (
     SemSegEvaluator,
     contiguous_category_ids,
     evaluate_semseg_dirs,
     evaluate_semseg_panoptic,
-    semantic_from_panoptic,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pq"
@@ -80,7 +79,7 @@ def test_out_of_range_values_are_rejected():
         ev.update(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
-def test_semantic_from_panoptic():
+def test_the_reference_semantic_map_of_a_panoptic_map():
     classes = contiguous_category_ids([{"id": 10}, {"id": 3}, {"id": 20}])
     assert classes == {3: 0, 10: 1, 20: 2}
     ids = np.array([[0, 5, 9], [7, 5, 1234]])

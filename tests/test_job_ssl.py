@@ -30,16 +30,11 @@ TINY = ["--preset", "tiny", "--num-images", "16", "--val-images", "4", "--partit
         "warmup.max_steps=2", "warmup.batch_size=2", "train.max_steps=2", "train.batch_size=2",
         "ssl.labeled_batch_size=1", "ssl.unlabeled_batch_size=1", "ssl.publish_every=1", "ssl.max_staleness=4",
         "model.loss.num_points=256", "train.log_every=1", "data.crop_size=64", "model.inference.test_short_side=64"]
+SYNTH = {"num_images": 8, "seed": 2, "num_val": 2}  # conftest's synth fixture
 STAGES = {"cache", "warmup", "ssl", "evaluate"}
 STEP_METRICS = {"loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "lr", "images_per_s", "eta_s", "seconds"}
 SSL_STEP_METRICS = {"loss_sup", "loss_unsup", "staleness", "staleness_max", "wait_fraction", "relabelled",
                     "teacher_version", "pl/segments_per_image", "pl/labeled_fraction", "pl/mean_confidence"}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=8, seed=2, num_val=2,
-                               image_size=(64, 64))
 
 
 def run_job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from _reference import make_pair
 
 from dearli.cli import main
 from dearli.config import BackboneConfig, load_config
@@ -27,7 +28,7 @@ from dearli.pretrain.checkpoint import (
     write_checkpoint,
 )
 from dearli.pretrain.clip import PretrainOptions, create_clip
-from dearli.pretrain.pairs import GROUP_SIZE, PairOptions, make_batch, make_group, make_pair, pick_instance
+from dearli.pretrain.pairs import GROUP_SIZE, PairOptions, make_batch, make_group, pick_instance
 from dearli.pretrain.resolve import resolve_clip
 
 TINY = PretrainOptions(steps=2, batch_size=4, warmup=1, pairs=PairOptions(image_size=64))

@@ -17,38 +17,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from _services import kill_after_parts
+from _tiny_model import KEEP_EVERY_QUERY, tiny_checkpoint
 from PIL import Image
 
 from dearli.caches.store import ERRORS_DIR, CacheStore, StaleWriterError
 from dearli.caches.workers import CacheWorker
 from dearli.cli import main
-from dearli.config import load_config
 from dearli.data.coco_format import rgb2id
-from dearli.data.dataset import load_dataset
 from dearli.data.panoptic import CategoryMap
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
-from dearli.model.m2f_lang import build_tiny
 from dearli.predict.job import RayPseudoLabelWorker
 from dearli.predict.outputs import KIND, PANOPTIC_DIR, ROW_SCHEMA, assemble, keep_confident
 from dearli.predict.pseudo_label_command import _check_options, list_images
 from dearli.predict.worker import png_bytes
-from dearli.training.checkpoint import save_checkpoint
 
-# Keep every query of a random model (it is never confident) and run the zero-shot ensemble too.
-TINY_MODEL = ["model.inference.object_mask_threshold=0.0", "model.inference.overlap_threshold=0.0",
-              "model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"]
 BAD = "val_000001"  # the pool's truncated image
-
-
-def tiny_checkpoint(run_dir: Path, dataset: Path, seed: int = 1) -> Path:
-    """An untrained tiny M2F-Lang saved as a checkpoint of ``dataset`` (no training)."""
-    cfg = load_config("tiny", [f"data.dataset={dataset}", *TINY_MODEL])
-    torch.manual_seed(seed)
-    model = build_tiny(load_dataset(dataset).categories.synonyms, TINY_MODEL)
-    return save_checkpoint(run_dir, 0, model, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +47,8 @@ def world(tmp_path_factory):
         for image in (data / "images" / split).iterdir():
             shutil.copy(image, pool / image.name)
     (pool / f"{BAD}.png").write_bytes((pool / f"{BAD}.png").read_bytes()[:80])
-    return {"data": data, "pool": pool, "checkpoint": tiny_checkpoint(root / "run", data)}
+    checkpoint = tiny_checkpoint(root / "run", data, KEEP_EVERY_QUERY, record_dataset=True, step=0, seed=1)
+    return {"data": data, "pool": pool, "checkpoint": checkpoint}
 
 
 def _args(world, out: Path, *extra: str) -> list[str]:

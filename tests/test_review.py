@@ -12,17 +12,13 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
-import torch
 from _faults import Killed, killed_before_rename
+from _tiny_model import tiny_checkpoint
 from PIL import Image
 
 from dearli.cli import main
-from dearli.config import load_config
-from dearli.data.dataset import load_dataset
 from dearli.errors import DataError
-from dearli.model.m2f_lang import build_m2f_lang
 from dearli.predict.review import ReviewItem, class_table, overlay, readable, render_page, write_review
-from dearli.training.checkpoint import save_checkpoint
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -49,10 +45,8 @@ def test_confidence_class_table_and_overlay():
 
 @pytest.fixture(scope="module")
 def predicted(small_world, tmp_path_factory):
-    cfg = load_config("tiny", ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("run"), small_world,
+                                 ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"])
     out = tmp_path_factory.mktemp("pred") / "pred"
     assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(small_world), "--out", str(out),
                  "--visualize", "0"]) == 0

@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from _tiny_model import tiny_checkpoint
 from PIL import Image
 
 from dearli.cli import main
@@ -157,11 +158,9 @@ def served(ray_local, small_world, tmp_path_factory):
 
     from dearli.predict.serve import ServeOptions, build_app, start
 
-    cfg = load_config("tiny", [f"data.dataset={small_world}", "model.inference.test_short_side=64",
-                               "model.ensemble.alpha_clip=0.4"])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("run"), small_world,
+                                 ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"],
+                                 record_dataset=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -280,11 +279,9 @@ def replica(small_world, tmp_path_factory):
     from dearli.predict.worker import model_payload
     from dearli.training.checkpoint import load_checkpoint
 
-    cfg = load_config("tiny", [f"data.dataset={small_world}", "model.inference.test_short_side=64"])
-    torch.manual_seed(0)
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("replica"), small_world,
+                                 ["model.inference.test_short_side=64"], record_dataset=True)
     info = load_dataset(small_world)
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("replica"), 1, build_m2f_lang(cfg.model,
-                                 info.categories.synonyms), cfg)
     options = ServeOptions(token=TOKEN, request_timeout_s=0.5)
     service = LabelingService.func_or_class(model_payload(load_checkpoint(checkpoint, "cpu")),
                                             [c.to_dict() for c in info.categories.categories], options)

@@ -135,14 +135,6 @@ def test_the_teachers_own_ensemble_weight_is_configuration():
         load_config("synth", ["ssl.unlabeled_no_object_weight=-0.5"])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from dearli.model.m2f_lang import build_tiny
-
-    torch.manual_seed(0)
-    return build_tiny([["cat"], ["grass"]])
-
-
 def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
     """A weight of 0 or no unlabeled batch (ssl.burn_in_steps) leaves the unlabeled images out: two different
     unlabeled batches and none at all give the very same update, and the loss is the supervised one."""

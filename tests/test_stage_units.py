@@ -14,7 +14,6 @@ import torch
 
 from dearli.config import load_config
 from dearli.data.dataset import load_dataset
-from dearli.data.synth.writer import write_synth_dataset
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.model.predictor import predict_batch
 from dearli.stages.ray_train import run_config, train_run_name
@@ -23,12 +22,7 @@ from dearli.stages.teacher import load_published_weights, published_weights
 from dearli.training.ema import ema_update, make_teacher
 
 FAST = ["model.inference.test_short_side=64", "model.loss.num_points=256", "data.crop_size=64"]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=2, seed=3, num_val=1,
-                               image_size=(64, 64))
+SYNTH = {"num_images": 2, "seed": 3, "num_val": 1}  # conftest's synth fixture
 
 
 def test_train_run_names_differ_per_run_dir_and_repeat_for_the_same_one(tmp_path, monkeypatch):

@@ -10,14 +10,14 @@ import torch
 from _faults import Killed, killed_before_rename
 
 from dearli.cli import main
-from dearli.config import load_config
 from dearli.data.dataset import load_dataset
 from dearli.data.partitions import read_partition_file
 from dearli.errors import DataError
-from dearli.model.m2f_lang import build_m2f_lang
 from dearli.predict.suggest_command import write_partition
 from dearli.predict.uncertainty import combined_score, js_divergence, query_signals
-from dearli.training.checkpoint import save_checkpoint
+
+# conftest's checkpoint fixture, of small_world
+CHECKPOINT = {"overrides": ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"]}
 
 
 def test_signals_weigh_masks_by_area_and_skip_void_and_empty_queries():
@@ -40,14 +40,6 @@ def test_signals_weigh_masks_by_area_and_skip_void_and_empty_queries():
     assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
     nothing = query_signals(dec, clip, ensemble, torch.full((3, 2, 4), -10.0))
     assert nothing == {"disagreement": 0.0, "low_score": 1.0, "segments": 0}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(small_world, tmp_path_factory):
-    cfg = load_config("tiny", ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(small_world).categories.synonyms)
-    return save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
 
 
 def test_suggest_writes_the_next_partition(small_world, checkpoint, tmp_path, capsys):

@@ -21,12 +21,6 @@ from dearli.model.text_classifier import (
 CLASSES = [["person", "man"], ["sky"], ["tree", "plant", "bush"]]
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return build_backbone(load_config("tiny").model.backbone)
-
-
 class CountingEncoder:
     """Wraps backbone.encode_text to count calls."""
 

@@ -15,15 +15,14 @@ from PIL import Image
 from dearli.cli import main
 from dearli.config import load_config
 from dearli.config_io import flatten_params, to_dict
-from dearli.data.dataset import load_dataset
 from dearli.errors import DataError
-from dearli.model.m2f_lang import build_m2f_lang
 from dearli.stages import registry, tracking
 from dearli.stages.report import export_teacher
 from dearli.stages.tracking import PipelineTracker, StepLogger
-from dearli.training.checkpoint import save_checkpoint
 
 FAST = ["model.inference.test_short_side=64", "model.loss.num_points=256", "data.crop_size=64"]
+# conftest's checkpoint fixture (of small_world): with optimiser state, as a stage writes it
+CHECKPOINT = {"overrides": FAST, "record_dataset": True, "step": 7, "optimizer": True}
 EVAL = {"teacher": {"PQ": 12.5, "SQ": 60.0, "RQ": 20.0, "PQ_th": 5.0, "PQ_st": 25.0, "mIoU": 30.0},
         "student": {"PQ": 10.0, "SQ": 55.0, "RQ": 18.0, "PQ_th": 4.0, "PQ_st": 20.0, "mIoU": 28.0},
         "teacher_noens": {"PQ": 11.0, "mIoU": 29.0}, "student_noens": {"PQ": 9.0, "mIoU": 27.0}}
@@ -39,21 +38,6 @@ def own_environment(monkeypatch, tmp_path):
     """MLflow writes its tracking URI into the environment; downloaded models go to a cache of the test's."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def synth(small_world):
-    return small_world  # conftest's 4-image world, written once per session
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, synth):
-    """A tiny (random) M2F-Lang checkpoint with optimiser state, as a stage writes it."""
-    cfg = load_config("tiny", [f"data.dataset={synth}", *FAST])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(synth).categories.synonyms)
-    optimizer = torch.optim.AdamW(model.parameters())
-    return save_checkpoint(tmp_path_factory.mktemp("run"), 7, model, cfg, optimizer)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ from PIL import Image
 from dearli.cli import main
 from dearli.data.coco_format import rgb2id
 from dearli.data.dataset import load_dataset
-from dearli.data.synth.writer import write_synth_dataset
 from dearli.training.checkpoint import load_checkpoint
 
 FAST = ["model.loss.num_points=256", "data.crop_size=64", "model.inference.test_short_side=64",
         "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2"]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("data") / "synth", num_images=16, seed=3, num_val=4,
-                               image_size=(64, 64))
+SYNTH = {"num_images": 16, "seed": 3, "num_val": 4}  # conftest's synth fixture
 
 
 def test_train_checkpoints_evaluates_and_resumes(synth, tmp_path, capsys):

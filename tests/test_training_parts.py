@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from _reference import random_crop, random_resize
 from torch import nn
 
 from dearli.config import load_config
@@ -11,8 +12,6 @@ from dearli.training.augment import (
     _rgb_to_hsv,
     augment,
     draw_short_side,
-    random_crop,
-    random_resize,
     ssd_color_aug,
 )
 from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
@@ -78,9 +77,12 @@ def test_one_pixel_stripe_keeps_its_position(factor, axis):
 
 
 def test_crop_pads_small_images_and_marks_padding_invalid():
-    image, masks, _ = _sample(40, 50)
-    img, m, valid = random_crop(image, masks, 64, torch.Generator().manual_seed(0))
-    assert img.shape == (3, 64, 64) and m.shape == (2, 64, 64)
+    cfg = dataclasses.replace(load_config("tiny").data, short_sides=(40,), crop_size=64, flip=False,
+                              color_aug=False)  # the image keeps its size: only the crop's padding acts
+    image, masks, labels = _sample(40, 50)
+    sample = augment(image, masks, labels, cfg, torch.Generator().manual_seed(0))
+    img, m, valid = sample.image, sample.masks, sample.valid
+    assert img.shape == (3, 64, 64) and m.shape == (2, 64, 64) and torch.equal(img[:, :40, :50], image)
     assert valid[:40, :50].all() and not valid[40:].any() and not valid[:, 50:].any()
     assert (img[:, 40:] == PAD_VALUE).all() and (img[:, :, 50:] == 128).all()  # grey, as upstream
     assert not m[:, 40:].any() and not m[:, :, 50:].any()  # background for every mask

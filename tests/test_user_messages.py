@@ -10,28 +10,15 @@ import torch
 
 from dearli.caches.clip_features import build_cache_backbone
 from dearli.cli import main
-from dearli.config import load_config
-from dearli.model.m2f_lang import build_m2f_lang
-from dearli.training.checkpoint import save_checkpoint
 
 RANDOM_INIT = "No pretrained weights loaded"  # open_clip's warning when it builds a model without weights
 TINY_CLIP = "dearli-convnext-atto"
+CHECKPOINT = {"overrides": ["model.inference.test_short_side=64"]}  # conftest's checkpoint fixture, of small_world
 
 
 @pytest.fixture(scope="module")
 def world(small_world):
     return small_world  # conftest's 4-image world, written once per session
-
-
-@pytest.fixture(scope="module")
-def checkpoint(world, tmp_path_factory):
-    """A tiny model's checkpoint, as `dearli train` writes it (random CLIP stored inside)."""
-    from dearli.data.dataset import load_dataset
-
-    cfg = load_config("tiny", ["model.inference.test_short_side=64"])
-    torch.manual_seed(0)
-    model = build_m2f_lang(cfg.model, load_dataset(world).categories.synonyms)
-    return save_checkpoint(tmp_path_factory.mktemp("run"), 1, model, cfg)
 
 
 def _random_init_records(caplog) -> list[str]:

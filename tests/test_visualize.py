@@ -6,12 +6,11 @@ import json
 import shutil
 
 import numpy as np
-import pytest
+from _tiny_model import KEEP_EVERY_QUERY, tiny_checkpoint
 from PIL import Image
 
 from dearli.cli import main
 from dearli.data.dataset import load_dataset
-from dearli.data.synth.writer import write_synth_dataset
 from dearli.evaluation.visualize import (
     BLEND,
     MIN_PANEL_HEIGHT,
@@ -21,11 +20,7 @@ from dearli.evaluation.visualize import (
     write_visualisations,
 )
 
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return write_synth_dataset(tmp_path_factory.mktemp("vis") / "synth", num_images=4, seed=2, num_val=3,
-                               image_size=(64, 64))
+SYNTH = {"num_images": 4, "seed": 2, "num_val": 3}  # conftest's synth fixture
 
 
 def test_overlay_changes_segments_only():
@@ -73,9 +68,7 @@ def test_write_visualisations_and_predict_visualize(synth, tmp_path, capsys):
     assert np.array_equal(panels[1], panels[2]) and not np.array_equal(panels[0], panels[1])
     assert np.array_equal(panels[0][::4, ::4], split.load_image(split.records[0]))
 
-    from test_pseudo_label import tiny_checkpoint
-
-    checkpoint = tiny_checkpoint(tmp_path / "run", synth)
+    checkpoint = tiny_checkpoint(tmp_path / "run", synth, KEEP_EVERY_QUERY, record_dataset=True, step=0, seed=1)
     shutil.rmtree(tmp_path / "vis")
     assert main(["predict", "--checkpoint", str(checkpoint), "--dataset", str(synth), "--out",
                  str(tmp_path / "pred"), "--visualize", "2"]) == 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dearli.caches.records import TEXT_SCHEMA
 from dearli.config import BackboneConfig
 from dearli.model.backbone import DENSE_FEATURE, FrozenClipBackbone, build_backbone
-from dearli.model.inference import pad_to_multiple, resize_shortest_edge, shortest_edge_size
+from dearli.model.inference import pad_to_multiple, resize_shortest_edge
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings, text_cache_dir
 
 RANDOM_INIT_SEED = 0  # random-weight backbones are seeded so every worker (and the reader) builds the same
@@ -55,13 +55,6 @@ def dense_feature(backbone: FrozenClipBackbone, image: np.ndarray, settings: dic
     feature = backbone(x)[DENSE_FEATURE][0]
     scale = resized[0] / image.shape[0]
     return feature.to(torch.float16).cpu().numpy(), scale, resized, padded
-
-
-def expected_geometry(height: int, width: int, settings: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(resized, padded) sizes the cache uses for an H×W image."""
-    resized = shortest_edge_size(height, width, settings["short_side"], settings["max_size"])
-    div = settings["size_divisibility"]
-    return resized, (resized[0] + (-resized[0]) % div, resized[1] + (-resized[1]) % div)
 
 
 def masks_to_feature_frame(masks: np.ndarray, row: dict[str, Any]) -> torch.Tensor:

@@ -2,6 +2,6 @@
 
 - :mod:`dearli.evaluation.pq`: ``pq_compute``, ``collect_stats``, ``pq_from_stats``, ``PQStats``.
 - :mod:`dearli.evaluation.semseg`: ``SemSegEvaluator``, ``metrics_from_confusion``,
-  ``evaluate_semseg_dirs``, ``evaluate_semseg_panoptic``, ``semantic_from_panoptic``.
+  ``evaluate_semseg_dirs``, ``evaluate_semseg_panoptic``.
 - :mod:`dearli.evaluation.panoptic_io`: reading and checking COCO panoptic JSON/PNG files.
 """

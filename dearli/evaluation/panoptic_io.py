@@ -172,21 +172,6 @@ def preload_decoder() -> None:
         read_panoptic_runs(buf)
 
 
-def read_panoptic_rgb(path: str) -> np.ndarray:
-    """Decode a panoptic PNG into its colours.
-
-    Returns:
-        H×W×3 uint8 (R, G, B); RGBA files lose their alpha channel.
-    """
-    with _open_png(path) as im:
-        return _rgb_of(im)
-
-
-def read_panoptic_ids(path: str) -> np.ndarray:
-    """Decode a panoptic PNG into segment ids: H×W uint32 (R + 256·G + 256²·B)."""
-    return _rgb_to_ids(read_panoptic_rgb(path))
-
-
 def _rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     """...×3 uint8 colours -> ... uint32 ids."""
     ids = rgb[..., 2].astype(np.uint32) << 16

@@ -118,27 +118,6 @@ def contiguous_category_ids(categories: list[dict]) -> dict:
     return {cid: i for i, cid in enumerate(sorted({cat["id"] for cat in categories}))}
 
 
-def semantic_from_panoptic(ids: np.ndarray, segments: list[dict], class_of_category: Mapping) -> np.ndarray:
-    """Semantic map of a panoptic map: each segment's pixels get its category's contiguous class.
-
-    Crowd segments keep their class. VOID (0) and ids without a segment (or whose category is not in
-    ``class_of_category``) become ``IGNORE_LABEL``; a segment listed with id 0 keeps its class, as in PQ.
-
-    Args:
-        ids: H×W segment ids. segments: the image's ``segments_info``.
-    Returns:
-        H×W int64 classes.
-    """
-    by_id = {int(s["id"]): s for s in segments}  # a repeated id: the last one wins, as in PQ
-    seg_ids = np.array(sorted(by_id), dtype=np.int64)
-    classes = np.array([class_of_category.get(by_id[i]["category_id"], IGNORE_LABEL) for i in seg_ids.tolist()],
-                       dtype=np.int64)
-    if len(seg_ids) == 0:
-        return np.full(ids.shape, IGNORE_LABEL, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(seg_ids, ids), len(seg_ids) - 1)
-    return np.where(seg_ids[pos] == ids, classes[pos], IGNORE_LABEL)
-
-
 def evaluate_semseg_dirs(
     gt_dir: str | Path, pred_dir: str | Path, num_classes: int, *, ignore_label: int = IGNORE_LABEL,
     progress: bool = True,

@@ -1,7 +1,7 @@
 """M2F-Lang: Mask2Former on a frozen OpenCLIP ConvNeXt, classifying queries against CLIP text embeddings.
 
-``build_m2f_lang(cfg, class_names)`` assembles the parts; ``build_tiny`` / ``build_base`` /
-``build_large`` do so from the shipped presets.
+``build_m2f_lang(cfg, class_names)`` assembles the parts (``cfg``: the ``model`` section of a preset,
+``load_config(preset).model``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dearli.config import ModelConfig, load_config
+from dearli.config import ModelConfig
 from dearli.model.backbone import FrozenClipBackbone, build_backbone
 from dearli.model.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
 from dearli.model.text_classifier import TextClassifier, TextEmbeddings, class_text_embeddings, text_cache_dir
@@ -100,22 +100,3 @@ def build_m2f_lang(cfg: ModelConfig, class_names: Sequence[Sequence[str]] | None
     if class_names is not None:
         model.set_classes(class_names)
     return model
-
-
-def _build_preset(name: str, class_names: Sequence[Sequence[str]] | None, overrides: Sequence[str]) -> M2FLang:
-    return build_m2f_lang(load_config(name, overrides).model, class_names)
-
-
-def build_tiny(class_names: Sequence[Sequence[str]] | None = None, overrides: Sequence[str] = ()) -> M2FLang:
-    """CPU-sized model: random ConvNeXt-atto CLIP, 64-d decoder, 32 queries."""
-    return _build_preset("tiny", class_names, overrides)
-
-
-def build_base(class_names: Sequence[Sequence[str]] | None = None, overrides: Sequence[str] = ()) -> M2FLang:
-    """The paper's model: OpenCLIP convnext_base_w_320 (LAION-Aesthetic), 200 queries, 256-d decoder."""
-    return _build_preset("base", class_names, overrides)
-
-
-def build_large(class_names: Sequence[Sequence[str]] | None = None, overrides: Sequence[str] = ()) -> M2FLang:
-    """OpenCLIP convnext_large_d_320 (LAION), 200 queries, 256-d decoder."""
-    return _build_preset("large", class_names, overrides)

@@ -215,12 +215,6 @@ def make_group(world: SynthWorld, group: int, options: PairOptions) -> list[tupl
     return pairs
 
 
-def make_pair(world: SynthWorld, index: int, options: PairOptions) -> tuple[torch.Tensor, str]:
-    """Pair ``index`` of the stream (member ``index % 2`` of group ``index // 2``): (image 3×S×S float RGB
-    in [0, 255], caption)."""
-    return make_group(world, int(index) // GROUP_SIZE, options)[int(index) % GROUP_SIZE]
-
-
 def scene_window(rng: np.random.Generator, size: tuple[int, int], min_side: int) -> tuple[int, int, int] | None:
     """A random square window of side in [min_side, shorter side]; None (the whole scene) if min_side is 0."""
     short = min(size)

@@ -77,21 +77,6 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int], top: int = 0, left:
     return masks[:, rows[:, None], cols[None, :]]
 
 
-def random_resize(image: torch.Tensor, masks: torch.Tensor, short_side: int, max_size: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize so the shortest edge equals ``short_side`` (the longest capped at ``max_size``, if given).
-
-    Args:
-        image: 3×H×W uint8.
-        masks: N×H×W bool.
-    Returns:
-        image 3×H'×W' uint8 (bilinear), masks N×H'×W' bool (pixel-centre nearest), aligned.
-    """
-    height, width = image.shape[-2:]
-    size = shortest_edge_size(height, width, short_side, max_size if max_size is not None else 1 << 30)
-    return resize_image(image, size), resize_masks(masks, size)
-
-
 def crop_offsets(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
     """Random top-left corner of a ``size`` square in an H×W image (0 along a side shorter than it)."""
     top = int(torch.randint(0, max(height - size, 0) + 1, (1,), generator=generator))
@@ -108,17 +93,6 @@ def _pad(image: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Ten
         image = F.pad(image, (0, size - cw, 0, size - ch), value=PAD_VALUE)
         masks = F.pad(masks, (0, size - cw, 0, size - ch))
     return image, masks, valid
-
-
-def random_crop(image: torch.Tensor, masks: torch.Tensor, size: int, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop a ``size``×``size`` window at a random offset, padding where the image is smaller.
-
-    Returns:
-        image 3×S×S uint8, masks N×S×S, valid S×S bool (True on image pixels).
-    """
-    top, left = crop_offsets(image.shape[-2], image.shape[-1], size, generator)
-    return _pad(image[:, top:top + size, left:left + size], masks[:, top:top + size, left:left + size], size)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -157,23 +157,6 @@ def merge_labels(label_a: PseudoLabel, label_b: PseudoLabel, box: Box) -> Pseudo
     return PseudoLabel(panoptic, segments, valid)
 
 
-def cutmix(image_a: torch.Tensor, label_a: PseudoLabel, image_b: torch.Tensor, label_b: PseudoLabel,
-           prob: float, generator: torch.Generator) -> tuple[torch.Tensor, PseudoLabel, Box | None]:
-    """CutMix of two unlabeled images (3×H×W, same size) and their pseudo-labels, with probability ``prob``.
-
-    Returns:
-        (image 3×H×W: a with b's box pasted in, merged :class:`PseudoLabel`, the box); when no mix happens,
-        ``image_a`` and ``label_a`` themselves and None.
-    """
-    if image_a.shape != image_b.shape or tuple(image_a.shape[-2:]) != tuple(label_a.panoptic.shape):
-        raise ValueError(f"CutMix needs images and labels of one size, got {tuple(image_a.shape)}, "
-                         f"{tuple(image_b.shape)}, label {tuple(label_a.panoptic.shape)}")
-    box = sample_cutmix_box(image_a.shape[-2], image_a.shape[-1], prob, generator)
-    if box is None:
-        return image_a, label_a, None
-    return paste_box(image_a, image_b, box), merge_labels(label_a, label_b, box), box
-
-
 def paste_box(image_a: torch.Tensor, image_b: torch.Tensor, box: Box) -> torch.Tensor:
     """A copy of ``image_a`` (...×H×W) with ``image_b``'s pixels inside ``box``."""
     image = image_a.clone()
