@@ -10,7 +10,6 @@ naming the dotted key. ``save_config`` writes the resolved configuration beside 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from dearli.config_io import flatten_params, from_dict, merge, parse_override, read_yaml, to_dict
+from dearli.config_io import flatten_params, from_dict, merge, parse_override, read_yaml, require, to_dict
+from dearli.config_model import ModelConfig
 from dearli.errors import ConfigError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a configuration override on a command line: key.sub=value
@@ -32,116 +32,6 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 # Where the jobs put datasets, caches, runs and the local MLflow store unless told otherwise (--workdir);
 # an absolute, stable place, as Ray users expect of ~/ray_results.
 DEFAULT_WORKDIR = "~/ray_results/dearli"
-# model.backbone.pretrained value naming the project's own small CLIP, pre-trained on the synthetic world
-# (dearli pretrain-clip); drivers replace it by the cached checkpoint's path (dearli.pretrain.resolve).
-PROJECT_CLIP = "dearli-synth"
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    # The official DEARLi weights: ConvNeXt-B at 320 px, LAION-Aesthetic (the same architecture as convnext_base_w).
-    clip_model: str = "convnext_base_w_320"  # open_clip model name whose vision tower is a timm ConvNeXt
-    # open_clip pretrained tag, local checkpoint, PROJECT_CLIP, or "" (random weights)
-    pretrained: str = "laion_aesthetic_s13b_b82k_augreg"
-
-    def validate(self) -> None:
-        _require(bool(self.clip_model), "model.backbone.clip_model", "must name an open_clip model")
-
-
-@dataclass(frozen=True)
-class PixelDecoderConfig:
-    conv_dim: int = 256  # channels of the deformable encoder and FPN
-    mask_dim: int = 256  # channels of the per-pixel mask features
-    num_layers: int = 6  # deformable-attention encoder layers over res3-res5
-    num_heads: int = 8  # attention heads in the deformable encoder
-    num_points: int = 4  # sampling points per head and level
-    dim_feedforward: int = 1024  # FFN width of the encoder layers
-    dropout: float = 0.0  # dropout inside the encoder layers
-
-    def validate(self) -> None:
-        _require(self.conv_dim % self.num_heads == 0, "model.pixel_decoder.conv_dim",
-                 f"must be divisible by num_heads={self.num_heads}")
-
-
-@dataclass(frozen=True)
-class TransformerDecoderConfig:
-    hidden_dim: int = 256  # query width
-    num_queries: int = 200  # object queries (DEARLi uses 200)
-    num_heads: int = 8  # attention heads
-    dim_feedforward: int = 2048  # FFN width
-    num_layers: int = 9  # decoder layers, round-robin over the three scales
-    pre_norm: bool = False  # LayerNorm before (True) or after (False) each block
-
-    def validate(self) -> None:
-        _require(self.hidden_dim % self.num_heads == 0, "model.transformer_decoder.hidden_dim",
-                 f"must be divisible by num_heads={self.num_heads}")
-        _require(self.num_queries > 0, "model.transformer_decoder.num_queries", "must be positive")
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    logit_scale_init: float = math.log(1 / 0.07)  # learnable log temperature of the M2F-Lang classifier
-    logit_scale_max: float = 100.0  # clamp on exp(logit_scale)
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    alpha_clip: float = 0.4  # weight of the zero-shot CLIP branch in the geometric ensemble
-    schedule: str = "constant"  # constant | linear | budget (see dearli.model.ensemble.alpha_schedule)
-    alpha_clip_end: float = 0.4  # final weight for the linear schedule
-    # FC-CLIP's and DEARLi's ENSEMBLE_ON_VALID_MASK (off there and here by default): a mask left empty on
-    # the CLIP feature grid keeps the decoder's classes alone instead of CLIP's logits of an empty pool.
-    on_valid_mask: bool = False
-
-    def validate(self) -> None:
-        for name in ("alpha_clip", "alpha_clip_end"):
-            value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"model.ensemble.{name}", f"must lie in [0, 1], got {value}")
-        _require(self.schedule in ("constant", "linear", "budget"), "model.ensemble.schedule",
-                 f"must be constant, linear or budget, got {self.schedule!r}")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    class_weight: float = 2.0  # weight of the classification CE; 0 makes training class-agnostic
-    mask_weight: float = 5.0  # weight of the point-sampled mask BCE
-    dice_weight: float = 5.0  # weight of the point-sampled dice loss
-    no_object_weight: float = 0.1  # CE weight of the void ("no object") class
-    num_points: int = 12544  # points sampled per mask for matching and losses (112²)
-    oversample_ratio: float = 3.0  # uncertainty sampling: candidates per kept point
-    importance_sample_ratio: float = 0.75  # share of points chosen by uncertainty
-    deep_supervision: bool = True  # the same losses on every auxiliary prediction
-
-    def validate(self) -> None:
-        for name in ("class_weight", "mask_weight", "dice_weight", "no_object_weight"):
-            _require(getattr(self, name) >= 0, f"model.loss.{name}", "must be >= 0")
-        _require(0.0 <= self.importance_sample_ratio <= 1.0, "model.loss.importance_sample_ratio",
-                 "must lie in [0, 1]")
-        _require(self.oversample_ratio >= 1.0, "model.loss.oversample_ratio", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    # DEARLi's configs and its teacher keep every query whose best class is not void (0.0). Mask2Former's
-    # supervised 0.8 drops correct segments, whose ensembled (geometric mean) probability is rarely that high.
-    object_mask_threshold: float = 0.0  # minimum class score of a kept query
-    overlap_threshold: float = 0.8  # minimum visible share of a kept mask
-    test_short_side: int = 512  # test-time resize of the shortest edge
-    test_max_size: int = 2048  # cap on the longest edge after resizing
-    size_divisibility: int = 32  # pad the input to a multiple of this
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
-    transformer_decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = ""  # dataset directory holding dataset.yaml; "" = the synthetic world under the run dir
@@ -159,12 +49,12 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def validate(self) -> None:
-        _require(self.crop_size % 32 == 0, "data.crop_size", f"must be a multiple of 32, got {self.crop_size}")
-        _require(len(self.short_sides) > 0 and min(self.short_sides) > 0, "data.short_sides",
+        require(self.crop_size % 32 == 0, "data.crop_size", f"must be a multiple of 32, got {self.crop_size}")
+        require(len(self.short_sides) > 0 and min(self.short_sides) > 0, "data.short_sides",
                  f"must be a non-empty list of positive sizes, got {list(self.short_sides)}")
-        _require(self.max_size >= max(self.short_sides), "data.max_size",
+        require(self.max_size >= max(self.short_sides), "data.max_size",
                  f"must be >= the largest of data.short_sides ({max(self.short_sides)}), got {self.max_size}")
-        _require(0 <= self.hue_delta <= 90, "data.hue_delta", f"must lie in [0, 90], got {self.hue_delta}")
+        require(0 <= self.hue_delta <= 90, "data.hue_delta", f"must lie in [0, 90], got {self.hue_delta}")
 
 
 @dataclass(frozen=True)
@@ -176,8 +66,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def validate(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be positive")
-        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.lr > 0, "optim.lr", "must be positive")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -209,19 +99,19 @@ class TrainConfig:
     storage_path: str = ""  # Ray Train storage (path or pyarrow URI); "" = <run dir>/ray
 
     def validate(self) -> None:
-        _require(self.max_steps > 0, "train.max_steps", "must be positive")
-        _require(self.num_workers > 0, "train.num_workers", "must be positive")
-        _require(self.use_gpu in ("auto", "yes", "no"), "train.use_gpu",
+        require(self.max_steps > 0, "train.max_steps", "must be positive")
+        require(self.num_workers > 0, "train.num_workers", "must be positive")
+        require(self.use_gpu in ("auto", "yes", "no"), "train.use_gpu",
                  f"must be auto, yes or no, got {self.use_gpu!r}")
-        _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
-        _require(self.threads_per_worker >= 0, "train.threads_per_worker", "must be >= 0")
-        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
+        require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be positive")
+        require(self.threads_per_worker >= 0, "train.threads_per_worker", "must be >= 0")
+        require(self.placement_strategy in PLACEMENT_STRATEGIES, "train.placement_strategy",
                  f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
-        _require(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
-        _require(self.batch_size > 0, "train.batch_size", "must be positive")
+        require(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
+        require(self.batch_size > 0, "train.batch_size", "must be positive")
         for name, steps in self.supervised_steps.items():
-            _require(steps > 0, f"train.supervised_steps.{name}", f"must be positive, got {steps}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            require(steps > 0, f"train.supervised_steps.{name}", f"must be positive, got {steps}")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "train.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
@@ -235,9 +125,9 @@ class WarmupConfig:
     min_mask_area: int = 16  # SAM masks smaller than this (pixels, after augmentation) are dropped
 
     def validate(self) -> None:
-        _require(self.max_steps > 0, "warmup.max_steps", "must be positive")
-        _require(self.batch_size > 0, "warmup.batch_size", "must be positive")
-        _require(self.max_masks > 0, "warmup.max_masks", "must be positive")
+        require(self.max_steps > 0, "warmup.max_steps", "must be positive")
+        require(self.batch_size > 0, "warmup.batch_size", "must be positive")
+        require(self.max_masks > 0, "warmup.max_masks", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -255,13 +145,13 @@ class StrongViewConfig:
 
     def validate(self) -> None:
         for name in ("brightness", "contrast", "saturation"):
-            _require(getattr(self, name) >= 0, f"ssl.strong_view.{name}", "must be >= 0")
-        _require(0.0 <= self.hue <= 0.5, "ssl.strong_view.hue", f"must lie in [0, 0.5], got {self.hue}")
+            require(getattr(self, name) >= 0, f"ssl.strong_view.{name}", "must be >= 0")
+        require(0.0 <= self.hue <= 0.5, "ssl.strong_view.hue", f"must lie in [0, 0.5], got {self.hue}")
         for name in ("grayscale_prob", "blur_prob"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"ssl.strong_view.{name}", f"must lie in [0, 1], got {value}")
+            require(0.0 <= value <= 1.0, f"ssl.strong_view.{name}", f"must lie in [0, 1], got {value}")
         low, high = self.blur_sigma
-        _require(0.0 < low <= high, "ssl.strong_view.blur_sigma",
+        require(0.0 < low <= high, "ssl.strong_view.blur_sigma",
                  f"must be [low, high] with 0 < low <= high, got {list(self.blur_sigma)}")
 
 
@@ -326,28 +216,28 @@ class SSLConfig:
 
     def validate(self) -> None:
         for name in ("labeled_batch_size", "unlabeled_batch_size", "teacher_actors", "publish_every"):
-            _require(getattr(self, name) > 0, f"ssl.{name}", "must be positive")
-        _require(self.precision in PRECISIONS, "ssl.precision",
+            require(getattr(self, name) > 0, f"ssl.{name}", "must be positive")
+        require(self.precision in PRECISIONS, "ssl.precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(0.0 <= self.ema_decay < 1.0, "ssl.ema_decay", "must lie in [0, 1)")
-        _require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
-        _require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
-        _require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
-        _require(self.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0")
-        _require(self.unlabeled_no_object_weight == -1.0 or self.unlabeled_no_object_weight >= 0,
+        require(0.0 <= self.ema_decay < 1.0, "ssl.ema_decay", "must lie in [0, 1)")
+        require(0.0 <= self.cutmix_prob <= 1.0, "ssl.cutmix_prob", "must lie in [0, 1]")
+        require(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", "must be >= 0")
+        require(self.prefetch >= 0, "ssl.prefetch", "must be >= 0")
+        require(self.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0")
+        require(self.unlabeled_no_object_weight == -1.0 or self.unlabeled_no_object_weight >= 0,
                  "ssl.unlabeled_no_object_weight", "must be -1 (model.loss.no_object_weight) or >= 0, "
                  f"got {self.unlabeled_no_object_weight}")
-        _require(0.5 <= self.pseudo_stuff_min_mask <= 1.0, "ssl.pseudo_stuff_min_mask",
+        require(0.5 <= self.pseudo_stuff_min_mask <= 1.0, "ssl.pseudo_stuff_min_mask",
                  f"must lie in [0.5, 1], got {self.pseudo_stuff_min_mask}")
-        _require(self.thing_min_confidence == -1.0 or self.thing_min_confidence >= 0, "ssl.thing_min_confidence",
+        require(self.thing_min_confidence == -1.0 or self.thing_min_confidence >= 0, "ssl.thing_min_confidence",
                  f"must be -1 (ssl.min_confidence) or >= 0, got {self.thing_min_confidence}")
-        _require(self.thing_pseudo_classes in THING_PSEUDO_CLASSES, "ssl.thing_pseudo_classes",
+        require(self.thing_pseudo_classes in THING_PSEUDO_CLASSES, "ssl.thing_pseudo_classes",
                  f"must be one of {', '.join(THING_PSEUDO_CLASSES)}, got {self.thing_pseudo_classes!r}")
-        _require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
+        require(self.teacher_alpha_clip == -1.0 or 0.0 <= self.teacher_alpha_clip <= 1.0, "ssl.teacher_alpha_clip",
                  f"must be -1 (the model's ensemble) or lie in [0, 1], got {self.teacher_alpha_clip}")
         # Labels requested ``prefetch`` steps ahead with weights up to ``publish_every`` steps old: a smaller
         # bound would make the feed relabel nearly every batch (correct, but the student would wait for it).
-        _require(self.max_staleness >= self.publish_every + self.prefetch, "ssl.max_staleness",
+        require(self.max_staleness >= self.publish_every + self.prefetch, "ssl.max_staleness",
                  f"must be >= ssl.publish_every + ssl.prefetch ({self.publish_every + self.prefetch})")
 
 
@@ -364,9 +254,9 @@ class CacheConfig:
     images_per_part: int = 8  # images per committed Parquet part (work lost on a crash is < one part)
 
     def validate(self) -> None:
-        _require(self.points_per_side > 0, "cache.points_per_side", "must be positive")
-        _require(self.points_per_batch > 0, "cache.points_per_batch", "must be positive")
-        _require(self.images_per_part > 0, "cache.images_per_part", "must be positive")
+        require(self.points_per_side > 0, "cache.points_per_side", "must be positive")
+        require(self.points_per_batch > 0, "cache.points_per_batch", "must be positive")
+        require(self.images_per_part > 0, "cache.images_per_part", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -378,11 +268,6 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-
-
-def _require(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {problem}")
 
 
 def load_config(preset: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:

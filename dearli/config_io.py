@@ -181,3 +181,9 @@ def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)
     return out
+
+
+def require(ok: bool, key: str, problem: str) -> None:
+    """A configuration check: ConfigError naming the dotted ``key`` and the ``problem`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dearli.config import BackboneConfig
+from dearli.config_model import BackboneConfig
 from dearli.errors import ConfigError, DataError
 from dearli.model.backbone import FrozenClipBackbone, build_backbone, register_dearli_clip_configs
 

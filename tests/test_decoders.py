@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dearli.config import PixelDecoderConfig, TransformerDecoderConfig
+from dearli.config_model import PixelDecoderConfig, TransformerDecoderConfig
 from dearli.model import transformer_decoder
 from dearli.model.decoder_layers import CrossAttentionLayer
 from dearli.model.pixel_decoder import build_pixel_decoder, group_norm

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dearli.config import EnsembleConfig, load_config
+from dearli.config import load_config
+from dearli.config_model import EnsembleConfig
 from dearli.errors import ConfigError
 from dearli.model.ensemble import BUDGET_MIN_FRACTION, alpha_schedule, geometric_ensemble
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dearli.config import LossConfig
+from dearli.config_model import LossConfig
 from dearli.errors import ConfigError, DataError
 from dearli.losses import (
     HungarianMatcher,

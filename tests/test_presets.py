@@ -7,8 +7,9 @@ import dataclasses
 import open_clip
 import pytest
 
-from dearli.config import PROJECT_CLIP, load_config, supervised_config
+from dearli.config import load_config, supervised_config
 from dearli.config_io import list_presets
+from dearli.config_model import PROJECT_CLIP
 from dearli.model.backbone import register_dearli_clip_configs
 
 BACKBONES = {

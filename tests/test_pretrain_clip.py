@@ -12,7 +12,8 @@ import torch
 from _reference import make_pair
 
 from dearli.cli import main
-from dearli.config import BackboneConfig, load_config
+from dearli.config import load_config
+from dearli.config_model import BackboneConfig
 from dearli.data.synth.captions import plural
 from dearli.data.synth.classes import CLASSES, THING_CLASSES
 from dearli.data.synth.world import SynthWorld

@@ -8,7 +8,7 @@ import torch
 
 from dearli.config import StrongViewConfig, load_config
 from dearli.errors import ConfigError
-from dearli.stages.ssl_loop import truth_rates, views_per_step
+from dearli.stages.student import truth_rates, views_per_step
 from dearli.stages.teacher import truth_stats
 from dearli.training.pseudo_labels import PseudoLabel, thing_agreement, truth_view, weak_view
 from dearli.training.strong_augment import image_extent, sample_partner_box, strong_augment, student_view
@@ -173,10 +173,10 @@ def test_burn_in_steps_train_on_the_labeled_images_alone(tiny):
 
 
 def test_a_burn_in_that_leaves_no_step_is_refused_before_anything_starts(tmp_path):
-    from dearli.stages.ssl import run_ssl
+    from dearli.stages.mean_teacher import run_mean_teacher
 
     cfg = load_config("tiny", ["ssl.burn_in_steps=5", "train.max_steps=5"])
     with pytest.raises(ConfigError, match=r"^ssl\.burn_in_steps: 5 burn-in steps leave none of the 5 steps"):
-        run_ssl(cfg, tmp_path / "run")
+        run_mean_teacher(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert load_config("synth").ssl.burn_in_steps < load_config("synth").train.max_steps

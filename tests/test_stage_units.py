@@ -17,7 +17,7 @@ from dearli.data.dataset import load_dataset
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.model.predictor import predict_batch
 from dearli.stages.ray_train import run_config, train_run_name
-from dearli.stages.ssl_loop import unpack_pseudo_labels
+from dearli.stages.student import unpack_pseudo_labels
 from dearli.stages.teacher import load_published_weights, published_weights
 from dearli.training.ema import ema_update, make_teacher
 
@@ -195,7 +195,7 @@ def test_a_resumed_feed_draws_what_an_uninterrupted_one_draws(instant_ray):
 def test_a_burn_in_step_asks_for_no_label_and_makes_no_strong_view(instant_ray, monkeypatch):
     """The student loop: labeled images alone while ``step <= ssl.burn_in_steps``, no request to the teacher
     pool and no strong view; the step after it trains on the labels requested during its last step."""
-    from dearli.stages.ssl_loop import StudentLoop
+    from dearli.stages.student import StudentLoop
     from dearli.training import mean_teacher, strong_augment
 
     cfg = load_config("tiny", ["ssl.burn_in_steps=2", "ssl.prefetch=1"])

@@ -69,7 +69,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
     """DeWa on 2 workers, then Mean Teacher from its checkpoint with 2 teacher actors, an unreadable unlabeled
     image, and a Train worker SIGKILLed mid-stage: Ray Train restarts the group from the last checkpoint and
     the run ends at the right step with every checkpoint step once. Then a restart after the final checkpoint."""
-    from dearli.stages.ssl import run_ssl
+    from dearli.stages.mean_teacher import run_mean_teacher
     from dearli.stages.warmup import run_warmup
 
     # A batch of 3 on 2 workers: 2 each (rounded up, as every stage splits a batch), said in the log.
@@ -100,7 +100,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
                                    "ssl.max_staleness=4", "train.checkpoint_every=3", "train.max_failures=2"])
     thread = kill_rank_1_after(run, 4, killed)
     try:
-        result = run_ssl(ssl_cfg, run, init=warm["checkpoint"], echo=lines.append)
+        result = run_mean_teacher(ssl_cfg, run, init=warm["checkpoint"], echo=lines.append)
     finally:
         bad.write_bytes(original)
     thread.join(timeout=5)
@@ -150,7 +150,7 @@ def test_warmup_then_mean_teacher(world, sam_cache, tmp_path, ray_local):
 
     shutil.rmtree(run / "eval" / "teacher" / "step_0000012")
     lines.clear()
-    again = run_ssl(ssl_cfg, run, init=warm["checkpoint"], resume=True, echo=lines.append)
+    again = run_mean_teacher(ssl_cfg, run, init=warm["checkpoint"], resume=True, echo=lines.append)
     assert lines[0] == (f"[ssl] {run} holds the last checkpoint (step 12): no step left, so no teacher pool; "
                         "the workers finish the evaluation")
     assert set(again["metrics"]) == set(result["metrics"])

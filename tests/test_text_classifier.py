@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dearli.config import ClassifierConfig, load_config
+from dearli.config import load_config
+from dearli.config_model import ClassifierConfig
 from dearli.errors import DataError
 from dearli.model import text_classifier as tc
 from dearli.model.backbone import build_backbone

@@ -154,8 +154,8 @@ def test_a_diagnostic_runs_teacher_is_registered_as_one_and_serve_refuses_it(ser
     (this checkpoint's own config is an ordinary one) and refuses it in one line, before any Ray starts."""
     from types import SimpleNamespace
 
+    from dearli.stages.mean_teacher import ORACLE_WARNING
     from dearli.stages.report import _version_tags
-    from dearli.stages.ssl import ORACLE_WARNING
 
     oracle = SimpleNamespace(cfg=load_config("tiny", ["ssl.oracle_labels=true"]), run_dir=tmp_path / "ssl_007")
     tags, description = _version_tags(oracle, {"metrics": EVAL})

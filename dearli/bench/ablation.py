@@ -4,7 +4,7 @@ At each label budget (partition) and seed, five cumulative rows and an oracle (s
 
 1. M2F-Lang supervised on the labeled images only (``train_supervised``), evaluated with α_clip 0;
 2. the same checkpoint evaluated with the preset's zero-shot ensemble (``model.ensemble.alpha_clip``);
-3. Mean Teacher (``run_ssl``) from scratch with a teacher that does not ensemble (α 0 in the teacher);
+3. Mean Teacher (``run_mean_teacher``) from scratch with a teacher that does not ensemble (α 0 in the teacher);
 4. Mean Teacher with the preset's ensemble schedule in the teacher (DEAR);
 5. row 4 started from a DeWa warm-up checkpoint (DEARLi): one warm-up per seed on the SAM masks of every
    training image, shared by the budgets;
@@ -279,9 +279,10 @@ def supervised(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def mean_teacher(cfg: Config, run_dir: Path, init: str | None, spec: Any) -> dict[str, Any]:
-    from dearli.stages.ssl import run_ssl
+    from dearli.stages.mean_teacher import run_mean_teacher
 
-    result = run_ssl(cfg, run_dir, init=init, resume=run_dir.exists(), echo=echo, tracking=spec, evaluate=False)
+    result = run_mean_teacher(cfg, run_dir, init=init, resume=run_dir.exists(), echo=echo, tracking=spec,
+                              evaluate=False)
     return {"checkpoint": result["checkpoint"], "run_dir": str(run_dir), "init": init}
 
 

@@ -113,9 +113,9 @@ def _teacher_rate(cfg, requests: int, repeats: int) -> Spread:
 
 
 def _student_line(cfg, run_dir: Path, workers: int) -> str:
-    from dearli.stages.ssl import run_ssl
+    from dearli.stages.mean_teacher import run_mean_teacher
 
-    run_ssl(cfg, run_dir, echo=lambda *_: None, evaluate=False)
+    run_mean_teacher(cfg, run_dir, echo=lambda *_: None, evaluate=False)
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "loss" in s]
     skip = max(1, min(5, len(steps) // 3))  # start-up steps

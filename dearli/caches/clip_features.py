@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dearli.caches.records import TEXT_SCHEMA
-from dearli.config import BackboneConfig
+from dearli.config_model import BackboneConfig
 from dearli.model.backbone import DENSE_FEATURE, FrozenClipBackbone, build_backbone
 from dearli.model.inference import pad_to_multiple, resize_shortest_edge
 from dearli.model.text_classifier import TextEmbeddings, class_text_embeddings, text_cache_dir

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dearli.config import CacheConfig, InferenceConfig
+from dearli.config import CacheConfig
+from dearli.config_model import InferenceConfig
 from dearli.runtime import add_actor_pool_arguments
 
 _CACHE = CacheConfig()

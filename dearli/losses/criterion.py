@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dearli.config import LossConfig
+from dearli.config_model import LossConfig
 from dearli.errors import ConfigError, DataError
 from dearli.losses.mask_losses import dice_loss, sigmoid_bce_loss
 from dearli.losses.matcher import HungarianMatcher, Indices

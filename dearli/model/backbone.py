@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dearli.config import PROJECT_CLIP, BackboneConfig
+from dearli.config_model import PROJECT_CLIP, BackboneConfig
 from dearli.errors import ConfigError, DataError, checkpoint_error
 
 CLIP_CONFIG_DIR = "clip"  # open_clip model configs shipped in dearli/configs/clip/*.json

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dearli.config import EnsembleConfig
+from dearli.config_model import EnsembleConfig
 from dearli.errors import ConfigError
 
 # "budget" schedule: the smallest labeled fraction considered (COCO's 1/512 partition); at or below it

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dearli.config import ModelConfig
+from dearli.config_model import ModelConfig
 from dearli.model.backbone import FrozenClipBackbone, build_backbone
 from dearli.model.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
 from dearli.model.text_classifier import TextClassifier, TextEmbeddings, class_text_embeddings, text_cache_dir

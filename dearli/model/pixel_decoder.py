@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dearli.config import PixelDecoderConfig
+from dearli.config_model import PixelDecoderConfig
 from dearli.model.deformable_encoder import DeformableEncoder
 from dearli.model.position_encoding import PositionEmbeddingSine
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dearli.config import ModelConfig
+from dearli.config_model import ModelConfig
 from dearli.model.ensemble import geometric_ensemble
 from dearli.model.inference import (
     MASK2FORMER_RULE,

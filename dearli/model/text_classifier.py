@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dearli.config import ClassifierConfig
+from dearli.config_model import ClassifierConfig
 from dearli.errors import DataError
 
 # ViLD prompt ensemble (Gu et al., 2022), as used by FC-CLIP and DEARLi.

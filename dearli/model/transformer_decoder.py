@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dearli.config import TransformerDecoderConfig
+from dearli.config_model import TransformerDecoderConfig
 from dearli.model.decoder_layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from dearli.model.position_encoding import PositionEmbeddingSine
 

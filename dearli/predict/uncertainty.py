@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dearli.config import ModelConfig
+from dearli.config_model import ModelConfig
 from dearli.model.inference import pad_to_multiple, resize_shortest_edge
 from dearli.model.predictor import class_scores
 

@@ -87,7 +87,7 @@ def run_pretrain_clip(args: argparse.Namespace) -> int:
 
 def _print_evaluation(model: str, path: str, num_images: int, crop_size: int) -> None:
     """Zero-shot figures of the new checkpoint; thing crops at the size the CLIP was trained at."""
-    from dearli.config import BackboneConfig
+    from dearli.config_model import BackboneConfig
     from dearli.model.backbone import build_backbone
     from dearli.pretrain.evaluate import zero_shot_report
 

@@ -19,7 +19,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from dearli.config import DEFAULT_WORKDIR, PROJECT_CLIP, Config, load_config
+from dearli.config import DEFAULT_WORKDIR, Config, load_config
+from dearli.config_model import PROJECT_CLIP
 from dearli.errors import ConfigError
 from dearli.pretrain.checkpoint import cached_path, ensure_pretrained_clip, shipped_checkpoint
 from dearli.pretrain.clip import PretrainOptions

@@ -72,9 +72,9 @@ def _run(args: argparse.Namespace) -> int:
 
         result = run_warmup(cfg, args.out, args.sam_cache, resume=args.resume)
     elif args.stage == "ssl":
-        from dearli.stages.ssl import run_ssl
+        from dearli.stages.mean_teacher import run_mean_teacher
 
-        result = run_ssl(cfg, args.out, init=args.init, resume=args.resume)
+        result = run_mean_teacher(cfg, args.out, init=args.init, resume=args.resume)
     else:
         from dearli.training.supervised import train_supervised
 

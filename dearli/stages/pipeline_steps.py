@@ -160,14 +160,15 @@ def mean_teacher(ctx: StageContext, init: str) -> dict[str, Any]:
     done = _done_before(ctx, "ssl")
     if done is not None:
         return done
-    from dearli.stages.ssl import ORACLE_TAG, ORACLE_WARNING, run_ssl
+    from dearli.stages.mean_teacher import ORACLE_TAG, ORACLE_WARNING, run_mean_teacher
 
     stage_dir = ctx.run_dir / "ssl"
     with ctx.tracker.stage("ssl") as spec, ctx.measured("ssl", stage_dir):
         if ctx.cfg.ssl.oracle_labels:
             for run_id in (None, spec.run_id):  # the pipeline's run and the stage's
                 ctx.tracker.set_tags({ORACLE_TAG: ORACLE_WARNING}, run_id)
-        result = run_ssl(ctx.cfg, stage_dir, init=init, resume=stage_dir.exists(), echo=ctx.echo, tracking=spec)
+        result = run_mean_teacher(ctx.cfg, stage_dir, init=init, resume=stage_dir.exists(), echo=ctx.echo,
+                                  tracking=spec)
         ctx.tracker.set_tags({"dearli.checkpoint": result["checkpoint"]}, spec.run_id)
     ctx.record("ssl", result)
     return result

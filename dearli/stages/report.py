@@ -141,7 +141,7 @@ def _version_tags(ctx: StageContext, ssl_result: dict[str, Any]) -> tuple[dict[s
     tags = {"dearli.run_name": ctx.run_dir.name, **({"PQ": f"{pq:.2f}"} if pq is not None else {})}
     if not ctx.cfg.ssl.oracle_labels:
         return tags, None
-    from dearli.stages.ssl import ORACLE_TAG, ORACLE_WARNING
+    from dearli.stages.mean_teacher import ORACLE_TAG, ORACLE_WARNING
 
     return {**tags, ORACLE_TAG: ORACLE_WARNING}, (f"{ORACLE_WARNING}. Not a model to use: dearli serve refuses "
                                                   "it (--allow-diagnostic serves it anyway).")
@@ -155,7 +155,7 @@ def closing_lines(ctx: StageContext, ssl_result: dict[str, Any], report: dict[st
     """Final metrics (one line each for teacher and student), where everything is, how to look at it."""
     metrics, echo, tracker = ssl_result["metrics"], ctx.echo, ctx.tracker
     if ctx.cfg.ssl.oracle_labels:
-        from dearli.stages.ssl import ORACLE_WARNING
+        from dearli.stages.mean_teacher import ORACLE_WARNING
 
         echo(f"*** {ORACLE_WARNING} ***")
     for variant in (TEACHER, STUDENT):

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dearli.config import ModelConfig
+from dearli.config_model import ModelConfig
 from dearli.data.coco_format import id2rgb
 from dearli.errors import DataError
 from dearli.evaluation.semseg import SemSegEvaluator, evaluate_semseg_panoptic, semantic_ground_truth

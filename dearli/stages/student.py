@@ -1,4 +1,4 @@
-"""The Mean-Teacher training function of one Ray Train worker (see :mod:`dearli.stages.ssl`)."""
+"""The Mean-Teacher training function of one Ray Train worker (see :mod:`dearli.stages.mean_teacher`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dearli.training.hooks import EMAHook, EvalHook, Periodic, PeriodicCheckpoin
 from dearli.training.loop import Hook, TrainLoop
 from dearli.training.pseudo_labels import PseudoLabel
 
-STAGE = "ssl"
+STAGE = "ssl"  # the stage's folder, Ray Train run and MLflow names: kept, so that saved runs resume
 # Evaluated models: (name, which weights, CLIP ensemble on). The paper reports the ensembled teacher.
 VARIANTS = {"teacher": ("teacher", True), "teacher_noens": ("teacher", False),
             "student": ("student", True), "student_noens": ("student", False)}

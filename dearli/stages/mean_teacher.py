@@ -18,7 +18,7 @@ from dearli import runtime
 from dearli.config import Config
 from dearli.stages import ray_train
 from dearli.stages.progress import FollowMetrics
-from dearli.stages.ssl_loop import STAGE, VARIANTS
+from dearli.stages.student import STAGE, VARIANTS
 from dearli.stages.tracking import DIAGNOSTIC_TAG, TrackingSpec
 from dearli.training.checkpoint import checkpoint_path
 
@@ -29,8 +29,8 @@ ORACLE_WARNING = ("DIAGNOSTIC RUN: ssl.oracle_labels=true, the student's unlabel
 ORACLE_TAG = DIAGNOSTIC_TAG  # on its MLflow runs and its registered model version
 
 
-def run_ssl(cfg: Config, run_dir: str | Path, init: str | None = None, resume: bool = False, echo=print,
-            tracking: TrackingSpec | None = None, evaluate: bool = True) -> dict[str, Any]:
+def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, resume: bool = False, echo=print,
+                     tracking: TrackingSpec | None = None, evaluate: bool = True) -> dict[str, Any]:
     """Train student and teacher; returns {"step", "checkpoint", "metrics", "run_dir"} (see module doc).
 
     ``init``: a checkpoint (e.g. the warm-up's) whose weights start both student and teacher.
@@ -118,6 +118,6 @@ def _final_metrics(run_dir: Path, step: int) -> dict[str, dict[str, float]]:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """The training function each Ray Train worker runs."""
-    from dearli.stages.ssl_loop import StudentLoop
+    from dearli.stages.student import StudentLoop
 
     StudentLoop(config).run()
