@@ -5,7 +5,8 @@ import pytest
 
 # The slowest files (see the `--durations` list every run prints). pytest-xdist hands each of its two workers
 # two files to start with: 1st and 3rd to one, 2nd and 4th to the other, which splits these about evenly.
-SLOW_FIRST = ["test_job_ssl.py", "test_multinode.py", "test_caches.py", "test_stages.py", "test_pseudo_label.py"]
+SLOW_FIRST = ["test_jobs_ssl.py", "test_multinode.py", "test_caches.py", "test_stages.py",
+              "test_predict_pseudo_label.py"]
 
 
 def pytest_collection_modifyitems(items):

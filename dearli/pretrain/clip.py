@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dearli.data.synth.world import SynthWorld
+from dearli.errors import ConfigError
 from dearli.model.backbone import create_random_clip
 from dearli.pretrain.pairs import PairOptions, make_batch
 from dearli.training.hooks import Periodic
@@ -46,12 +47,14 @@ class PretrainOptions:
     pairs: PairOptions = field(default_factory=PairOptions)
 
     def validate(self) -> None:
+        """ConfigError naming what is impossible (the command line's options are these fields)."""
         if self.steps < 1 or self.batch_size < 2 or self.seed < 0 or self.warmup < 0:
-            raise ValueError("steps >= 1, batch_size >= 2, seed >= 0 and warmup >= 0 are required, got "
-                             f"steps={self.steps} batch_size={self.batch_size} seed={self.seed} "
-                             f"warmup={self.warmup}")
+            raise ConfigError("dearli pretrain-clip: steps >= 1, batch_size >= 2, seed >= 0 and warmup >= 0 are "
+                              f"required, got steps={self.steps} batch_size={self.batch_size} seed={self.seed} "
+                              f"warmup={self.warmup}")
         if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be positive and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+            raise ConfigError(f"dearli pretrain-clip: lr must be positive and weight_decay >= 0, got {self.lr}, "
+                              f"{self.weight_decay}")
         self.pairs.validate()
 
     def as_dict(self) -> dict:

@@ -44,15 +44,11 @@ def options_from_args(args: argparse.Namespace) -> PretrainOptions:
     """The PretrainOptions the command line asks for (ConfigError on impossible values)."""
     import dataclasses
 
-    from dearli.errors import ConfigError
 
     pairs = dataclasses.replace(_PAIRS, image_size=args.image_size, crop_prob=args.crop_prob)
     options = dataclasses.replace(_DEFAULTS, model=args.model, steps=args.steps, seed=args.seed,
                                   batch_size=args.batch_size, lr=args.lr, pairs=pairs)
-    try:
-        options.validate()
-    except ValueError as err:
-        raise ConfigError(f"dearli pretrain-clip: {err}") from err
+    options.validate()
     return options
 
 

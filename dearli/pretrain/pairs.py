@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dearli.data.synth.captions import count_phrase, make_caption, plural
 from dearli.data.synth.classes import CLASSES, THING_CLASSES, class_probabilities
 from dearli.data.synth.world import MIN_THING_AREA, SynthSample, SynthWorld
+from dearli.errors import ConfigError
 from dearli.pretrain.paste import minimal_pair
 
 PAIRS_VERSION = 2  # bump when a change here changes the pairs drawn for the same options
@@ -69,14 +70,14 @@ class PairOptions:
 
     def validate(self) -> None:
         if not 32 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must lie in [32, 1024], got {self.image_size}")
+            raise ConfigError(f"dearli pretrain-clip: image_size must lie in [32, 1024], got {self.image_size}")
         for name in ("paste_prob", "crop_prob", "focus_prob", "visible_share", "synonym_prob", "prefix_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"dearli pretrain-clip: {name} must lie in [0, 1], got {getattr(self, name)}")
         if self.balance < 0:
-            raise ValueError(f"balance must be >= 0, got {self.balance}")
+            raise ConfigError(f"dearli pretrain-clip: balance must be >= 0, got {self.balance}")
         if not 1.0 <= self.context[0] <= self.context[1]:
-            raise ValueError(f"context must satisfy 1 <= min <= max, got {self.context}")
+            raise ConfigError(f"dearli pretrain-clip: context must satisfy 1 <= min <= max, got {self.context}")
 
 
 _THING_FREQUENCY = dict(zip((c.id for c in THING_CLASSES), class_probabilities(THING_CLASSES)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,32 @@ def loop_config(cfg: Config, run_dir: Path, **extra: Any) -> dict[str, Any]:
     return {"cfg": to_dict(cfg), "run_dir": str(run_dir), **extra}
 
 
-def config_from_loop(config: dict[str, Any]) -> Config:
-    """The worker's config (and its logging as quiet as the driver's)."""
+@dataclass(frozen=True)
+class Worker:
+    """A Train worker as its training function starts: its config, run directory, rank, world size, device."""
+
+    cfg: Config
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+
+
+def start_worker(config: dict[str, Any], stage: str) -> Worker:
+    """What every Train worker does first, from its ``train_loop_config``: logging as quiet as the driver's,
+    ``train.threads_per_worker`` torch threads, its line in ``workers.jsonl``, its device."""
+    import ray.train
+
+    from dearli.stages.costs import record_worker
+
     quiet(config.get("verbose", False))
-    return from_dict(Config, config["cfg"])
+    cfg = from_dict(Config, config["cfg"])
+    run_dir = Path(config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    set_worker_threads(cfg)
+    record_worker(run_dir, stage, rank)
+    return Worker(cfg, run_dir, rank, world, worker_device(cfg))
 
 
 def worker_device(cfg: Config) -> torch.device:

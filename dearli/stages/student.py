@@ -69,15 +69,11 @@ class StudentLoop:
         from dearli.training.mean_teacher import unlabeled_criterion
         from dearli.training.parts import build_training_parts
 
-        self.cfg = cfg = ray_train.config_from_loop(config)
-        self.run_dir = Path(config["run_dir"])
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        ray_train.set_worker_threads(cfg)
-        costs.record_worker(self.run_dir, STAGE, self.rank)
+        worker = ray_train.start_worker(config, STAGE)
+        self.cfg = cfg = worker.cfg
+        self.run_dir, self.rank, self.world, self.device = worker.run_dir, worker.rank, worker.world, worker.device
         self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
         self.teacher_gpu_peak_mb = 0.0  # ... and of GPU memory, on CUDA
-        self.device = ray_train.worker_device(cfg)
         self.info = load_dataset(cfg.data.dataset)
         self.split = self.info.split(cfg.data.train_split)
         parts = build_training_parts(cfg, self.info.categories.synonyms, self.info.categories.num_classes,

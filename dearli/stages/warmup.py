@@ -89,13 +89,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     from dearli.training.step import train_step
     from dearli.training.warmup_data import sam_sample, sample_generator
 
-    cfg = warmup_config(ray_train.config_from_loop(config))
-    run_dir = Path(config["run_dir"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    ray_train.set_worker_threads(cfg)
-    costs.record_worker(run_dir, STAGE, rank)
-    device = ray_train.worker_device(cfg)
+    worker = ray_train.start_worker(config, STAGE)
+    cfg, run_dir, rank, world, device = (warmup_config(worker.cfg), worker.run_dir, worker.rank, worker.world,
+                                         worker.device)
     info = load_dataset(cfg.data.dataset)
     split = info.split(cfg.data.train_split)
     parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
