@@ -242,3 +242,27 @@ def test_cli_check(dataset, capsys):
     assert len(bad) == 2
     assert "train_001.jpg" in bad[0] and "train_002.png" in bad[1]
     assert "split 'train': 3 images checked, 2 problem(s)" in out
+
+
+def _drop_annotation(root, split_name, stem):
+    """The image stays in the split's JSON, its annotation and PNGs go (an image of COCO's unlabeled pool)."""
+    path = root / "annotations" / f"panoptic_{split_name}.json"
+    data = json.loads(path.read_text())
+    image_id = next(i["id"] for i in data["images"] if i["file_name"].startswith(stem))
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != image_id]
+    path.write_text(json.dumps(data))
+    for folder in ("panoptic", "semantic"):
+        (root / "annotations" / f"{folder}_{split_name}" / f"{stem}.png").unlink()
+
+
+def test_cli_check_counts_the_unlabeled_pool_apart_from_problems(dataset, capsys):
+    _drop_annotation(dataset, "train", "train_002")
+    assert main(["data", "check", str(dataset), "--split", "train", "--no-progress"]) == 0
+    assert "split 'train': 3 images checked, 1 without annotation (the unlabeled pool), 0 problem(s)" in \
+        capsys.readouterr().out
+    (dataset / "images" / "train" / "train_002.jpg").write_bytes(b"junk")  # its image is still read
+    assert main(["data", "check", str(dataset), "--split", "train", "--no-progress"]) == 1
+    assert "train_002.jpg" in capsys.readouterr().out
+    _drop_annotation(dataset, "val", "val_000")  # a val image without annotation cannot be scored: a problem
+    assert main(["data", "check", str(dataset), "--split", "val", "--no-progress"]) == 1
+    assert "has no panoptic annotation" in capsys.readouterr().out

@@ -82,10 +82,15 @@ def _prepare_coco_objects(args: argparse.Namespace) -> int:
 
 
 def check_split(info, split_name: str, partition: str | None = None,
-                progress: bool = False) -> tuple[int, list[DataError]]:
+                progress: bool = False) -> tuple[int, list[DataError], int]:
     """Check one split (optionally restricted to a partition's labeled images).
 
-    Returns the number of images checked and every problem found (never raises for per-item problems).
+    An image of the train split without a panoptic annotation belongs to the unlabeled pool (COCO's
+    unlabeled2017, say): its image is read and counted, not reported. Everywhere else (val, a partition's
+    labeled list) a missing annotation is a problem.
+
+    Returns (images checked, every problem found, images without annotation); never raises for per-item
+    problems.
     """
     problems: list[DataError] = []
     split = info.split(split_name, problems=problems)
@@ -93,26 +98,34 @@ def check_split(info, split_name: str, partition: str | None = None,
         try:
             part = info.partition(partition)
         except DataError as err:
-            return 0, problems + [err]
+            return 0, problems + [err], 0
         for line, stem in part.missing(split):
             problems.append(DataError(part.path, f"line {line}: image '{stem}' is not in split '{split_name}'"))
         split = split.subset([s for s in part.labeled if split.has(s)])
-    checked = 0
-    for error in _check_records(split, progress):
+    unlabeled_pool = partition is None and split_name == "train"
+    checked, unannotated = 0, 0
+    for error in _check_records(split, progress, unlabeled_pool):
         if error is None:
             checked += 1
+        elif error is UNANNOTATED:
+            unannotated += 1
         else:
             problems.append(error)
-    return checked, problems
+    return checked, problems, unannotated
 
 
-def _check_records(split, progress: bool) -> Iterator[DataError | None]:
-    """Yields a DataError per problem and None after each image."""
+UNANNOTATED = object()  # what _check_records yields, after None, for an image of the unlabeled pool
+
+
+def _check_records(split, progress: bool, unlabeled_pool: bool = False) -> Iterator[object]:
+    """Yields a DataError per problem, and None after each image (then UNANNOTATED when it is an image of the
+    unlabeled pool, whose missing annotation is no problem)."""
     from tqdm import tqdm
 
     num_classes = split.categories.num_classes
     for rec in tqdm(split.records, desc=f"check {split.name}", unit="img", disable=not progress):
-        for load in (split.load_image, split.load_target):
+        pool = unlabeled_pool and rec.panoptic_path is None
+        for load in (split.load_image,) if pool else (split.load_image, split.load_target):
             try:
                 load(rec)
             except DataError as err:
@@ -127,6 +140,8 @@ def _check_records(split, progress: bool) -> Iterator[DataError | None]:
             except DataError as err:
                 yield err
         yield None
+        if pool:
+            yield UNANNOTATED
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -136,10 +151,11 @@ def _check(args: argparse.Namespace) -> int:
     names = [args.split] if args.split else (["train"] if args.partition else info.split_names)
     total_checked, total_bad = 0, 0
     for name in names:
-        checked, problems = check_split(info, name, args.partition, progress=not args.no_progress)
+        checked, problems, unannotated = check_split(info, name, args.partition, progress=not args.no_progress)
         for err in problems:
             print(f"BAD {err}")
-        print(f"split '{name}': {checked} images checked, {len(problems)} problem(s)")
+        pool = f", {unannotated} without annotation (the unlabeled pool)" if unannotated else ""
+        print(f"split '{name}': {checked} images checked{pool}, {len(problems)} problem(s)")
         total_checked += checked
         total_bad += len(problems)
     print(f"{total_checked} images checked, {total_bad} problem(s) in total")
