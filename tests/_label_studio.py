@@ -107,8 +107,11 @@ def _wait_up(proc: subprocess.Popen, log: Path, timeout_s: float) -> str:
 
 
 @contextlib.contextmanager
-def label_studio_server(root: Path, timeout_s: float = 300.0) -> Iterator[LabelStudio]:
-    """``label-studio start`` on 127.0.0.1 with its data in ``root``; yields its URL, user and two tokens."""
+def label_studio_server(root: Path, timeout_s: float = 300.0, env: dict[str, str] | None = None
+                        ) -> Iterator[LabelStudio]:
+    """``label-studio start`` on 127.0.0.1 with its data in ``root``; yields its URL, user and two tokens.
+    ``env``: more settings, e.g. ``LOCAL_FILES_SERVING_ENABLED`` and ``LOCAL_FILES_DOCUMENT_ROOT`` to serve
+    images from a folder."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / "server.log"
     cmd = [str(VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
@@ -116,8 +119,9 @@ def label_studio_server(root: Path, timeout_s: float = 300.0) -> Iterator[LabelS
            PASSWORD, "--user-token", LEGACY_TOKEN, "--enable-legacy-api-token"]
     started = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=server_env(root),
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                env={**server_env(root), **(env or {})}, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     try:
         url = _wait_up(proc, log, timeout_s)
         access = _call(f"{url}/api/token/", "POST", LEGACY_TOKEN, {})["token"]
@@ -139,6 +143,34 @@ def brush_rle(mask) -> list[int]:
     out = subprocess.run([str(VENV / "bin" / "python"), "-c", code], input=(np.asarray(mask, bool) * 255).astype(
         np.uint8).tobytes(), capture_output=True, check=True, env=_own_python_env(), timeout=120).stdout
     return json.loads(out)
+
+
+def _sdk(code: str, payload) -> object:
+    """``code`` run by the server's virtualenv with ``payload`` as JSON on stdin; what it prints, as JSON."""
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", code], input=json.dumps(payload).encode(),
+                         capture_output=True, check=True, env=_own_python_env(), timeout=300).stdout
+    return json.loads(out)
+
+
+def brush_rles(masks) -> list[list[int]]:
+    """:func:`brush_rle` of many 2-D boolean masks, in one run of the SDK."""
+    import numpy as np
+
+    code = ("import sys, json, numpy as np; from label_studio_sdk.converter.brush import encode_rle; "
+            "print(json.dumps([[int(v) for v in encode_rle(np.repeat(np.array(m, np.uint8).reshape(-1, 1) * 255, "
+            "4, axis=1).reshape(-1))] for m in json.load(sys.stdin)]))")
+    return _sdk(code, [np.asarray(m, bool).astype(int).tolist() for m in masks])
+
+
+def decode_brush_rles(rles: list[list[int]], shapes: list[tuple[int, int]]):
+    """The H×W boolean masks of brush RLEs, decoded by Label Studio's SDK (``decode_rle``; a pixel is in the
+    mask where its alpha is at least 128), in one run."""
+    import numpy as np
+
+    code = ("import sys, json, numpy as np; from label_studio_sdk.converter.brush import decode_rle; "
+            "print(json.dumps([decode_rle(r).reshape(-1, 4)[:, 3].tolist() for r in json.load(sys.stdin)]))")
+    alphas = _sdk(code, rles)
+    return [np.asarray(a).reshape(shape) >= 128 for a, shape in zip(alphas, shapes)]
 
 
 def login_cookies(server: LabelStudio) -> dict[str, str]:

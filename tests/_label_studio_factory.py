@@ -3,6 +3,7 @@
     from _label_studio_factory import write_pseudo_labels, annotated_export
     labels = write_pseudo_labels(tmp_path / "labels", images, image_dir, categories)
     export = annotated_export(json.loads((out / "tasks.json").read_text()))
+    truth = ground_truth(split, stem)  # and annotator_results(...) for an annotator who draws it
 
 ``write_pseudo_labels`` goes through the same commit and ``assemble`` the pseudo-label job uses, so the
 folder is what ``dearli pseudo-label`` leaves.
@@ -80,3 +81,35 @@ def drop_annotations(json_path: Path, stems: set[str]) -> None:
     ids = {str(i["id"]) for i in data["images"] if Path(i["file_name"]).stem in stems}
     data["annotations"] = [a for a in data["annotations"] if str(a["image_id"]) not in ids]
     json_path.write_text(json.dumps(data))
+
+
+def ground_truth(split, stem: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The annotation of ``stem`` in a PanopticSplit: its segment map and (segment id, category id) pairs."""
+    from dearli.data.panoptic import read_segment_map
+
+    record = split.record(stem)
+    return read_segment_map(record, split.json_path), [(s.id, s.category_id) for s in record.segments_info]
+
+
+def canonical(segment_map: np.ndarray, segments: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """An annotation without its segment ids and order: sorted (category id, mask bytes), to compare two."""
+    return sorted((category_id, np.packbits(segment_map == seg_id).tobytes()) for seg_id, category_id in segments)
+
+
+def annotator_results(items: dict[str, tuple[np.ndarray, list[tuple[int, int]]]], categories: CategoryMap,
+                      encode) -> dict[str, list[dict]]:
+    """What an annotator who draws the ground truth submits: per stem, one brush region per segment of its
+    annotation (``items``: stem -> :func:`ground_truth`), labelled with the class's display name;
+    ``encode`` turns a list of masks into their brush RLEs (e.g. the SDK's, ``_label_studio.brush_rles``)."""
+    masks, where = [], []
+    for stem, (segment_map, segments) in items.items():
+        for seg_id, category_id in segments:
+            masks.append(segment_map == seg_id)
+            where.append((stem, seg_id, category_id, segment_map.shape))
+    results: dict[str, list[dict]] = {stem: [] for stem in items}
+    for (stem, seg_id, category_id, (height, width)), rle in zip(where, encode(masks)):
+        results[stem].append({
+            "id": f"gt{seg_id}", "from_name": "label", "to_name": "image", "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": rle, "brushlabels": [categories.category(category_id).name]}})
+    return results

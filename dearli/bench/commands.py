@@ -16,6 +16,7 @@ BENCH_MODULES = (
     "dearli.bench.serve",  # dearli bench serve
     "dearli.bench.scale",  # dearli bench scale
     "dearli.bench.scoring",  # dearli bench test-world
+    "dearli.bench.annotation",  # dearli bench annotation
 )
 
 
