@@ -11,6 +11,11 @@ Nothing leaves the machine: ``LATEST_VERSION_CHECK=false`` stops the PyPI query 
 package's file (the default, ``FEATURE_FLAGS_OFFLINE``). ``HOME`` is the temp dir, so no default data folder
 is made in the user's home.
 
+ML backends: ``ML_BLOCK_LOCAL_IP=false`` and ``SSRF_PROTECTION_ENABLED=false`` let a project connect the
+``dearli serve`` the tests run on 127.0.0.1 (by default Label Studio refuses an ML backend, and the webhook it
+adds for it, on loopback and private addresses), and the health, setup and connection timeouts of 1 to 3 s
+become 30 s, which a busy 2-core machine can miss.
+
 Tokens: the organization is created with legacy tokens enabled (``--enable-legacy-api-token``, at start-up)
 and the user's legacy token set by ``--user-token``; a personal access token (a JWT refresh token, Label
 Studio 1.23's default kind) is then made over HTTP with ``POST /api/token/``.
@@ -73,7 +78,9 @@ def server_env(root: Path) -> dict[str, str]:
     ``PYTHONPATH`` or virtualenv of the caller), plus the settings that keep it offline and in ``root``."""
     env = _own_python_env()
     env.update(HOME=str(root), LABEL_STUDIO_BASE_DATA_DIR=str(root / "data"), LATEST_VERSION_CHECK="false",
-               SENTRY_DSN="", FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", LOG_LEVEL="WARNING")
+               SENTRY_DSN="", FRONTEND_SENTRY_DSN="", COLLECT_ANALYTICS="false", LOG_LEVEL="WARNING",
+               ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", ML_TIMEOUT_HEALTH="30",
+               ML_TIMEOUT_SETUP="30", ML_CONNECTION_TIMEOUT="30")
     return env
 
 

@@ -51,27 +51,30 @@ def label_config(names: Sequence[str], polygons: bool = False) -> str:
             f'  <{tag} name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </{tag}>\n</View>\n')
 
 
-def _region(region_id: str, kind: str, value: dict[str, Any], name: str, score: float,
-            size: tuple[int, int]) -> dict[str, Any]:
+def _region(region_id: str, kind: str, value: dict[str, Any], name: str, score: float, size: tuple[int, int],
+            from_name: str, to_name: str) -> dict[str, Any]:
     height, width = size
-    return {"id": region_id, "from_name": FROM_NAME, "to_name": TO_NAME, "type": kind,
+    return {"id": region_id, "from_name": from_name, "to_name": to_name, "type": kind,
             "original_width": width, "original_height": height, "image_rotation": 0,
             "value": {**value, kind: [name]}, "score": score}
 
 
-def brush_region(region_id: str, mask: np.ndarray, name: str, score: float) -> dict[str, Any]:
-    """A brushlabels region of an H×W bool mask."""
-    return _region(region_id, BRUSH, {"format": "rle", "rle": encode_mask(mask)}, name, score, mask.shape)
+def brush_region(region_id: str, mask: np.ndarray, name: str, score: float, from_name: str = FROM_NAME,
+                 to_name: str = TO_NAME) -> dict[str, Any]:
+    """A brushlabels region of an H×W bool mask (``from_name``: the labels tag, ``to_name``: the image tag)."""
+    return _region(region_id, BRUSH, {"format": "rle", "rle": encode_mask(mask)}, name, score, mask.shape,
+                   from_name, to_name)
 
 
-def polygon_regions(region_id: str, mask: np.ndarray, name: str, score: float) -> list[dict[str, Any]]:
+def polygon_regions(region_id: str, mask: np.ndarray, name: str, score: float, from_name: str = FROM_NAME,
+                    to_name: str = TO_NAME) -> list[dict[str, Any]]:
     """One polygonlabels region per part of an H×W bool mask (ids ``<region_id>_<k>``), largest first."""
     height, width = mask.shape
     regions = []
     for k, points in enumerate(mask_polygons(mask)):
         percent = (points * [100.0 / width, 100.0 / height]).tolist()
         value = {"points": percent, "closed": True}
-        regions.append(_region(f"{region_id}_{k}", POLYGON, value, name, score, mask.shape))
+        regions.append(_region(f"{region_id}_{k}", POLYGON, value, name, score, mask.shape, from_name, to_name))
     return regions
 
 
@@ -140,19 +143,28 @@ def task_for_image(row: dict[str, Any], segment_map: np.ndarray, url: str, versi
     """One task: the image's URL and stem, and a prediction with one region per segment of the row.
 
     segment_map: H×W segment ids of the row's PNG; row: as :func:`read_pseudo_labels` gives it."""
+    prediction = {"model_version": version, **segment_regions(segment_map, row["segments"], polygons)}
+    return {"data": {TO_NAME: url, STEM_KEY: row["stem"]}, "predictions": [prediction]}
+
+
+def segment_regions(segment_map: np.ndarray, segments: list[dict[str, Any]], polygons: bool = False,
+                    from_name: str = FROM_NAME, to_name: str = TO_NAME) -> dict[str, Any]:
+    """``{"result": regions, "score": mean class score}`` of a prediction: one brush region per segment
+    (ids ``seg<segment id>``), or its polygons, labelled with the segment's ``category_name``.
+
+    segment_map: H×W segment ids; segments: dicts with ``id``, ``category_name`` and ``score``."""
     result, scores = [], []
-    for segment in row["segments"]:
+    for segment in segments:
         mask = segment_map == segment["id"]
         region_id, name, score = f"seg{segment['id']}", segment["category_name"], float(segment["score"])
         if polygons:
-            result.extend(polygon_regions(region_id, mask, name, score))
+            result.extend(polygon_regions(region_id, mask, name, score, from_name, to_name))
         else:
-            result.append(brush_region(region_id, mask, name, score))
+            result.append(brush_region(region_id, mask, name, score, from_name, to_name))
         scores.append(score)
     if polygons:  # largest first: a polygon lying in another's filled hole comes later and wins on import
         result.sort(key=lambda region: -abs(signed_area(np.asarray(region["value"]["points"]))))
-    prediction = {"model_version": version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}
-    return {"data": {TO_NAME: url, STEM_KEY: row["stem"]}, "predictions": [prediction]}
+    return {"result": result, "score": float(np.mean(scores)) if scores else 0.0}
 
 
 def tasks_from_rows(labels: str | Path, rows: list[dict[str, Any]], image_root: str, document_root: Path,

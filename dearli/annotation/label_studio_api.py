@@ -125,6 +125,20 @@ class Client:
             raise DearliError(str(err)) from None
         self._auth = f"Token {self._token}"
 
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header of this client's requests, for reading the server's files (uploads)."""
+        return self._auth
+
+    def renew(self) -> None:
+        """A new access token for a personal access token (its access tokens last minutes); nothing for a
+        legacy token."""
+        if self._bearer:
+            try:
+                self._refresh()
+            except _Failure as err:
+                raise DearliError(str(err)) from None
+
     def _api(self, method: str, path: str, body: Any = None, query: dict | None = None) -> Any:
         """One authenticated call; an expired access token is refreshed once."""
         try:

@@ -230,6 +230,11 @@ class Labeler:
         categories = None if classes is None else CategoryMap.from_dicts(classes, "request")
         return LabelRequest(data, width, height, categories, min_score)
 
+    def prepare_image(self, data: bytes) -> LabelRequest:
+        """An image file (never a JSON request) to label with the served classes; checked as :meth:`prepare`."""
+        width, height = inspect_image(data, self.max_pixels)
+        return LabelRequest(data, width, height, None, 0.0)
+
     def text_of(self, request: LabelRequest) -> TextEmbeddings:
         """The text embeddings of the request's class list (the served ones without a list); not locked."""
         if request.categories is None:
@@ -239,17 +244,30 @@ class Labeler:
     def run(self, request: LabelRequest, text: TextEmbeddings,
             check: Callable[[], None] | None = None) -> dict[str, Any]:
         """The answer to a prepared request (see the module docstring); ``check`` may raise to stop the work."""
-        categories = request.categories or self.default
+        panoptic, records = self.segments(request, text, check)
+        return {"width": int(panoptic.shape[1]), "height": int(panoptic.shape[0]),
+                "png": base64.b64encode(png_bytes(panoptic)).decode("ascii"), "segments_info": records}
+
+    def segments(self, request: LabelRequest, text: TextEmbeddings,
+                 check: Callable[[], None] | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """(H×W segment ids, their ``segments_info`` records) of a prepared request, as :meth:`run` answers."""
         with self.lock:
             if check is not None:
                 check()
             image = decode_image(request.image, self.max_pixels)
-            self.model.set_text(categories.synonyms, text)
-            pred = predict_image(self.model, image, self.model_cfg, categories.thing_ids, semantic=False, check=check)
-            panoptic, segments = keep_confident(pred.panoptic, pred.segments, request.min_score)
-            return {"width": int(image.shape[1]), "height": int(image.shape[0]),
-                    "png": base64.b64encode(png_bytes(panoptic)).decode("ascii"),
-                    "segments_info": segment_records(panoptic, segments, categories)}
+            return self._predict(image, request.categories or self.default, text, request.min_score, check)
+
+    def label_array(self, image: np.ndarray, min_score: float = 0.0) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """(H×W segment ids, records) of an H×W×3 uint8 RGB image with the served classes; no pixel bound."""
+        with self.lock:
+            return self._predict(image, self.default, self.default_text, min_score, None)
+
+    def _predict(self, image: np.ndarray, categories: CategoryMap, text: TextEmbeddings, min_score: float,
+                 check: Callable[[], None] | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        self.model.set_text(categories.synonyms, text)
+        pred = predict_image(self.model, image, self.model_cfg, categories.thing_ids, semantic=False, check=check)
+        panoptic, segments = keep_confident(pred.panoptic, pred.segments, min_score)
+        return panoptic, segment_records(panoptic, segments, categories)
 
     def label(self, body: bytes, content_type: str = "") -> dict[str, Any]:
         """One request body -> the COCO-panoptic answer, all three steps in the calling thread."""

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "local Ray: POST an image file to the URL and get COCO panoptic JSON back (a base64 PNG of segment ids "
         "and segments_info with class names and scores). POST JSON {\"image\": BASE64, \"classes\": [{\"name\", "
         "\"isthing\"}, ...]} to label with another class list (no retraining: classes are text). GET lists the "
-        "served classes. Runs until Ctrl-C unless --detach.",
+        "served classes. The same URL is a Label Studio ML backend (GET /health, POST /setup, /predict, "
+        "/webhook): add it in a project's Settings > Model. Runs until Ctrl-C unless --detach.",
         epilog="example: dearli serve --checkpoint models:/dearli/1 --port 8000, then "
         "curl --data-binary @image.png http://127.0.0.1:8000/",
     )
@@ -44,8 +45,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-pixels", type=int, default=SERVE_MAX_PIXELS, metavar="N",
                         help=f"larger images are refused with 413 (default: {SERVE_MAX_PIXELS}, 4096×4096)")
     parser.add_argument("--token", default=os.environ.get("DEARLI_SERVE_TOKEN", ""),
-                        help="requests must carry 'Authorization: Bearer TOKEN' (401 otherwise); default: "
-                        "$DEARLI_SERVE_TOKEN, else no token")
+                        help="requests must carry 'Authorization: Bearer TOKEN', or basic auth with TOKEN as "
+                        "password (Label Studio's ML backend settings), 401 otherwise; default: $DEARLI_SERVE_TOKEN, "
+                        "else no token")
+    ls = parser.add_argument_group(
+        "Label Studio ML backend", "Where /predict may read task images from: data: URIs always; Label Studio's "
+        "own /data/... paths and URLs of --label-studio-url with its token; http(s) URLs of --fetch-hosts only "
+        "(never with a token, no redirects); file:// URLs and /data/local-files/?d= below --files-root only.")
+    ls.add_argument("--label-studio-url", default="", metavar="URL",
+                    help="Label Studio's address (http://host:8080): task images given as /data/... paths are read "
+                    "from it")
+    ls.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""), metavar="TOKEN",
+                    help="Label Studio API token (personal access or legacy) for its files; default: "
+                    "$LABEL_STUDIO_API_KEY")
+    ls.add_argument("--fetch-hosts", default="", metavar="HOST[:PORT],...",
+                    help="other hosts whose http(s) image URLs may be fetched (default: none)")
+    ls.add_argument("--files-root", default="", metavar="DIR",
+                    help="read file:// and /data/local-files/?d= images below this folder (default: no local files)")
+    ls.add_argument("--max-tasks", type=int, default=16, metavar="N",
+                    help="tasks in one /predict request; more get 413 (default: 16). For many tasks push predictions "
+                    "in bulk: dearli pseudo-label, then dearli export label-studio --url")
+    ls.add_argument("--train-command", default="", metavar="TEMPLATE",
+                    help="a START_TRAINING webhook event submits this command line as a Ray job, with {project}, "
+                    "{model_version} and {label_studio_url} filled in (default: none, such events get 400)")
+    ls.add_argument("--jobs-address", default="", metavar="URL",
+                    help="Ray's job API for --train-command (http://head:8265); default: Ray's own lookup "
+                    "($RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, which also win over this option, else this cluster)")
     parser.add_argument("--allow-diagnostic", action="store_true",
                         help="serve a diagnostic model anyway (a run with ssl.oracle_labels, whose student trained on "
                         "the ground truth of its unlabeled images: refused by default)")
@@ -64,13 +89,17 @@ def _run(args: argparse.Namespace) -> int:
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                            max_ongoing_requests=args.max_ongoing_requests,
                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
-                           max_pixels=args.max_pixels, token=args.token)
+                           max_pixels=args.max_pixels, token=args.token, max_tasks=args.max_tasks,
+                           label_studio_url=args.label_studio_url, label_studio_token=args.label_studio_token,
+                           fetch_hosts=args.fetch_hosts, files_root=args.files_root,
+                           train_command=args.train_command, jobs_address=args.jobs_address)
     options.validate()
     payload = serving_payload(args.checkpoint, args.allow_diagnostic)  # a refused model starts no Ray
     ensure_ray()
     url = start(payload_app(payload, args.classes, options), args.host, args.port, options.request_timeout_s)
     guard = "with a token" if options.token else "without a token: anyone who reaches the port can use it"
-    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes), {guard}", flush=True)
+    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes; a Label Studio ML backend), {guard}",
+          flush=True)
     if args.detach:
         return 0
 
