@@ -6,7 +6,7 @@
     partition
 
 Each step is the dearli command a user runs (in this process); the annotator is the only simulation: it
-submits the ground truth of each task through the API, as ``tests/test_label_studio_loop.py`` does. Prints
+submits the ground truth of each task through the API, as ``tests/test_annotation_label_studio_loop.py`` does. Prints
 each step's wall time. Then ``dearli train --partition NEW`` trains on the result.
 
     python tests/label_studio_walk.py --dataset DATASET --checkpoint CKPT --partition 1_8 --budget 25 \\

@@ -9,13 +9,12 @@ import io
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from _serving import TOKEN, answer_ids, png_of, request
 from _tiny_model import tiny_checkpoint
 from PIL import Image
 
@@ -36,14 +35,6 @@ from dearli.predict.labeler import (
     parse_request,
 )
 from dearli.training.checkpoint import save_checkpoint
-
-TIMEOUT_S = 120  # per request; the burst below is bounded by it too
-
-
-def png_of(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def tiff_of(array: np.ndarray) -> bytes:
@@ -147,9 +138,6 @@ def test_a_diagnostic_checkpoint_is_refused_in_one_line_before_ray_starts(small_
     assert serving_payload(plain)["config"].ssl.oracle_labels is False and not capsys.readouterr().err
 
 
-TOKEN = "s3cret-token"
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, small_world, tmp_path_factory):
     """Serve on a free loopback port with one replica of a random tiny checkpoint, a token and small bounds
@@ -168,21 +156,6 @@ def served(ray_local, small_world, tmp_path_factory):
     url = start(build_app(str(checkpoint), None, options), "127.0.0.1", port, options.request_timeout_s)
     yield url, checkpoint
     serve.shutdown()
-
-
-def request(url: str, body: bytes | None = None, content_type: str = "image/png",
-            method: str | None = None, token: str | None = TOKEN) -> tuple[int, dict]:
-    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def answer_ids(answer: dict) -> np.ndarray:
-    return rgb2id(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["png"]))).convert("RGB")))
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ from dearli.device import resolve_device
 from dearli.errors import ConfigError, DataError
 from dearli.predict import label_studio_backend as lsb
 from dearli.predict.labeler import MAX_REQUEST_BYTES, SERVE_MAX_PIXELS, Labeler, RequestError
+from dearli.predict.serve_training import submit_training
 from dearli.predict.task_images import ImageSources, parse_hosts
 
 TOKEN_ENV = "DEARLI_SERVE_TOKEN"  # the token dearli serve reads when --token is not given
@@ -146,28 +147,6 @@ def route(request: Request) -> str:
     if root and path.startswith(root):
         path = path[len(root):]
     return path.rstrip("/") or "/"
-
-
-def submit_training(address: str, command: str, project: int, version: str) -> str:
-    """Submit ``command`` as a Ray job at ``address`` (Ray's job API; empty: Ray's own lookup, in which
-    ``$RAY_API_SERVER_ADDRESS`` and ``$RAY_ADDRESS`` win over any address); its job id. RequestError 409 while
-    a job submitted for the same project is still pending or running, 503 when Ray's job API cannot be reached."""
-    from ray.job_submission import JobSubmissionClient
-
-    key = "dearli.label_studio_project"
-    try:
-        client = JobSubmissionClient(address or None)
-        for job in client.list_jobs():
-            if (job.metadata or {}).get(key) == str(project) and not job.status.is_terminal():
-                raise RequestError(409, f"a training run of project {project} is still {job.status.value.lower()}: "
-                                        f"job {job.submission_id}")
-        return client.submit_job(entrypoint=command, metadata={key: str(project), "dearli.model_version": version})
-    except RequestError:
-        raise
-    except Exception as err:  # noqa: BLE001 - unreachable, refused, no dashboard: one line, never a 500
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise RequestError(503, f"cannot submit the training job to Ray's job API ({address or 'found by Ray'}): "
-                                f"{first}") from None
 
 
 @serve.deployment(name="labeler")

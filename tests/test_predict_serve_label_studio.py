@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_serve import TOKEN, answer_ids, png_of
-from test_serve import request as send
+from _serving import TOKEN, answer_ids, png_of
+from _serving import request as send
 
 from dearli.annotation.label_studio import label_config
 from dearli.annotation.label_studio_rle import decode_mask
