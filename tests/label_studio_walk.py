@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_studio import HeadlessChromium, brush_rles, label_studio_server, login_cookies  # noqa: E402
 from _label_studio_factory import annotator_results, ground_truth  # noqa: E402
 
-from dearli.annotation.label_studio_api import Client  # noqa: E402
 from dearli.cli import main  # noqa: E402
 from dearli.data.dataset import load_dataset  # noqa: E402
+from dearli.predict.label_studio_api import Client  # noqa: E402
 
 
 def step(name: str, argv: list[str] | None = None, times: dict | None = None):

@@ -21,10 +21,10 @@ from cvat_sdk.auto_annotation import BadFunctionError, DetectionFunctionSpec
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper, _DetectionFunctionContextImpl
 from cvat_sdk.masks import decode_mask
 
-from dearli.annotation.polygon import polygon_mask
 from dearli.config import load_config
 from dearli.data.coco_format import rgb2id
 from dearli.data.dataset import load_dataset
+from dearli.data.polygon import polygon_mask
 from dearli.errors import DataError
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.training.checkpoint import save_checkpoint

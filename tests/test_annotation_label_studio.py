@@ -15,18 +15,19 @@ from _panoptic_factory import DEFAULT_CATEGORIES, FakeImage, random_image, write
 from dearli.annotation import dataset_import
 from dearli.annotation.label_studio import class_names, label_config, task_for_image
 from dearli.annotation.label_studio_results import PROBLEM_KINDS, Region, latest_annotation, task_stem
-from dearli.annotation.label_studio_rle import (
+from dearli.annotation.panoptic_regions import paint_regions
+from dearli.cli import main
+from dearli.data.dataset import load_dataset
+from dearli.data.label_studio_format import class_lookup
+from dearli.data.label_studio_rle import (
     RleError,
     decode_mask,
     encode_mask,
     pack_values,
     unpack_values,
 )
-from dearli.annotation.panoptic_regions import class_lookup, paint_regions
-from dearli.annotation.polygon import mask_polygons, polygon_mask
-from dearli.cli import main
-from dearli.data.dataset import load_dataset
 from dearli.data.panoptic import CategoryMap
+from dearli.data.polygon import mask_polygons, polygon_mask
 from dearli.errors import DataError
 
 UNLABELED = ["train_003", "train_004", "train_005"]  # images of the train split without an annotation

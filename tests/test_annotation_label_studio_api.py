@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dearli.annotation.label_studio_api import Client
 from dearli.errors import DearliError
+from dearli.predict.label_studio_api import Client
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

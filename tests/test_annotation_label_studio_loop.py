@@ -19,12 +19,12 @@ from _label_studio_factory import annotator_results, canonical, drop_annotations
 from _panoptic_factory import FakeImage
 from PIL import Image
 
-from dearli.annotation.label_studio_api import Client
 from dearli.cli import main
 from dearli.data.coco_format import rgb2id
 from dearli.data.dataset import load_dataset
 from dearli.data.panoptic import CategoryMap
 from dearli.data.synth.writer import write_synth_dataset
+from dearli.predict.label_studio_api import Client
 
 
 def _with_mistakes(stem: str, segment_map: np.ndarray, segments: list[tuple[int, int]],

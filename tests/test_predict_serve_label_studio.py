@@ -26,10 +26,10 @@ from _serving import TOKEN, answer_ids, png_of
 from _serving import request as send
 
 from dearli.annotation.label_studio import label_config
-from dearli.annotation.label_studio_rle import decode_mask
-from dearli.annotation.polygon import polygon_mask
 from dearli.config import load_config
 from dearli.data.dataset import load_dataset
+from dearli.data.label_studio_rle import decode_mask
+from dearli.data.polygon import polygon_mask
 from dearli.model.m2f_lang import build_m2f_lang
 from dearli.predict.label_studio_backend import Target, parse_label_config
 from dearli.predict.labeler import RequestError
@@ -350,7 +350,7 @@ def test_label_studio_gets_predictions_from_dearli_serve(backend, label_studio, 
     import requests
     from ray import serve
 
-    from dearli.annotation.label_studio_api import Client
+    from dearli.predict.label_studio_api import Client
     from dearli.predict.serve import ServeOptions, build_app
 
     url, checkpoint, version, _ = backend
@@ -420,7 +420,7 @@ def test_label_studios_train_button_submits_the_train_command_as_a_ray_job(label
     import requests
     from _services import BIN, ray_env, ray_head
 
-    from dearli.annotation.label_studio_api import Client
+    from dearli.predict.label_studio_api import Client
 
     checkpoint = tiny_checkpoint(small_world, tmp_path / "run")
     version = "dearli-" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]

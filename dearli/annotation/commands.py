@@ -96,7 +96,7 @@ def _push_settings(args: argparse.Namespace) -> tuple[str, str, int]:
 
 def _push(args: argparse.Namespace, tasks: list[dict[str, Any]]) -> None:
     """Send the tasks to the project at --url, in chunks, skipping the images the project holds already."""
-    from dearli.annotation.label_studio_api import Client
+    from dearli.predict.label_studio_api import Client
 
     url, token, project = _push_settings(args)
     pushed, skipped = Client(url, token).push_tasks(project, tasks)
@@ -152,7 +152,8 @@ def _annotations(tasks: list[dict[str, Any]], split: Any) -> tuple[list[Any], li
     """The dataset-ready images of the export's tasks, and every problem found."""
     from dearli.annotation.dataset_import import ImportedImage
     from dearli.annotation.label_studio_results import PROBLEM_KINDS, Problem, annotated_images
-    from dearli.annotation.panoptic_regions import class_lookup, paint_regions
+    from dearli.annotation.panoptic_regions import paint_regions
+    from dearli.data.label_studio_format import class_lookup
 
     def size_of(stem: str) -> tuple[int, int] | None:
         return (split.record(stem).height, split.record(stem).width) if split.has(stem) else None

@@ -19,7 +19,7 @@ The spec has one label per class, of type ``mask``, named by the class's display
 task's labels match by name, and ``--allow-unmatched-labels`` drops the classes the task lacks. A segment is a
 mask shape in CVAT's mask RLE (``cvat_sdk.masks.encode_mask``: run lengths over its bounding box, then left,
 top, right, bottom); segments never overlap. When CVAT asks for polygons (``conv_mask_to_poly``) each part of a
-segment is a polygon instead (holes filled; pixel-edge coordinates, see :mod:`dearli.annotation.polygon`).
+segment is a polygon instead (holes filled; pixel-edge coordinates, see :mod:`dearli.data.polygon`).
 ``conf_threshold`` drops segments whose class score is lower.
 """
 
@@ -35,7 +35,7 @@ from cvat_sdk import models
 from cvat_sdk.masks import encode_mask
 
 from dearli.annotation.label_studio import class_names
-from dearli.annotation.polygon import mask_polygons
+from dearli.data.polygon import mask_polygons
 from dearli.errors import DataError
 from dearli.predict.labeler import SERVE_MAX_PIXELS, Labeler
 

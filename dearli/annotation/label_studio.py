@@ -29,16 +29,11 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 from PIL import Image
 
-from dearli.annotation.label_studio_rle import encode_mask
-from dearli.annotation.polygon import mask_polygons, signed_area
 from dearli.data.coco_format import rgb2id
+from dearli.data.label_studio_format import FROM_NAME, TO_NAME, segment_regions
 from dearli.data.panoptic import CategoryMap
 from dearli.errors import DataError
 
-FROM_NAME = "label"  # the name of the labels tag in the config
-TO_NAME = "image"  # the name of the image tag
-BRUSH = "brushlabels"
-POLYGON = "polygonlabels"
 LOCAL_FILES = "/data/local-files/?d="  # Label Studio's URL of files served from its document root
 STEM_KEY = "dearli_stem"  # task data field naming the image for the import
 
@@ -49,33 +44,6 @@ def label_config(names: Sequence[str], polygons: bool = False) -> str:
     labels = "".join(f"    <Label value={quoteattr(name)}/>\n" for name in names)
     return (f'<View>\n  <Image name="{TO_NAME}" value="${TO_NAME}" zoom="true"/>\n'
             f'  <{tag} name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </{tag}>\n</View>\n')
-
-
-def _region(region_id: str, kind: str, value: dict[str, Any], name: str, score: float, size: tuple[int, int],
-            from_name: str, to_name: str) -> dict[str, Any]:
-    height, width = size
-    return {"id": region_id, "from_name": from_name, "to_name": to_name, "type": kind,
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {**value, kind: [name]}, "score": score}
-
-
-def brush_region(region_id: str, mask: np.ndarray, name: str, score: float, from_name: str = FROM_NAME,
-                 to_name: str = TO_NAME) -> dict[str, Any]:
-    """A brushlabels region of an H×W bool mask (``from_name``: the labels tag, ``to_name``: the image tag)."""
-    return _region(region_id, BRUSH, {"format": "rle", "rle": encode_mask(mask)}, name, score, mask.shape,
-                   from_name, to_name)
-
-
-def polygon_regions(region_id: str, mask: np.ndarray, name: str, score: float, from_name: str = FROM_NAME,
-                    to_name: str = TO_NAME) -> list[dict[str, Any]]:
-    """One polygonlabels region per part of an H×W bool mask (ids ``<region_id>_<k>``), largest first."""
-    height, width = mask.shape
-    regions = []
-    for k, points in enumerate(mask_polygons(mask)):
-        percent = (points * [100.0 / width, 100.0 / height]).tolist()
-        value = {"points": percent, "closed": True}
-        regions.append(_region(f"{region_id}_{k}", POLYGON, value, name, score, mask.shape, from_name, to_name))
-    return regions
 
 
 def image_url(path: str | Path, image_root: str, document_root: Path) -> str:
@@ -145,26 +113,6 @@ def task_for_image(row: dict[str, Any], segment_map: np.ndarray, url: str, versi
     segment_map: H×W segment ids of the row's PNG; row: as :func:`read_pseudo_labels` gives it."""
     prediction = {"model_version": version, **segment_regions(segment_map, row["segments"], polygons)}
     return {"data": {TO_NAME: url, STEM_KEY: row["stem"]}, "predictions": [prediction]}
-
-
-def segment_regions(segment_map: np.ndarray, segments: list[dict[str, Any]], polygons: bool = False,
-                    from_name: str = FROM_NAME, to_name: str = TO_NAME) -> dict[str, Any]:
-    """``{"result": regions, "score": mean class score}`` of a prediction: one brush region per segment
-    (ids ``seg<segment id>``), or its polygons, labelled with the segment's ``category_name``.
-
-    segment_map: H×W segment ids; segments: dicts with ``id``, ``category_name`` and ``score``."""
-    result, scores = [], []
-    for segment in segments:
-        mask = segment_map == segment["id"]
-        region_id, name, score = f"seg{segment['id']}", segment["category_name"], float(segment["score"])
-        if polygons:
-            result.extend(polygon_regions(region_id, mask, name, score, from_name, to_name))
-        else:
-            result.append(brush_region(region_id, mask, name, score, from_name, to_name))
-        scores.append(score)
-    if polygons:  # largest first: a polygon lying in another's filled hole comes later and wins on import
-        result.sort(key=lambda region: -abs(signed_area(np.asarray(region["value"]["points"]))))
-    return {"result": result, "score": float(np.mean(scores)) if scores else 0.0}
 
 
 def tasks_from_rows(labels: str | Path, rows: list[dict[str, Any]], image_root: str, document_root: Path,

@@ -22,9 +22,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
-from dearli.annotation.label_studio import BRUSH, POLYGON, STEM_KEY, TO_NAME
-from dearli.annotation.label_studio_rle import RleError, decode_mask
-from dearli.annotation.polygon import polygon_mask
+from dearli.annotation.label_studio import STEM_KEY
+from dearli.data.label_studio_format import BRUSH, POLYGON, TO_NAME
+from dearli.data.label_studio_rle import RleError, decode_mask
+from dearli.data.polygon import polygon_mask
 from dearli.errors import DataError
 
 # Kinds of problem, and what each means.

@@ -13,28 +13,8 @@ from collections.abc import Callable
 import numpy as np
 
 from dearli.annotation.label_studio_results import Problem, Region
-from dearli.data.panoptic import Category, CategoryMap
+from dearli.data.panoptic import Category
 from dearli.data.writing import segment_entry
-
-
-def class_lookup(categories: CategoryMap) -> Callable[[str], Category | None]:
-    """name -> the category it names, or None: display name exactly, then case-insensitively, then a synonym
-    that names one category only."""
-    exact = {c.name: c for c in categories.categories}
-    folded = {c.name.casefold(): c for c in categories.categories}
-    synonyms: dict[str, list[Category]] = {}
-    for category in categories.categories:
-        for synonym in {s.casefold() for s in category.synonyms}:
-            synonyms.setdefault(synonym, []).append(category)
-
-    def lookup(name: str) -> Category | None:
-        key = name.strip()
-        found = exact.get(key) or folded.get(key.casefold())
-        if found is None and len(synonyms.get(key.casefold(), ())) == 1:
-            found = synonyms[key.casefold()][0]
-        return found
-
-    return lookup
 
 
 def paint_regions(regions: list[Region], size: tuple[int, int], lookup: Callable[[str], Category | None],

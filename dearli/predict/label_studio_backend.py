@@ -27,8 +27,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
-from dearli.annotation.label_studio import FROM_NAME, TO_NAME, segment_regions
-from dearli.annotation.panoptic_regions import class_lookup
+from dearli.data.label_studio_format import FROM_NAME, TO_NAME, class_lookup, segment_regions
 from dearli.data.panoptic import CategoryMap
 from dearli.predict.labeler import RequestError
 

@@ -184,8 +184,8 @@ class LabelingService:
 
     def _label_studio_auth(self, renew: bool) -> str:
         """The Authorization header for Label Studio's files (a Client made once; renewed after a 401)."""
-        from dearli.annotation.label_studio_api import Client
         from dearli.errors import DearliError
+        from dearli.predict.label_studio_api import Client
 
         try:
             with self._label_studio_lock:
