@@ -326,6 +326,11 @@ def test_bad_tasks_get_an_empty_result_and_bad_requests_a_4xx(backend, small_wor
         status, error = post(url + "predict", body)
         assert status == code and words in error["error"], (body, error)
     assert send(url + "predict", b"{not json", "application/json")[0] == 400
+    for route in ("predict", "setup", "webhook"):  # what an attacker sends the new routes: 400, never a 500
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"tasks": NaN}', b'{"tasks": ' + b"9" * 5000 + b"}",
+                     b"[1, 2]", b"\xff\xfe"):
+            status, error = send(url + route, body, "application/json")
+            assert status == 400 and len(error["error"]) <= 200, (route, body[:20], status, error)
     assert send(url + "predict", method="GET")[0] == 405
     assert send(url + "health", b"{}", "application/json")[0] == 405
     assert send(url + "train", b"{}", "application/json")[0] == 404

@@ -21,7 +21,6 @@ labeled (its image unreadable or not allowed) gets an empty ``result`` and an ``
 
 from __future__ import annotations
 
-import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 from dearli.data.label_studio_format import FROM_NAME, TO_NAME, class_lookup, segment_regions
 from dearli.data.panoptic import CategoryMap
-from dearli.predict.labeler import RequestError
+from dearli.predict.labeler import RequestError, load_json
 
 MODEL_CLASS = "dearli"  # what /health names as the model class
 MAX_TASKS = 16  # tasks of one /predict request by default: Label Studio waits 100 s for the answer
@@ -54,13 +53,7 @@ class Target:
 
 def load_object(body: bytes, what: str) -> dict[str, Any]:
     """A request body as a JSON object; RequestError 400 otherwise."""
-    def refuse_constant(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        value = json.loads(body, parse_constant=refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise RequestError(400, f"{what}: the body is not valid JSON") from None
+    value = load_json(body)
     if not isinstance(value, dict):
         raise RequestError(400, f"{what}: the body must be a JSON object")
     return value

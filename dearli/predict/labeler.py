@@ -101,7 +101,7 @@ def parse_request(body: bytes, content_type: str = "") -> tuple[bytes, list[dict
         raise RequestError(400, "empty request body: send an image file or JSON with an 'image' field")
     if "json" not in content_type.lower() and body[:1] != b"{":
         return body, None, 0.0
-    request = _load_json(body)
+    request = load_json(body)
     if not isinstance(request, dict):
         raise RequestError(400, "JSON body must be an object with an 'image' field")
     unknown = sorted(set(request) - set(FIELDS))
@@ -120,7 +120,8 @@ def parse_request(body: bytes, content_type: str = "") -> tuple[bytes, list[dict
     return image, None if classes is None else check_classes(classes), float(min_score)
 
 
-def _load_json(body: bytes) -> Any:
+def load_json(body: bytes) -> Any:
+    """A request body as JSON; RequestError 400 (with the reason) for anything else, NaN and too deep included."""
     def refuse_constant(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
