@@ -154,12 +154,15 @@ def kill_after_parts(args: list[str], out: Path, env: dict[str, str], parts: int
                      timeout_s: float = 240.0) -> int:
     """Run ``python -m dearli.cli *args`` and SIGKILL its whole process group (driver, its Ray, the
     actors) once ``out/parts`` holds ``parts`` committed Parquet parts. Returns the parts committed then."""
-    job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *args], env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out.parent / f"{out.name}.job.log"  # what the job said, for the message when it ends too early
+    with open(log, "w") as sink:
+        job = subprocess.Popen([sys.executable, "-m", "dearli.cli", *args], env=env, start_new_session=True,
+                               stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while len(list((out / "parts").glob("part-*.parquet"))) < parts:
-            assert job.poll() is None, "the job ended before it could be interrupted"
+            assert job.poll() is None, (f"the job ended (exit {job.returncode}) before it could be interrupted: "
+                                        f"{log.read_text()[-600:]}")
             assert time.monotonic() < deadline, "the job committed nothing in time"
             time.sleep(0.2)
     finally:
