@@ -57,6 +57,7 @@ class LabelStudio:
     legacy_token: str  # ``Authorization: Token ...`` (legacy tokens are on for the organization)
     access_token: str  # a personal access token: a JWT refresh token for ``/api/token/refresh/``
     log: Path
+    files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT, where local files are served from
 
 
 def missing() -> str | None:
@@ -133,7 +134,8 @@ def label_studio_server(root: Path, timeout_s: float = 300.0, env: dict[str, str
         url = _wait_up(proc, log, timeout_s)
         access = _call(f"{url}/api/token/", "POST", LEGACY_TOKEN, {})["token"]
         print(f"Label Studio up at {url} in {time.monotonic() - started:.1f} s")
-        yield LabelStudio(url, USER, PASSWORD, LEGACY_TOKEN, access, log)
+        served = (env or {}).get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+        yield LabelStudio(url, USER, PASSWORD, LEGACY_TOKEN, access, log, Path(served) if served else None)
     finally:
         _stop_group(proc)
 

@@ -58,13 +58,15 @@ def mlflow_url(tmp_path_factory):
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio server on 127.0.0.1 (sqlite in a temp dir, offline), stopped at the end: its URL,
-    user, password, a legacy token and a personal access token. Fails, naming the install command, where
-    ``.venv-label-studio`` is missing."""
+    user, password, a legacy token and a personal access token; it serves local files below its ``files_root``.
+    Fails, naming the install command, where ``.venv-label-studio`` is missing."""
     from _label_studio import label_studio_server, missing
 
     if why := missing():
         pytest.fail(why, pytrace=False)
-    with label_studio_server(tmp_path_factory.mktemp("label-studio")) as server:
+    files = tmp_path_factory.mktemp("label-studio-files")
+    env = {"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files)}
+    with label_studio_server(tmp_path_factory.mktemp("label-studio"), env=env) as server:
         yield server
 
 

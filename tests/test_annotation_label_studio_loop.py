@@ -11,6 +11,8 @@ for the annotator and decoded from the server by Label Studio's own SDK, not dea
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,8 @@ def _published(labels: Path, stem: str) -> tuple[np.ndarray, list[dict]]:
 
 
 def test_pseudo_labels_go_through_label_studio_and_the_corrections_come_back(label_studio, tmp_path, capsys):
-    data = write_synth_dataset(tmp_path / "synth", num_images=6, seed=3, num_val=1, image_size=(64, 64),
+    # the images below the folder the server serves local files from, as a user's would be
+    data = write_synth_dataset(label_studio.files_root / "loop", num_images=6, seed=3, num_val=1, image_size=(64, 64),
                                image_format="jpg")
     info = load_dataset(data)
     split, categories = info.split("train"), info.categories
@@ -68,24 +71,31 @@ def test_pseudo_labels_go_through_label_studio_and_the_corrections_come_back(lab
     labels = write_pseudo_labels(tmp_path / "pseudo", mistaken, data / "images" / "train",
                                  [c.to_dict() for c in categories.categories])
 
-    # export, a project with the exported labeling interface, then the push (resumable: a second one sends none)
+    # export into a new project (its labeling interface, a Local files storage on the images' folder, the
+    # tasks), then the same push again into that project: it resumes, sending none
     out = tmp_path / "label-studio"
-    assert main(["export", "label-studio", str(labels), "--out", str(out)]) == 0
     client = Client(label_studio.url, label_studio.access_token)
-    project = client.create_project("dearli loop", (out / "label_config.xml").read_text())
-    push = ["export", "label-studio", str(labels), "--out", str(out), "--overwrite", "--url", label_studio.url,
-            "--token", label_studio.access_token, "--project", str(project)]
+    export = ["export", "label-studio", str(labels), "--out", str(out), "--document-root", str(label_studio.files_root),
+              "--url", label_studio.url, "--token", label_studio.access_token]
     capsys.readouterr()
-    assert main(push) == 0
-    assert f"project {project} at {label_studio.url}: 3 task(s) sent, 0 already there" in capsys.readouterr().out
-    assert main(push) == 0
+    assert main([*export, "--create-project", "dearli loop"]) == 0
+    printed = capsys.readouterr().out
+    project = int(re.search(r"created project (\d+) 'dearli loop'", printed).group(1))
+    assert f"project {project} at {label_studio.url}: 3 task(s) sent, 0 already there" in printed
+    assert client.project(project)["label_config"].strip() == (out / "label_config.xml").read_text().strip()
+    (storage,) = client._api("GET", "/api/storages/localfiles", query={"project": project})
+    assert storage["path"] == str(data / "images" / "train")
+    assert main([*export, "--overwrite", "--project", str(project)]) == 0
     assert "0 task(s) sent, 3 already there" in capsys.readouterr().out
 
     # what the server holds: one task per image, its prediction decoding to the pseudo-label's segments
     tasks = {t["data"]["dearli_stem"]: t for t in client.tasks(project)}
     assert sorted(tasks) == sorted(pool)
     for stem, task in tasks.items():
-        assert task["data"]["image"] == f"/data/local-files/?d=train/{stem}.jpg"
+        assert task["data"]["image"] == f"/data/local-files/?d=loop/images/train/{stem}.jpg"
+        served = urllib.request.urlopen(urllib.request.Request(  # what the labeling page shows
+            label_studio.url + task["data"]["image"], headers={"Authorization": f"Token {label_studio.legacy_token}"}))
+        assert served.read() == (data / "images" / "train" / f"{stem}.jpg").read_bytes()
         (prediction,) = task["predictions"]
         assert prediction["model_version"] == "dearli-0123456789ab"
         regions = prediction["result"]

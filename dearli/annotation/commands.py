@@ -13,6 +13,7 @@ from typing import Any
 TASKS_FILE = "tasks.json"
 CONFIG_FILE = "label_config.xml"
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+LOCAL_FILES = "/data/local-files/?d="  # Label Studio serving local files (see --document-root)
 SHOWN_PROBLEMS = 20  # problems printed; all of them are in the import's unusable.csv
 
 
@@ -38,7 +39,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("labels", metavar="LABELS", help="output folder of 'dearli pseudo-label'")
     ls.add_argument("--out", required=True, metavar="DIR", help="folder for tasks.json and label_config.xml")
     ls.add_argument("--polygons", action="store_true", help="polygon regions instead of brush masks")
-    ls.add_argument("--image-root", default="/data/local-files/?d=", metavar="PREFIX",
+    ls.add_argument("--image-root", default=LOCAL_FILES, metavar="PREFIX",
                     help="start of every image URL (default: /data/local-files/?d=, Label Studio serving local "
                     "files; or e.g. https://host/images/)")
     ls.add_argument("--document-root", default=None, metavar="DIR",
@@ -50,7 +51,11 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     push = ls.add_argument_group("send the tasks to a running Label Studio as well (optional)")
     push.add_argument("--url", default=None, help="Label Studio's address, e.g. http://localhost:8080")
     push.add_argument("--token", default=None, help=f"API token (default: ${TOKEN_ENV})")
-    push.add_argument("--project", type=int, default=None, metavar="ID", help="the project to add the tasks to")
+    target = push.add_mutually_exclusive_group()
+    target.add_argument("--project", type=int, default=None, metavar="ID", help="the project to add the tasks to")
+    target.add_argument("--create-project", default=None, metavar="TITLE",
+                        help="create a project with the labeling interface (and, for local-files image URLs, a "
+                        "Local files storage on the images' folder) and add the tasks to it")
     ls.set_defaults(handler=_export)
 
 
@@ -84,22 +89,38 @@ def _register_import(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=_import)
 
 
-def _push_settings(args: argparse.Namespace) -> tuple[str, str, int]:
-    """(url, token, project) of the push options, all given (ConfigError otherwise)."""
+def _push_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """(url, token) of the push options, given with --project or --create-project (ConfigError otherwise)."""
     from dearli.errors import ConfigError
 
     token = args.token or os.environ.get(TOKEN_ENV)
-    if not (args.url and args.project is not None and token):
-        raise ConfigError(f"sending the tasks needs --url, --project and --token (or ${TOKEN_ENV}) together")
-    return args.url, token, args.project
+    if not (args.url and (args.project is not None or args.create_project) and token):
+        raise ConfigError(f"sending the tasks needs --url, --project ID or --create-project TITLE, and --token "
+                          f"(or ${TOKEN_ENV}) together")
+    return args.url, token
 
 
-def _push(args: argparse.Namespace, tasks: list[dict[str, Any]]) -> None:
-    """Send the tasks to the project at --url, in chunks, skipping the images the project holds already."""
+def _push(args: argparse.Namespace, tasks: list[dict[str, Any]], label_config: str, folder: str | None) -> None:
+    """Send the tasks to the project at --url (or a new one, --create-project), in chunks, skipping the images
+    the project holds already. A new project gets a Local files storage on ``folder`` where it is not None."""
+    from dearli.errors import DearliError
     from dearli.predict.label_studio_api import Client
 
-    url, token, project = _push_settings(args)
-    pushed, skipped = Client(url, token).push_tasks(project, tasks)
+    url, token = _push_settings(args)
+    client = Client(url, token)
+    project = args.project
+    if project is None:
+        project = client.create_project(args.create_project, label_config, model_version=tasks[0]["predictions"][0]
+                                        .get("model_version"))
+        print(f"Label Studio: created project {project} '{args.create_project}': {url.rstrip('/')}/projects/{project}")
+        if folder is not None:
+            try:
+                client.add_local_storage(project, folder)
+                print(f"Label Studio project {project}: Local files storage on {folder}")
+            except DearliError as err:
+                print(f"Label Studio project {project}: its images will not show until a Local files storage on "
+                      f"{folder} is added (Settings > Cloud Storage); Label Studio said: {err}")
+    pushed, skipped = client.push_tasks(project, tasks)
     print(f"Label Studio project {project} at {url}: {pushed} task(s) sent, {skipped} already there")
 
 
@@ -110,7 +131,7 @@ def _export(args: argparse.Namespace) -> int:
     from dearli.errors import DataError
 
     out = Path(args.out)
-    pushing = args.url is not None or args.project is not None or args.token is not None
+    pushing = args.url is not None or args.project is not None or args.create_project or args.token is not None
     if pushing:
         _push_settings(args)  # before any work: a missing option is found at once
     refuse_existing([out / TASKS_FILE, out / CONFIG_FILE], args.overwrite)
@@ -122,21 +143,24 @@ def _export(args: argparse.Namespace) -> int:
     root = Path(args.document_root) if args.document_root else ls.default_document_root(paths)
     version = args.model_version or ls.model_version(args.labels)
     tasks = ls.tasks_from_rows(args.labels, rows, args.image_root, root, args.polygons, version)
-    write_atomic(out / CONFIG_FILE, ls.label_config(names, args.polygons).encode())
+    label_config = ls.label_config(names, args.polygons)
+    write_atomic(out / CONFIG_FILE, label_config.encode())
     write_atomic(out / TASKS_FILE, json.dumps(tasks).encode())
     regions = sum(len(task["predictions"][0]["result"]) for task in tasks)
     kind = "polygon" if args.polygons else "brush"
     print(f"export label-studio: {len(tasks)} tasks with {regions} {kind} regions of {len(names)} classes: "
           f"{out / TASKS_FILE}, labeling interface {out / CONFIG_FILE}")
-    _print_steps(args, root, paths, out)
+    local = args.image_root == LOCAL_FILES
+    folder = os.path.commonpath([str(Path(p).resolve().parent) for p in paths]) if local else None
+    if not (pushing and args.create_project):
+        _print_steps(args, root, folder, out)
     if pushing:
-        _push(args, tasks)
+        _push(args, tasks, label_config, folder)
     return 0
 
 
-def _print_steps(args: argparse.Namespace, root: Path, paths: list[str], out: Path) -> None:
-    if args.image_root == "/data/local-files/?d=":
-        folder = os.path.commonpath([str(Path(p).resolve().parent) for p in paths])
+def _print_steps(args: argparse.Namespace, root: Path, folder: str | None, out: Path) -> None:
+    if folder is not None:
         print(f"  1. start Label Studio serving the images: LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
               f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root.resolve()} label-studio start")
         print(f"  2. create a project; Settings > Cloud Storage > Add Source Storage: Local files, path {folder} "
@@ -144,6 +168,7 @@ def _print_steps(args: argparse.Namespace, root: Path, paths: list[str], out: Pa
     else:
         print(f"  1.-2. create a project whose images are reachable at {args.image_root}...")
     print(f"  3. Settings > Labeling Interface > Code: paste {out / CONFIG_FILE}; then Import {out / TASKS_FILE}")
+    print("     (or steps 2-3 in one: add --url URL --token TOKEN --create-project TITLE to this command)")
     print("  4. when corrected: Export > JSON, then 'dearli import label-studio EXPORT.json --dataset DATASET "
           "--partition NAME'")
 

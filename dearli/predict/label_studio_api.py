@@ -163,6 +163,14 @@ class Client:
             body["model_version"] = model_version
         return int(self._api("POST", "/api/projects", body)["id"])
 
+    def add_local_storage(self, project_id: int, folder: str, title: str = "dearli images") -> int:
+        """Connect a "Local files" source storage on ``folder`` (on the server's machine, below its
+        ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``) to the project, so that its ``/data/local-files/?d=`` image
+        URLs are served; nothing is synced. Returns the storage's id; Label Studio's reason when it refuses
+        (local files not served, or the folder outside the document root) comes back as a one-line error."""
+        body = {"project": int(project_id), "path": folder, "title": title, "use_blob_urls": True}
+        return int(self._api("POST", "/api/storages/localfiles", body)["id"])
+
     def project(self, project_id: int) -> dict:
         return self._api("GET", f"/api/projects/{int(project_id)}")
 
