@@ -314,7 +314,7 @@ def test_bad_input_is_one_line_naming_the_file(world, case, capsys):
                               "is not the output folder of 'dearli pseudo-label'"),
         "no-partitions": (imported[:4] + [str(write_dataset(tmp / "plain", {"train": []}))] + imported[5:],
                           "dataset.yaml: the dataset has no partitions folder"),
-        "half-push": (export + ["--url", "http://localhost:8080"], "needs --url, --project ID or --create-project TITLE, and --token"),
+        "half-push": (export + ["--url", "http://localhost:8080"], "needs --url, --project ID or --create-project"),
         "existing-out": (export, "output already exists"),
     }[case]
     if case == "existing-out":

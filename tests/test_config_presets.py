@@ -28,7 +28,7 @@ DATASET_PRESETS = [(f"{name}-{size}", name, size) for name in DATASETS for size 
 
 
 def test_every_shipped_preset_is_covered():
-    assert set(list_presets()) == {p for p, _, _ in DATASET_PRESETS} | set(BACKBONES) | {"tiny", "synth"}
+    assert set(list_presets()) == {p for p, _, _ in DATASET_PRESETS} | set(BACKBONES) | {"tiny", "synth", "synth-quick"}
 
 
 @pytest.mark.parametrize("preset,dataset,size", DATASET_PRESETS, ids=[p for p, _, _ in DATASET_PRESETS])
@@ -109,3 +109,13 @@ def test_synth_preset_is_tiny_on_the_project_clip_with_the_ensemble_on():
     cfg, tiny = load_config("synth"), load_config("tiny")
     assert cfg.model.backbone.pretrained == PROJECT_CLIP and cfg.model.ensemble.alpha_clip > 0
     assert cfg.model.transformer_decoder == tiny.model.transformer_decoder and cfg.data == tiny.data
+
+
+def test_the_main_jobs_preset_is_synth_on_a_shorter_schedule():
+    quick, synth = load_config("synth-quick"), load_config("synth")
+    assert quick.model == synth.model and quick.data == synth.data
+    assert (quick.train.max_steps, quick.warmup.max_steps, quick.ssl.burn_in_steps) == (1600, 200, 100)
+    assert quick.ssl.ema_decay == 0.98 and synth.train.max_steps == 3000
+    from dearli.stages.pipeline import PipelineOptions
+
+    assert PipelineOptions().preset == "synth-quick"
