@@ -1,15 +1,11 @@
 """The one loop shape and its hooks: step counting (also from a resumed step), the LR step, hooks in order,
-the cadence, the final evaluation, the EMA update, the function schedule and resumable (and prefetched) batches."""
+the cadence, the final evaluation, the EMA update, the function schedule and resumable batches."""
 
 from __future__ import annotations
 
-import threading
-import time
-
-import pytest
 import torch
 
-from dearli.training.data import prefetched, resumable_batches
+from dearli.training.data import resumable_batches
 from dearli.training.hooks import EMAHook, EvalHook, Periodic, PeriodicCheckpointer
 from dearli.training.loop import FunctionSchedule, Hook, TrainLoop, due
 
@@ -147,50 +143,3 @@ def test_resumable_batches_resume_mid_epoch_where_an_uninterrupted_run_is():
     resumed_state = {"epoch": 1, "position": 1}  # what a checkpoint after the 3rd batch holds
     resumed = resumable_batches(rows, sample, 2, resumed_state)
     assert [next(resumed)["stems"] for _ in range(2)] == whole[3:]
-
-
-def _stem_sample(epoch, index, row):
-    return {"image": torch.zeros(1, 1, 1, dtype=torch.uint8), "valid": torch.ones(1, 1, dtype=torch.bool),
-            "masks": torch.zeros(0, 1, 1, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.int64),
-            "stem": f"{epoch}:{index}:{row}"}
-
-
-def test_prefetched_batches_and_state_are_those_of_the_plain_stream():
-    def rows(epoch):
-        return [10 * epoch + i for i in range(5)]
-
-    plain_state, ahead_state = {"epoch": 0, "position": 1}, {"epoch": 0, "position": 1}
-    plain = resumable_batches(rows, _stem_sample, 2, plain_state)
-    ahead = prefetched(lambda state: resumable_batches(rows, _stem_sample, 2, state), ahead_state)
-    for _ in range(6):
-        assert next(ahead)["stems"] == next(plain)["stems"]
-        time.sleep(0.01)  # the thread has made the next batch by now: the state must not show it
-        assert ahead_state == plain_state
-    ahead.close()
-
-
-def test_prefetched_raises_the_threads_error_at_the_batch_it_failed_to_make():
-    def batches(state):
-        yield 1
-        raise OSError("image 7 is unreadable")
-
-    stream = prefetched(batches, {})
-    assert next(stream) == 1
-    with pytest.raises(OSError, match="image 7"):
-        next(stream)
-
-
-def test_prefetched_stops_its_thread_when_closed():
-    made = []
-
-    def batches(state):
-        for i in range(1000):
-            made.append(i)
-            yield i
-
-    stream = prefetched(batches, {})
-    assert next(stream) == 0
-    stream.close()
-    time.sleep(0.2)
-    assert len(made) <= 3  # the one handed out, the one waiting, the one being made when it stopped
-    assert not [t for t in threading.enumerate() if t.name == "prefetched-batches" and t.is_alive()]

@@ -125,7 +125,7 @@ class StudentLoop:
     def run(self) -> None:
         from ray.train.torch import prepare_model
 
-        from dearli.training.data import prefetched, resumable_batches
+        from dearli.training.data import resumable_batches
 
         self.ddp = prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
         if self.step < self.cfg.train.max_steps:
@@ -141,9 +141,8 @@ class StudentLoop:
             dataset.set_epoch(epoch)
             return ray_train.shuffled_rows(shard, self.cfg.train.seed + epoch, buffer=16)
 
-        size = ray_train.per_rank(self.cfg.ssl.labeled_batch_size, self.world)
-        batches = prefetched(lambda state: resumable_batches(
-            rows, lambda epoch, index, row: dataset[int(row["index"])], size, state), self.state)
+        batches = resumable_batches(rows, lambda epoch, index, row: dataset[int(row["index"])],
+                                    ray_train.per_rank(self.cfg.ssl.labeled_batch_size, self.world), self.state)
         try:
             self.loop.run(batches, self._train_step)
         finally:

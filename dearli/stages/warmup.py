@@ -82,7 +82,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from dearli.caches.readers import decode_masks
     from dearli.data.dataset import load_dataset
     from dearli.training.checkpoint import restore
-    from dearli.training.data import prefetched, resumable_batches
+    from dearli.training.data import resumable_batches
     from dearli.training.hooks import Periodic, PeriodicCheckpointer
     from dearli.training.loop import TrainLoop
     from dearli.training.parts import build_training_parts
@@ -124,8 +124,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                           cfg.warmup, generator)
 
     shard = ray.train.get_dataset_shard("sam")
-    batches = prefetched(lambda ahead: resumable_batches(
-        lambda epoch: ray_train.shuffled_rows(shard, cfg.train.seed + epoch), sample, per_worker, ahead), state)
+    batches = resumable_batches(lambda epoch: ray_train.shuffled_rows(shard, cfg.train.seed + epoch), sample,
+                                per_worker, state)
     hooks = [Periodic(cfg.train.log_every, log), PeriodicCheckpointer(cfg.train.checkpoint_every, checkpoint)]
     TrainLoop(scheduler, cfg.warmup.max_steps, step, hooks).run(
         batches, lambda batch: train_step(ddp, criterion, optimizer, batch, cfg, scaler, device))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -95,44 +93,3 @@ def resumable_batches(rows: Callable[[int], Iterable[Any]], sample: Callable[[in
                 yield collate(batch)
                 batch = []
         state["epoch"], state["position"] = epoch + 1, 0
-
-
-def prefetched(batches: Callable[[dict[str, int]], Iterator[Any]], state: dict[str, int]) -> Iterator[Any]:
-    """The batches of ``batches(state)`` (e.g. :func:`resumable_batches`), each made in a background thread
-    while the caller trains on the one before; ``state`` holds, after each batch handed out, what it held
-    after that batch without the thread, so a checkpoint resumes where the caller is, not where the thread is.
-
-    The thread decodes and augments while the step computes (torch, numpy and image decoding release the
-    GIL). An exception in it is raised here, at the batch it failed to make; closing this iterator (a loop
-    that reached its last step) stops the thread after the batch it is making.
-    """
-    ahead = dict(state)  # the thread's own copy, one batch ahead of ``state``
-    handed: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    end = object()
-
-    def work() -> None:
-        try:
-            for batch in batches(ahead):
-                handed.put((batch, dict(ahead)))
-                if stop.is_set():
-                    return
-            handed.put(end)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller, who raises it
-            handed.put(error)
-
-    threading.Thread(target=work, name="prefetched-batches", daemon=True).start()
-    try:
-        while True:
-            item = handed.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            batch, after = item
-            state.update(after)
-            yield batch
-    finally:
-        stop.set()
-        while not handed.empty():  # unblock a thread waiting to hand over its next batch
-            handed.get_nowait()
