@@ -2,7 +2,7 @@
 tracked in MLflow.
 
 Runs as a plain script or as a Ray job (``ray job submit --working-dir . -- python jobs/ssl.py``). Without
-arguments it trains the synth-quick preset on the synthetic world; ``--help`` lists the options.
+arguments it trains the synth preset on the synthetic world; ``--help`` lists the options.
 """
 
 import sys

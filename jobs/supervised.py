@@ -1,4 +1,4 @@
-"""Supervised baseline: synthetic world -> M2F-Lang (preset synth-quick, the main job's) on the labeled partition
+"""Supervised baseline: synthetic world -> M2F-Lang (preset synth, the main job's) on the labeled partition
 only -> PQ / mIoU.
 
 Runs as a plain script or as a Ray job (``ray job submit -- python jobs/supervised.py``). Everything goes
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=400, help="synthetic training images")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic validation images")
     parser.add_argument("--partition", default="1_8", help="labeled partition of the synthetic world")
-    parser.add_argument("--preset", default="synth-quick",
-                        help="config preset (default: synth-quick, the main job's; synth for its longer schedule)")
+    parser.add_argument("--preset", default="synth",
+                        help="config preset (default: synth, the main job's; synth-quick for its shorter schedule)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: the preset's train.max_steps: 1600 for synth-quick, 3000 "
                         "for synth)")

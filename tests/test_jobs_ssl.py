@@ -86,7 +86,7 @@ def test_run_choice_new_named_and_resumed(tmp_path):
 def test_options_take_overrides_anywhere():
     opts = parse_options(["optim.lr=0.01", "--run-name", "a1", "train.max_steps=5", "--resume"])
     assert (opts.run_name, opts.resume, opts.overrides) == ("a1", True, ("optim.lr=0.01", "train.max_steps=5"))
-    assert opts.dataset is None and opts.partition == "1_8" and opts.preset == "synth-quick"
+    assert opts.dataset is None and opts.partition == "1_8" and opts.preset == "synth"
     with pytest.raises(SystemExit):
         parse_options(["--run-name", "../elsewhere"])
 

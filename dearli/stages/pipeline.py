@@ -42,7 +42,7 @@ echo = functools.partial(print, flush=True)  # a Ray job's stdout is a pipe: flu
 class PipelineOptions:
     dataset: str | None = None  # None = the synthetic world under the workdir
     partition: str = "1_8"
-    preset: str = "synth-quick"  # the synthetic world's preset (tiny model, the project's CLIP) on a short schedule
+    preset: str = "synth"  # the synthetic world's preset: tiny model, the project's pretrained CLIP
     workdir: str | None = None  # None = DEFAULT_WORKDIR
     experiment: str = tracking.DEFAULT_EXPERIMENT
     run_name: str | None = None
@@ -62,8 +62,8 @@ def build_arg_parser(prog: str = "jobs/ssl.py") -> argparse.ArgumentParser:
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the whole DEARLi pipeline (SAM and CLIP caches, DeWa warm-up, Mean Teacher, evaluation "
         "of teacher and student) on Ray, tracked in MLflow. Without arguments: the synthetic world with the "
-        "synth-quick preset (the synth preset on a ten-minute schedule; --preset synth for the longer one). Extra "
-        "KEY=VALUE arguments override the configuration, e.g. ssl.ema_decay=0.99.",
+        "synth preset (--preset synth-quick: the same on a schedule of about half the time). Extra KEY=VALUE "
+        "arguments override the configuration, e.g. ssl.ema_decay=0.99.",
         epilog="Outputs go to --workdir; MLflow goes to MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db. "
         "Running the same --run-name again continues that run (finished stages are skipped).")
     parser.add_argument("--dataset", default=None, metavar="DIR",
