@@ -61,9 +61,7 @@ def uncertain_point_coords(
     num_random = num_points - num_uncertain
     candidates = torch.rand(batch, num_candidates, 2, device=device)
     uncertainty = uncertainty_fn(point_sample(logits, candidates))[:, 0, :]  # B×N
-    # Unsorted: which points are kept matters, not their order (the losses average over points); on the CPU
-    # a sorted top-k of 768 among 3072 costs twice as much.
-    top = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # B×k
+    top = uncertainty.topk(num_uncertain, dim=1).indices  # B×k
     chosen = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         chosen = torch.cat([chosen, torch.rand(batch, num_random, 2, device=device)], dim=1)
