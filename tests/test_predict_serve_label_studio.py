@@ -421,7 +421,8 @@ def connect(label_studio, client, url: str, project: int) -> dict:
 def test_label_studios_train_button_submits_the_train_command_as_a_ray_job(label_studio, small_world, tmp_path):
     """``dearli serve --train-command`` deployed by a job on a real head (token auth, its dashboard's job API) and
     connected to a real Label Studio: its Train button (START_TRAINING at /webhook) submits the command as a Ray job
-    for the project, another START_TRAINING while that runs gets 409 naming it, and the job runs the command."""
+    for the project, another START_TRAINING while that runs (for it or another project) gets 409 naming it, and the
+    job runs the command."""
     import requests
     from _services import BIN, ray_env, ray_head
 
@@ -458,6 +459,8 @@ def test_label_studios_train_button_submits_the_train_command_as_a_ray_job(label
         status, busy = post(url + "webhook", {"action": "START_TRAINING", "project": {"id": project}})
         assert status == 409 and f"project {project} is still" in busy["error"], busy
         job = busy["error"].rsplit("job ", 1)[1]
+        status, other = post(url + "webhook", {"action": "START_TRAINING", "project": {"id": project + 1}})
+        assert status == 409 and f"job {job}" in other["error"], other  # one training run at a time, any project
         assert post(url + "webhook", {"action": "START_TRAINING", "project": {"id": "7; rm -rf /"}})[0] == 400
 
         deadline = time.monotonic() + 240

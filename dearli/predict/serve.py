@@ -166,6 +166,7 @@ class LabelingService:
         self._label_studio: Any = None  # the Label Studio client, made on the first read of its files
         self._label_studio_lock = threading.Lock()
         self.text_lock = asyncio.Lock()  # one new class list encoded at a time; served-list requests never wait
+        self.train_lock = asyncio.Lock()  # one look-and-submit of a training job at a time
         self.model_lock = asyncio.Lock()  # waiters queue here, where a client's disconnect cancels at once
 
     def _authorized(self, request: Request) -> bool:
@@ -304,8 +305,9 @@ class LabelingService:
         command = self.options.train_command.format(project=project, model_version=self.model_version,
                                                      label_studio_url=self.options.label_studio_url)
         try:
-            job = await asyncio.wait_for(asyncio.to_thread(submit_training, self.options.jobs_address, command,
-                                                           project, self.model_version), SUBMIT_TIMEOUT_S)
+            async with self.train_lock:  # two events at once: the second sees the first one's job
+                job = await asyncio.wait_for(asyncio.to_thread(submit_training, self.options.jobs_address, command,
+                                                               project, self.model_version), SUBMIT_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RequestError(503, f"Ray's job API did not answer within {SUBMIT_TIMEOUT_S:g} s") from None
         print(f"dearli serve: {lsb.TRAIN_EVENT} of project {project}: submitted Ray job {job}", file=sys.stderr,
