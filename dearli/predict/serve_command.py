@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "in bulk: dearli pseudo-label, then dearli export label-studio --url")
     ls.add_argument("--train-command", default="", metavar="TEMPLATE",
                     help="a START_TRAINING webhook event submits this command line as a Ray job, with {project}, "
-                    "{model_version} and {label_studio_url} filled in, one run at a time (default: none, such events get 400)")
+                    "{model_version} and {label_studio_url} filled in, one run at a time (default: none, such "
+                    "events get 400)")
     ls.add_argument("--jobs-address", default="", metavar="URL",
                     help="Ray's job API for --train-command (http://head:8265); default: Ray's own lookup "
                     "($RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, which also win over this option, else this cluster)")
