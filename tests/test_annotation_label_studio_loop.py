@@ -81,6 +81,7 @@ def test_pseudo_labels_go_through_label_studio_and_the_corrections_come_back(lab
     assert main([*export, "--create-project", "dearli loop"]) == 0
     printed = capsys.readouterr().out
     project = int(re.search(r"created project (\d+) 'dearli loop'", printed).group(1))
+    assert f"resume this push: --project {project})" in printed  # a rerun must not make a second project
     assert f"project {project} at {label_studio.url}: 3 task(s) sent, 0 already there" in printed
     assert client.project(project)["label_config"].strip() == (out / "label_config.xml").read_text().strip()
     (storage,) = client._api("GET", "/api/storages/localfiles", query={"project": project})

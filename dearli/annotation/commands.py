@@ -112,7 +112,8 @@ def _push(args: argparse.Namespace, tasks: list[dict[str, Any]], label_config: s
     if project is None:
         project = client.create_project(args.create_project, label_config, model_version=tasks[0]["predictions"][0]
                                         .get("model_version"))
-        print(f"Label Studio: created project {project} '{args.create_project}': {url.rstrip('/')}/projects/{project}")
+        print(f"Label Studio: created project {project} '{args.create_project}': {url.rstrip('/')}/projects/{project} "
+              f"(to send more tasks to it, or resume this push: --project {project})")
         if folder is not None:
             try:
                 client.add_local_storage(project, folder)
