@@ -22,11 +22,11 @@ COMMAND_MODULES = (
     "dearli.data.commands",  # dearli data prepare-ade20k | prepare-coco-objects | check
     "dearli.evaluation.commands",  # dearli evaluate
     "dearli.stages.commands",  # dearli train [supervised] | warmup | ssl
-    "dearli.predict.commands",  # dearli predict
-    "dearli.predict.pseudo_label_command",  # dearli pseudo-label
-    "dearli.predict.suggest_command",  # dearli suggest
-    "dearli.predict.serve_command",  # dearli serve
-    "dearli.predict.review_command",  # dearli review
+    "dearli.predict.commands.predict",  # dearli predict
+    "dearli.predict.commands.pseudo_label",  # dearli pseudo-label
+    "dearli.predict.commands.suggest",  # dearli suggest
+    "dearli.predict.commands.serve",  # dearli serve
+    "dearli.predict.commands.review",  # dearli review
     "dearli.annotation.commands",  # dearli export label-studio | import label-studio
     "dearli.caches.commands",  # dearli cache sam | clip
     "dearli.baselines.commands",  # dearli baseline sam-clip | oracle

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dearli"
 MLFLOW_HOMES = {"stages/tracking.py", "stages/registry.py"}
 RAY_HOMES = ("runtime.py", "stages/", "bench/", "caches/job.py", "predict/job.py", "predict/serve.py",
-             "predict/serve_command.py", "predict/serve_training.py")
+             "predict/commands/serve.py", "predict/serve_training.py")
 
 
 def _imports(path: Path) -> set[str]:

@@ -28,9 +28,9 @@ from dearli.data.coco_format import rgb2id
 from dearli.data.panoptic import CategoryMap
 from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
+from dearli.predict.commands.pseudo_label import _check_options, list_images
 from dearli.predict.job import RayPseudoLabelWorker
 from dearli.predict.outputs import KIND, PANOPTIC_DIR, ROW_SCHEMA, assemble, keep_confident
-from dearli.predict.pseudo_label_command import _check_options, list_images
 from dearli.predict.worker import png_bytes
 
 BAD = "val_000001"  # the pool's truncated image

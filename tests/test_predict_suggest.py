@@ -13,7 +13,7 @@ from dearli.cli import main
 from dearli.data.dataset import load_dataset
 from dearli.data.partitions import read_partition_file
 from dearli.errors import DataError
-from dearli.predict.suggest_command import write_partition
+from dearli.predict.commands.suggest import write_partition
 from dearli.predict.uncertainty import combined_score, js_divergence, query_signals
 
 # conftest's checkpoint fixture, of small_world

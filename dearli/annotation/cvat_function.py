@@ -82,7 +82,7 @@ def create(checkpoint: str, classes: str = "", device: str = "auto", max_pixels:
            allow_diagnostic: bool = False) -> DearliFunction:
     """The function of ``checkpoint`` (``cvat-cli -p checkpoint=str:PATH``; see the module docstring)."""
     from dearli.device import resolve_device
-    from dearli.predict.pseudo_label_command import resolve_classes
+    from dearli.predict.model_source import resolve_classes
     from dearli.predict.serve import serving_payload
 
     payload = serving_payload(checkpoint, allow_diagnostic)

@@ -311,7 +311,7 @@ def evaluate_cell(b: Bench, checkpoint: str, cell_dir: Path, alpha: float, spec:
     """Evaluate the checkpoint's model (an SSL checkpoint's is the teacher) on the val split with ``alpha``."""
     from dearli.predict.worker import load_predictor
     from dearli.stages.tracking import StepLogger
-    from dearli.training.evaluate import evaluate_model
+    from dearli.training.evaluator import evaluate_model
 
     eval_dir = cell_dir / "eval"
     if eval_dir.exists():  # an evaluation interrupted before its cell was recorded: redo it

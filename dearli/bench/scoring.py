@@ -53,9 +53,9 @@ def score(checkpoint: str, world: Path, alpha_clip: float | None = None) -> dict
     from dearli.data.dataset import load_dataset
     from dearli.device import resolve_device
     from dearli.model.m2f_lang import build_m2f_lang
-    from dearli.predict.commands import checkpoint_file
+    from dearli.predict.model_source import checkpoint_file
     from dearli.training.checkpoint import load_checkpoint, restore
-    from dearli.training.evaluate import evaluate_model
+    from dearli.training.evaluator import evaluate_model
 
     device = resolve_device("auto")
     payload = load_checkpoint(checkpoint_file(checkpoint), device)

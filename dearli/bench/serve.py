@@ -141,10 +141,9 @@ def _run(args: argparse.Namespace) -> int:
 def expected_answers(checkpoint: str, images: list[bytes]) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
     """What ``dearli predict`` labels each image as, in this process: (segment-id map, sorted (id, class id))."""
     from dearli.model.predictor import predict_image
-    from dearli.predict.commands import checkpoint_file
     from dearli.predict.labeler import decode_image
+    from dearli.predict.model_source import checkpoint_file, resolve_classes
     from dearli.predict.outputs import segment_records
-    from dearli.predict.pseudo_label_command import resolve_classes
     from dearli.predict.worker import load_predictor
     from dearli.training.checkpoint import load_checkpoint
 

@@ -1,6 +1,6 @@
 """The labeling endpoint on Ray Serve: :class:`~dearli.predict.labeler.Labeler` replicas behind Serve's proxy.
 
-``dearli serve`` starts it (see :mod:`dearli.predict.serve_command`); Serve's own tools work too::
+``dearli serve`` starts it (see :mod:`dearli.predict.commands.serve`); Serve's own tools work too::
 
     serve run dearli.predict.serve:app_builder checkpoint=models:/dearli/1 replicas=2
 
@@ -324,7 +324,7 @@ def serving_payload(checkpoint: str, allow_diagnostic: bool = False) -> dict[str
     whose student trained on the ground truth of its unlabeled images (``ssl.oracle_labels``). DataError (one
     line) unless ``allow_diagnostic``; then it is served with a warning on stderr.
     """
-    from dearli.predict.pseudo_label_command import file_digest
+    from dearli.predict.model_source import checkpoint_digest
     from dearli.predict.worker import model_payload
     from dearli.stages.registry import resolve_model
     from dearli.stages.tracking import DIAGNOSTIC_TAG
@@ -332,7 +332,7 @@ def serving_payload(checkpoint: str, allow_diagnostic: bool = False) -> dict[str
 
     path, tags = resolve_model(checkpoint)
     payload = model_payload(load_checkpoint(path, "cpu"))
-    payload["model_version"] = f"dearli-{file_digest(path)[:12]}"
+    payload["model_version"] = f"dearli-{checkpoint_digest(path)[:12]}"
     if DIAGNOSTIC_TAG in tags:
         why = f"its model version is tagged {DIAGNOSTIC_TAG}"
     elif payload["config"].ssl.oracle_labels:
@@ -360,7 +360,7 @@ def build_app(checkpoint: str, classes_file: str | None = None, options: ServeOp
 
 def payload_app(payload: dict[str, Any], classes_file: str | None, options: ServeOptions) -> Any:
     """The Serve application of a :func:`serving_payload` (Ray must be up: the GPUs are the cluster's)."""
-    from dearli.predict.pseudo_label_command import resolve_classes
+    from dearli.predict.model_source import resolve_classes
     from dearli.runtime import default_gpus_per_actor
 
     classes = [c.to_dict() for c in resolve_classes(classes_file, payload["config"]).categories]

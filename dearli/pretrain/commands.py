@@ -85,7 +85,7 @@ def _print_evaluation(model: str, path: str, num_images: int, crop_size: int) ->
     """Zero-shot figures of the new checkpoint; thing crops at the size the CLIP was trained at."""
     from dearli.config_model import BackboneConfig
     from dearli.model.backbone import build_backbone
-    from dearli.pretrain.evaluate import zero_shot_report
+    from dearli.pretrain.zero_shot_check import zero_shot_report
 
     report = zero_shot_report(build_backbone(BackboneConfig(clip_model=model, pretrained=path)),
                               num_images=num_images, crop_size=crop_size)

@@ -78,14 +78,13 @@ class StudentLoop:
         self.split = self.info.split(cfg.data.train_split)
         parts = build_training_parts(cfg, self.info.categories.synonyms, self.info.categories.num_classes,
                                      self.device, cfg.train.max_steps, cfg.ssl.precision == "amp")
-        self.model, self.criterion, self.optimizer, self.scheduler, self.scaler = (
-            parts.model, parts.criterion, parts.optimizer, parts.scheduler, parts.scaler)
+        self.parts, self.model = parts, parts.model
         self.criterion_u = unlabeled_criterion(cfg, self.info.categories.num_classes,
-                                               self.info.categories.thing_ids, self.criterion).to(self.device)
+                                               self.info.categories.thing_ids, self.parts.criterion).to(self.device)
         self.teacher = None
         self.state = {"epoch": 0, "position": 0}  # where in the shuffled labeled shard the next batch starts
         start, self.warm_started = self._restore(config.get("init"))
-        self.loop = TrainLoop(self.scheduler, cfg.train.max_steps, start)
+        self.loop = TrainLoop(self.parts.scheduler, cfg.train.max_steps, start)
         self.logger = StepLogger(self.run_dir / "metrics.jsonl", config["tracking"]) if self.rank == 0 else None
         self.labeled = config["labeled"]
         self.evaluate = config.get("evaluate", True)
@@ -111,7 +110,7 @@ class StudentLoop:
 
         start, payload = 0, checkpoints.latest_stage_checkpoint(self.device, self.run_dir)
         if payload is not None:  # SSL checkpoints hold the teacher as "model", the student in extra
-            restore(self.model, {**payload, "model": payload["extra"]["student"]}, self.optimizer, self.scheduler)
+            self.parts.restore({**payload, "model": payload["extra"]["student"]})
             start = int(payload["step"])
             self.state = {"epoch": payload["extra"]["epoch"], "position": payload["extra"]["position"]}
         elif init:
@@ -175,8 +174,8 @@ class StudentLoop:
         started = time.perf_counter()
         fed = self.feed.next(self.step + 1)
         unlabeled_batch, pl_stats = (None, {}) if fed is None else self._unlabeled_batch(fed[0])
-        logged = mean_teacher_step(self.ddp, self.criterion, self.optimizer, labeled_batch, unlabeled_batch,
-                                   self.cfg, self.scaler, self.device,
+        logged = mean_teacher_step(self.ddp, self.parts.criterion, self.parts.optimizer, labeled_batch, unlabeled_batch,
+                                   self.cfg, self.parts.scaler, self.device,
                                    0.0 if fed is None else self.cfg.ssl.unlabeled_weight, self.criterion_u)
         values = {**logged, **pl_stats}
         if fed is not None:
@@ -246,7 +245,7 @@ class StudentLoop:
         values = {k: sum(v) / len(v) for k, v in self.window.items()}
         if "staleness" in self.window:  # not during the burn-in: no label was asked for
             values["staleness_max"] = max(self.window["staleness"])
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["lr"] = self.parts.optimizer.param_groups[0]["lr"]
         self.logger.log(self.step, {**values, **self.progress.rates(self.step),
                                     "teacher_nodes": sorted(self.teacher_nodes)})
         self.window = {}
@@ -259,15 +258,15 @@ class StudentLoop:
 
             student = model_state(self.model, include_backbone=self.cfg.model.backbone.pretrained == "")
             extra = {"student": student, "teacher": trainable_state(self.teacher), **self.state, "stage": STAGE}
-            return checkpoints.write_stage_checkpoint(folder, self.step, self.teacher, self.cfg, self.optimizer,
-                                                 self.scheduler, extra)
+            return checkpoints.write_stage_checkpoint(folder, self.step, self.teacher, self.cfg, self.parts.optimizer,
+                                                 self.parts.scheduler, extra)
 
         checkpoints.report_checkpoint(self.rank, self.run_dir, self.step, {"step": self.step, "loss": logged["loss"]},
                                  write)
 
     def _evaluate(self, step: int) -> None:
         """Every variant of VARIANTS on the validation split, skipping those already evaluated at ``step``."""
-        from dearli.training.evaluate import evaluate_model
+        from dearli.training.evaluator import evaluate_model
 
         for variant, (which, ensembled) in VARIANTS.items():
             out_dir = self.run_dir / "eval" / variant / f"step_{self.step:07d}"

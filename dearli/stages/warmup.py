@@ -81,12 +81,10 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from dearli.caches.readers import decode_masks
     from dearli.data.dataset import load_dataset
-    from dearli.training.checkpoint import restore
     from dearli.training.data import resumable_batches
     from dearli.training.hooks import Periodic, PeriodicCheckpointer
     from dearli.training.loop import TrainLoop
     from dearli.training.parts import build_training_parts
-    from dearli.training.step import train_step
     from dearli.training.warmup_data import sam_sample, sample_generator
 
     worker = ray_train.start_worker(config, STAGE)
@@ -96,11 +94,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     split = info.split(cfg.data.train_split)
     parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
                                  cfg.warmup.max_steps, cfg.train.amp)
-    model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
-                                                      parts.scheduler, parts.scaler)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     step, state = 0, {"epoch": 0, "position": 0}  # where in the shuffled shard the next batch starts
     if (payload := checkpoints.latest_stage_checkpoint(device, run_dir)) is not None:
-        step = restore(model, payload, optimizer, scheduler)
+        step = parts.restore(payload)
         state = {"epoch": payload["extra"]["epoch"], "position": payload["extra"]["position"]}
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     per_worker = ray_train.per_rank(cfg.warmup.batch_size, world)
@@ -128,6 +125,6 @@ def _train_loop(config: dict[str, Any]) -> None:
                                 per_worker, state)
     hooks = [Periodic(cfg.train.log_every, log), PeriodicCheckpointer(cfg.train.checkpoint_every, checkpoint)]
     TrainLoop(scheduler, cfg.warmup.max_steps, step, hooks).run(
-        batches, lambda batch: train_step(ddp, criterion, optimizer, batch, cfg, scaler, device))
+        batches, lambda batch: parts.train_step(batch, cfg, ddp))
     costs.record_cost(run_dir, STAGE, rank, peak_rss_mb=costs.peak_rss_mb(), **costs.peak_gpu_mb())
 

@@ -13,8 +13,9 @@ from torch import nn
 from dearli.config import Config
 from dearli.losses.criterion import build_criterion
 from dearli.model.m2f_lang import build_m2f_lang
+from dearli.training.checkpoint import restore
 from dearli.training.optim import build_optimizer, build_poly_scheduler
-from dearli.training.step import make_grad_scaler
+from dearli.training.step import make_grad_scaler, train_step
 
 
 @dataclass
@@ -25,6 +26,15 @@ class TrainingParts:
     scheduler: Any  # poly LR over the loop's steps
     scaler: torch.amp.GradScaler  # a no-op unless fp16 autocast
     device: torch.device
+
+    def restore(self, payload: dict[str, Any]) -> int:
+        """Model, optimizer and scheduler from a checkpoint payload; returns its step."""
+        return restore(self.model, payload, self.optimizer, self.scheduler)
+
+    def train_step(self, batch: dict[str, Any], cfg: Config, model: nn.Module | None = None) -> dict[str, float]:
+        """One supervised step on ``batch`` through ``model`` (default ``self.model``; a DDP wrapper of it in
+        a Ray Train worker); returns the logged numbers."""
+        return train_step(model or self.model, self.criterion, self.optimizer, batch, cfg, self.scaler, self.device)
 
 
 def build_training_parts(cfg: Config, class_names: list[Any], num_classes: int, device: torch.device,

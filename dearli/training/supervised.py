@@ -17,14 +17,13 @@ from torch.utils.data import DataLoader
 from dearli.config import Config, supervised_config
 from dearli.data.dataset import load_dataset
 from dearli.device import resolve_device
-from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from dearli.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dearli.training.data import PanopticTrainDataset, collate, infinite_batches
-from dearli.training.evaluate import evaluate_model
+from dearli.training.evaluator import evaluate_model
 from dearli.training.hooks import EvalHook, Periodic, PeriodicCheckpointer
 from dearli.training.loop import TrainLoop
 from dearli.training.parts import build_training_parts
 from dearli.training.run_dir import append_metrics, prepare_run_dir
-from dearli.training.step import train_step
 
 
 def labeled_stems(info: Any, cfg: Config) -> list[str]:
@@ -64,11 +63,10 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     device = resolve_device(cfg.train.device)
     parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
                                  cfg.train.max_steps, cfg.train.amp)
-    model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
-                                                      parts.scheduler, parts.scaler)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     step = 0
     if resume and (last := latest_checkpoint(run_dir)) is not None:
-        step = restore(model, load_checkpoint(last, device), optimizer, scheduler)
+        step = parts.restore(load_checkpoint(last, device))
         echo(f"resumed from {last} at step {step}")
     dataset = PanopticTrainDataset(split, stems, cfg.data, seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=min(cfg.train.batch_size, len(dataset)), shuffle=True, drop_last=True,
@@ -91,6 +89,6 @@ def train_supervised(cfg: Config, run_dir: str | Path, resume: bool = False, eva
     loop = TrainLoop(scheduler, cfg.train.max_steps, step, [Periodic(cfg.train.log_every, log), checkpointer,
                                                              evaluation])
     step = loop.run(infinite_batches(loader, dataset),
-                    lambda batch: train_step(model, criterion, optimizer, batch, cfg, scaler, device))
+                    lambda batch: parts.train_step(batch, cfg))
     last_path, metrics = checkpointer.last, evaluation.result
     return {"step": step, "checkpoint": str(last_path) if last_path else None, "metrics": metrics}

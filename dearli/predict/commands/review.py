@@ -82,7 +82,7 @@ def _measure_disagreement(items: list[Any], categories: list[dict], args: argpar
 
     from dearli.data.panoptic import CategoryMap
     from dearli.device import resolve_device
-    from dearli.predict.commands import checkpoint_file
+    from dearli.predict.model_source import checkpoint_file
     from dearli.predict.uncertainty import image_signals
     from dearli.predict.worker import load_predictor
 

@@ -35,23 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def checkpoint_file(checkpoint: str) -> str:
-    """A --checkpoint argument as a file: a registered MLflow model (models:/NAME/N, runs:/...) is looked up,
-    a path is returned as it is."""
-    if checkpoint.startswith(("models:/", "runs:/")):  # MLflow only when asked for: it is slow to import
-        from dearli.stages.registry import resolve_checkpoint
-
-        return str(resolve_checkpoint(checkpoint))
-    return checkpoint
-
-
 def _run(args: argparse.Namespace) -> int:
     from dearli.data.dataset import load_dataset
     from dearli.device import resolve_device
     from dearli.errors import ConfigError
     from dearli.model.m2f_lang import build_m2f_lang
+    from dearli.predict.model_source import checkpoint_file
     from dearli.training.checkpoint import load_checkpoint, restore
-    from dearli.training.evaluate import evaluate_model
+    from dearli.training.evaluator import evaluate_model
 
     if args.alpha_clip is not None and not 0.0 <= args.alpha_clip <= 1.0:
         raise ConfigError(f"--alpha-clip must lie in [0, 1], got {args.alpha_clip}")

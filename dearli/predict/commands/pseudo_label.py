@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -79,32 +78,6 @@ def list_images(source: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def resolve_classes(classes_file: str | None, cfg: Any) -> Any:
-    """The CategoryMap to label with: ``--classes``, else the class list of the checkpoint's dataset."""
-    from dearli.data.classes import read_classes_json
-    from dearli.data.dataset import load_dataset
-    from dearli.data.panoptic import CategoryMap
-    from dearli.errors import ConfigError, DataError
-
-    if classes_file:
-        return CategoryMap(read_classes_json(classes_file), classes_file)
-    if not cfg.data.dataset:
-        raise ConfigError("--classes: the checkpoint names no dataset (data.dataset) to take classes from")
-    try:
-        return load_dataset(cfg.data.dataset).categories
-    except DataError as err:
-        raise ConfigError(f"--classes: the checkpoint's dataset {cfg.data.dataset} cannot be read here "
-                          f"({err}); pass the class list with --classes FILE") from None
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_options(args: argparse.Namespace) -> None:
     from dearli.caches.store import MANIFEST, is_temporary
     from dearli.errors import ConfigError, DataError
@@ -136,20 +109,19 @@ def _run(args: argparse.Namespace) -> int:
     from dearli.caches.commands import parse_resources
     from dearli.errors import DataError
     from dearli.predict.job import run_pseudo_label_job
+    from dearli.predict.model_source import checkpoint_digest, checkpoint_file, resolve_classes
     from dearli.predict.outputs import PANOPTIC_DIR, assemble
     from dearli.training.checkpoint import load_checkpoint
 
     _check_options(args)
     resources = parse_resources(args.resources)
-    from dearli.predict.commands import checkpoint_file
-
     checkpoint = checkpoint_file(args.checkpoint)
     payload = load_checkpoint(checkpoint)
     categories = resolve_classes(args.classes, payload["config"])
     rows = list_images(args.images)
     alpha = payload["config"].model.ensemble.alpha_clip if args.alpha_clip is None else args.alpha_clip
     classes = [c.to_dict() for c in categories.categories]
-    settings = {"checkpoint_sha256": file_digest(checkpoint), "alpha_clip": float(alpha),
+    settings = {"checkpoint_sha256": checkpoint_digest(checkpoint), "alpha_clip": float(alpha),
                 "min_score": float(args.min_score), "classes": classes}
     summary = run_pseudo_label_job(args.out, rows, payload, classes, settings, min_score=args.min_score,
                                    alpha_clip=alpha, actors=args.actors, gpus_per_actor=args.gpus_per_actor,

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every stem with its signals, most unsure (by ``args.score``) first; ties in stem order."""
     from dearli.device import resolve_device
-    from dearli.predict.commands import checkpoint_file
+    from dearli.predict.model_source import checkpoint_file
     from dearli.predict.uncertainty import image_signals
     from dearli.predict.worker import load_predictor
 

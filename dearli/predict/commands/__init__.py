@@ -1,0 +1,2 @@
+"""The command-line commands of :mod:`dearli.predict`, one module each: ``dearli predict``, ``dearli
+pseudo-label``, ``dearli suggest``, ``dearli serve`` and ``dearli review``."""
