@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -228,6 +230,48 @@ def test_polygon_tasks_import_close_to_the_pseudo_labels(world):
     assert (hole != 0).all()  # the VOID hole is filled: the documented loss
 
 
+def _split(result: dict) -> list[dict]:
+    """A combined region as a config with separate shape and Labels tags writes it: two results, one id."""
+    shape = {"brushlabels": "brush", "polygonlabels": "polygon"}[result["type"]]
+    value = {k: v for k, v in result["value"].items() if k != result["type"]}
+    return [{**result, "type": shape, "from_name": "shape", "value": value},
+            {**result, "type": "labels", "value": {**value, "labels": result["value"][result["type"]]}}]
+
+
+@pytest.mark.parametrize("polygons", [False, True], ids=["brush", "polygon"])
+def test_split_shape_and_labels_regions_import_like_combined_ones(world, polygons):
+    combined = annotated_export(_export(world, *(["--polygons"] if polygons else [])))
+    split = json.loads(json.dumps(combined))
+    for task in split:
+        annotation = task["annotations"][0]
+        annotation["result"] = [part for result in annotation["result"] for part in _split(result)]
+    first = annotation["result"]
+    first.insert(0, first.pop(1))  # a labels result may come before its shape
+    assert _import(world, combined, "combined") == 0
+    info = load_dataset(world["root"])
+    expected = {stem: info.split("train").load_target(info.split("train").record(stem)) for stem in PSEUDO}
+    assert _import(world, split, "split") == 0
+    split_info = load_dataset(world["root"])
+    assert split_info.partition("split").labeled == ("train_000", "train_001", *PSEUDO)
+    for stem in PSEUDO:
+        record = split_info.split("train").record(stem)
+        assert record.panoptic_path != info.split("train").record(stem).panoptic_path  # imported again
+        target = split_info.split("train").load_target(record)
+        assert _segments(target.masks, target.labels.tolist()) == \
+            _segments(expected[stem].masks, expected[stem].labels.tolist()), stem
+
+
+def test_a_split_shape_without_labels_and_labels_without_a_shape_are_listed(world, capsys):
+    tasks = annotated_export(_export(world))
+    results = tasks[0]["annotations"][0]["result"]
+    shape, labels = _split(results[0])
+    results += [{**shape, "id": "lonely-shape"}, {**labels, "id": "lonely-labels"}, {**labels, "id": ["x"]}]
+    assert _import(world, tasks) == 0
+    [record] = (world["root"] / "label_studio_imports").iterdir()
+    found = {(r["kind"], r["region"]) for r in csv.DictReader((record / "unusable.csv").open())}
+    assert {("no-label", "lonely-shape"), ("unsupported", "lonely-labels"), ("unsupported", "['x']")} <= found
+
+
 def test_every_unusable_region_is_listed(world, capsys):
     tasks = annotated_export(_export(world))
     results = tasks[0]["annotations"][0]["result"]
@@ -266,6 +310,28 @@ def test_every_unusable_region_is_listed(world, capsys):
     report = json.loads((record / "report.json").read_text())
     assert [i["stem"] for i in report["imported"]] == [PSEUDO[0]] and len(report["problems"]) == len(rows)
     assert load_dataset(world["root"]).partition("corrected").labeled == ("train_000", "train_001", PSEUDO[0])
+
+
+def test_an_import_while_another_runs_is_refused_and_a_killed_one_leaves_no_lock(world, capsys):
+    tasks = annotated_export(_export(world))
+    files = {p: p.read_bytes() for p in world["root"].rglob("*") if p.is_file()}
+    holder = subprocess.Popen(  # another import, holding the dataset's lock
+        [sys.executable, "-c", "import sys, time; from dearli.annotation.dataset_import import import_lock\n"
+         "with import_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(world["root"])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert _import(world, tasks) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{world['root']}: another import into this dataset is running" in err, err
+        after = {p: p.read_bytes() for p in world["root"].rglob("*") if p.is_file()}
+        assert after == files  # nothing read into a record, nothing written
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert _import(world, tasks) == 0  # the killed holder's lock went with it
+    assert load_dataset(world["root"]).partition("corrected").labeled == ("train_000", "train_001", *PSEUDO)
 
 
 def test_an_existing_partition_is_replaced_only_when_asked(world, capsys):

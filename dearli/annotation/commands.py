@@ -208,11 +208,20 @@ def _print_problems(problems: list[Any]) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from dearli.annotation.dataset_import import import_lock
+    from dearli.data.dataset import load_dataset
+
+    load_dataset(args.dataset)  # a missing or broken dataset is reported as such, before any lock is made
+    with import_lock(args.dataset):
+        return _import_locked(args)
+
+
+def _import_locked(args: argparse.Namespace) -> int:
     from dearli.annotation.dataset_import import import_annotations, import_target, refuse_partition
     from dearli.annotation.label_studio_results import read_export
     from dearli.data.dataset import load_dataset
 
-    info = load_dataset(args.dataset)
+    info = load_dataset(args.dataset)  # read again under the lock: an import that just ended is seen
     target = import_target(info, args.split, args.partition)
     refuse_partition(target, args.overwrite)
     base = info.partition(args.base_partition) if args.base_partition else None

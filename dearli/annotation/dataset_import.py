@@ -16,6 +16,9 @@ Then it writes partition NAME: the lines of the base partition, then one line pe
 An existing partition NAME is replaced only when asked; its labeled.txt is kept as
 ``RECORD/previous_labeled.txt``. ``RECORD`` is ``DATASET/label_studio_imports/<UTC time>_<NAME>/``; it also
 holds ``report.json`` (what was imported, what was replaced, every problem) and ``unusable.csv``.
+
+One import at a time writes into a dataset (:func:`import_lock`): a second one started meanwhile stops at
+once with an error, before it has read or written anything.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +48,30 @@ from dearli.data.writing import relative_to
 from dearli.errors import DataError
 
 IMPORTS_DIR = "label_studio_imports"
+
+
+@contextmanager
+def import_lock(dataset: str | Path) -> Iterator[Path]:
+    """Hold the dataset's import lock for the block (DataError at once if another import holds it).
+
+    An advisory ``flock`` on the dataset's folder itself (no lock file is made): the system releases it when
+    the process ends, however it ends, so a killed import leaves no stale lock behind."""
+    import fcntl
+
+    path = Path(dataset)
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise DataError(path, f"cannot open the dataset folder to lock it: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(path, "another import into this dataset is running; run this one when it "
+                                  "has ended") from None
+        yield path
+    finally:
+        os.close(handle)  # closing the only descriptor releases the lock
 
 
 @dataclass

@@ -6,6 +6,10 @@ then ``created_at``, then ``id``); a task without one contributes nothing. Its i
 (written by the export), else the file name, without extension, at the end of ``data.image`` (or of its
 ``?d=`` parameter). When two tasks name one image, the later in the file counts.
 
+A region comes in one result (``brushlabels`` or ``polygonlabels``: the shape and its label together, what
+dearli's export writes) or in two results sharing an ``id`` (``brush`` or ``polygon`` plus ``labels``: what a
+config with separate ``<Brush>``/``<Polygon>`` and ``<Labels>`` tags makes); both read the same.
+
 Brush regions are decoded from their RLE (a pixel belongs to the region when its alpha is at least 128),
 polygon regions rasterised (a pixel belongs when its centre lies inside). Whatever cannot be used is returned
 as a :class:`Problem` saying what and why, never dropped silently.
@@ -34,7 +38,7 @@ PROBLEM_KINDS = {
     "not-in-dataset": "the image is not in the dataset split",
     "not-annotated": "the task has no annotation that was not cancelled",
     "superseded": "a later task of the export names the same image",
-    "unsupported": "a region of another type than brushlabels or polygonlabels",
+    "unsupported": "a region of another type than brushlabels or polygonlabels (or brush/polygon with labels)",
     "no-label": "a region without exactly one class label",
     "size-mismatch": "a region drawn on an image of another size than the dataset's",
     "undecodable": "a brush RLE or polygon that cannot be read",
@@ -176,11 +180,39 @@ def region_mask(result: dict[str, Any], height: int, width: int) -> np.ndarray:
         raise RegionError("undecodable", f"brush RLE: {err}") from None
 
 
+SPLIT_SHAPES = {"brush": BRUSH, "polygon": POLYGON}  # a shape result without its label -> the combined type
+
+
+def combine_split_regions(results: list[Any]) -> list[Any]:
+    """Results with each split region (a ``brush``/``polygon`` result and a ``labels`` result of the same
+    ``id``) made one ``brushlabels``/``polygonlabels`` result, at the shape's place; anything else as it is.
+
+    A shape without a ``labels`` result gets no label (a "no-label" problem later); a ``labels`` result
+    without a shape stays as it is (an "unsupported" region)."""
+    labels = {r["id"]: r for r in results
+              if isinstance(r, dict) and r.get("type") == "labels" and isinstance(r.get("value"), dict)
+              and isinstance(r.get("id"), str)}
+    combined, used = [], set()
+    for result in results:
+        shape = SPLIT_SHAPES.get(result.get("type")) if isinstance(result, dict) else None
+        if shape is not None and isinstance(result.get("value"), dict):
+            rid = result.get("id")
+            companion = labels.get(rid) if isinstance(rid, str) else None
+            names = companion["value"].get("labels") if companion is not None else None
+            if companion is not None:
+                used.add(rid)
+            result = {**result, "type": shape, "value": {**result["value"], shape: names}}
+        combined.append(result)
+    return [r for r in combined
+            if not (isinstance(r, dict) and r.get("type") == "labels" and isinstance(r.get("id"), str)
+                    and r["id"] in used)]
+
+
 def _regions(annotation: dict[str, Any], size: tuple[int, int], task: Any, stem: str,
              problems: list[Problem]) -> list[Region]:
     results = annotation.get("result")
     regions = []
-    for k, result in enumerate(results if isinstance(results, list) else []):
+    for k, result in enumerate(combine_split_regions(results) if isinstance(results, list) else []):
         region_id, label = f"#{k + 1}", None
         try:
             if not isinstance(result, dict):
