@@ -82,3 +82,70 @@ def test_an_interrupted_publish_leaves_no_partial_partition(small_world, checkpo
     with pytest.raises(DataError, match="exists already"):
         write_partition(out, info.partition("1_4"), info.split("train"), [], small_world)
     assert (out / "labeled.txt").read_bytes() == published
+
+
+def _suggest_args(checkpoint, world, out, *extra: str) -> list[str]:
+    return ["suggest", "--checkpoint", str(checkpoint), "--dataset", str(world), "--partition", "1_4",
+            "--budget", "2", "--out", str(out), *extra]
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ranks_as_an_unbroken_one(small_world, checkpoint, tmp_path,
+                                                                            monkeypatch, capsys):
+    import dearli.predict.uncertainty as uncertainty
+
+    assert main(_suggest_args(checkpoint, small_world, tmp_path / "whole")) == 0
+    real, calls = uncertainty.image_signals, []
+
+    def killed_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(uncertainty, "image_signals", killed_at_the_second)
+    with pytest.raises(Killed):
+        main(_suggest_args(checkpoint, small_world, out))
+    monkeypatch.setattr(uncertainty, "image_signals", real)
+    with open(out / ".suggest-scores.jsonl", "a") as fh:
+        fh.write('{"stem": "cut sh')  # a line the kill cut short
+    capsys.readouterr()
+    assert main(_suggest_args(checkpoint, small_world, out)) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 3 images scored by an earlier run; scoring the other 2" in printed
+    assert (out / "suggestions.csv").read_text() == (tmp_path / "whole" / "suggestions.csv").read_text()
+    assert (out / "labeled.txt").read_text() == (tmp_path / "whole" / "labeled.txt").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["labeled.txt", "suggestions.csv"]  # the scores file went
+
+
+def test_scores_of_another_checkpoint_setting_are_not_reused(small_world, checkpoint, tmp_path, capsys):
+    out = tmp_path / "next"
+    with killed_before_rename("labeled.txt"), pytest.raises(Killed):
+        main(_suggest_args(checkpoint, small_world, out, "--alpha-clip", "0.0"))
+    assert len((out / ".suggest-scores.jsonl").read_text().splitlines()) == 4  # settings + 3 images
+    capsys.readouterr()
+    assert main(_suggest_args(checkpoint, small_world, out)) == 0
+    assert "earlier run" not in capsys.readouterr().out  # another CLIP weight: every image scored again
+    assert (out / "suggestions.csv").read_text() == _whole_run(checkpoint, small_world, tmp_path)
+
+
+def _whole_run(checkpoint, world, tmp_path) -> str:
+    assert main(_suggest_args(checkpoint, world, tmp_path / "whole")) == 0
+    return (tmp_path / "whole" / "suggestions.csv").read_text()
+
+
+def test_an_unreadable_image_is_reported_and_the_rest_ranked(small_world, checkpoint, tmp_path, capsys):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(small_world, world)
+    info = load_dataset(world)
+    split = info.split("train")
+    bad = sorted(info.partition("1_4").unlabeled(split))[0]
+    split.record(bad).image_path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(_suggest_args(checkpoint, world, tmp_path / "next")) == 0
+    printed = capsys.readouterr().out
+    assert "1 images could not be read and are not ranked" in printed and bad in printed
+    with open(tmp_path / "next" / "suggestions.csv") as fh:
+        stems = {row["stem"] for row in csv.DictReader(fh)}
+    assert bad not in stems and len(stems) == 2

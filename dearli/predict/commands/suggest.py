@@ -1,14 +1,23 @@
-"""``dearli suggest``: which unlabeled images to label next, written as the next partition's labeled.txt."""
+"""``dearli suggest``: which unlabeled images to label next, written as the next partition's labeled.txt.
+
+Each image's signals are appended to ``OUT/.suggest-scores.jsonl`` as soon as they are known (its first line
+names the checkpoint's SHA-256, the CLIP weight and the split): a killed run, rerun with the same arguments,
+scores only the images it had not reached. The file goes once labeled.txt is published.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from dearli.predict.uncertainty import SCORES
+
+SCORES_FILE = ".suggest-scores.jsonl"
+PROGRESS_STEPS = 10  # a progress line every 10% of the images
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,32 +66,105 @@ def _run(args: argparse.Namespace) -> int:
     unlabeled = partition.unlabeled(split)
     if not unlabeled:
         raise DataError(partition.path, "the partition leaves no unlabeled image to suggest")
-    rows = rank_images(args, info, split, unlabeled)
+    rows = rank_images(args, info, split, unlabeled, out / SCORES_FILE)
     chosen = [row["stem"] for row in rows[: args.budget]]
     _refuse_existing(out)  # another run may have published one while this one ranked
     _write_table(out / "suggestions.csv", rows)
     write_partition(out, partition, split, chosen, Path(args.dataset))
+    (out / SCORES_FILE).unlink(missing_ok=True)
     print(f"suggest: {len(chosen)} of {len(unlabeled)} unlabeled images by {args.score} "
           f"(most unsure {rows[0]['stem']}: {rows[0][args.score]:.3f}); labeled.txt with "
           f"{len(partition.labeled) + len(chosen)} images in {out}")
     return 0
 
 
-def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Every stem with its signals, most unsure (by ``args.score``) first; ties in stem order."""
+def rank_images(args: argparse.Namespace, info: Any, split: Any, stems: tuple[str, ...],
+                scores_file: Path | None = None) -> list[dict[str, Any]]:
+    """Every stem with its signals, most unsure (by ``args.score``) first; ties in stem order.
+
+    With ``scores_file``, the signals a killed run with the same checkpoint, CLIP weight and split wrote
+    there are taken as they are, and every new image's signals are appended to it."""
     from dearli.device import resolve_device
-    from dearli.predict.model_source import checkpoint_file
+    from dearli.errors import DataError
+    from dearli.predict.model_source import checkpoint_digest, checkpoint_file
     from dearli.predict.uncertainty import image_signals
     from dearli.predict.worker import load_predictor
 
     checkpoint = checkpoint_file(args.checkpoint)
     model, cfg = load_predictor(checkpoint, info.categories, resolve_device(args.device))
     alpha = cfg.model.ensemble.alpha_clip if args.alpha_clip is None else args.alpha_clip
-    rows = []
-    for stem in stems:
-        signals = image_signals(model, split.load_image(split.record(stem)), cfg.model, alpha)
-        rows.append({"stem": stem, **signals})
-    return sorted(rows, key=lambda r: (-r[args.score], r["stem"]))
+    settings = {"checkpoint_sha256": checkpoint_digest(checkpoint), "alpha_clip": float(alpha), "split": split.name}
+    wanted = set(stems)
+    done = {s: r for s, r in _read_scores(scores_file, settings).items() if s in wanted} if scores_file else {}
+    todo = [stem for stem in stems if stem not in done]
+    if done:
+        print(f"suggest: {len(done)} of {len(stems)} images scored by an earlier run; scoring the other "
+              f"{len(todo)}", flush=True)
+    unreadable = []
+    with _ScoresWriter(scores_file, settings, list(done.values())) as writer:
+        for k, stem in enumerate(todo, start=1):
+            try:
+                image = split.load_image(split.record(stem))
+            except DataError as err:  # a long run records a bad image and goes on; a rerun tries it again
+                unreadable.append(str(err))
+                continue
+            done[stem] = writer.add({"stem": stem, **image_signals(model, image, cfg.model, alpha)})
+            if k * PROGRESS_STEPS // len(todo) > (k - 1) * PROGRESS_STEPS // len(todo):
+                print(f"suggest: {len(done)}/{len(stems)} images scored", flush=True)
+    if unreadable:
+        print(f"suggest: {len(unreadable)} images could not be read and are not ranked, e.g. {unreadable[0]}",
+              flush=True)
+    if not done:
+        raise DataError(split.json_path, f"none of the {len(stems)} unlabeled images could be read")
+    return sorted((done[stem] for stem in stems if stem in done), key=lambda r: (-r[args.score], r["stem"]))
+
+
+def _read_scores(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier run's scores file made with ``settings`` (none if it differs or is unreadable).
+    A line cut short by a kill ends the rows read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != {"settings": settings}:
+            return {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    rows: dict[str, dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(row, dict) and isinstance(row.get("stem"), str):
+            rows[row["stem"]] = row
+    return rows
+
+
+class _ScoresWriter:
+    """Appends rows to the scores file, one line each, flushed at once; starts the file again (the settings'
+    line and the rows kept) so that no line cut short by a kill stays in it. Does nothing without a path."""
+
+    def __init__(self, path: Path | None, settings: dict[str, Any], kept: list[dict[str, Any]]):
+        self.path, self.settings, self.kept, self.fh = path, settings, kept, None
+
+    def __enter__(self) -> _ScoresWriter:
+        if self.path is not None:
+            from dearli.caches.store import write_atomic
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps({"settings": self.settings}), *(json.dumps(r) for r in self.kept)]
+            write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+            self.fh = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.fh is not None:
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
+        return json.loads(json.dumps(row))  # the row as a rerun reads it back: the same ranking either way
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.fh.close()
 
 
 def write_partition(out: Path, partition: Any, split: Any, chosen: list[str], dataset: Path) -> Path:
