@@ -136,7 +136,7 @@ class CategoryMap:
         return self.categories[self.to_contiguous(dataset_id)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SegmentInfo:
     """One entry of ``segments_info``; ``category_id`` is the dataset id, ``label`` the training id."""
 
@@ -148,7 +148,7 @@ class SegmentInfo:
     bbox: tuple[float, float, float, float]  # x, y, width, height
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PanopticRecord:
     """One image of a split. ``panoptic_path`` is None for an image without annotation."""
 
