@@ -30,7 +30,15 @@ from dearli.data.synth.writer import write_synth_dataset
 from dearli.errors import DataError
 from dearli.predict.commands.pseudo_label import _check_options, list_images
 from dearli.predict.job import RayPseudoLabelWorker
-from dearli.predict.outputs import KIND, PANOPTIC_DIR, ROW_SCHEMA, assemble, keep_confident
+from dearli.predict.outputs import (
+    KIND,
+    PANOPTIC_DIR,
+    ROW_SCHEMA,
+    assemble,
+    keep_confident,
+    panoptic_json_chunks,
+    segments_table,
+)
 from dearli.predict.worker import png_bytes
 
 BAD = "val_000001"  # the pool's truncated image
@@ -290,6 +298,29 @@ def test_only_the_lease_holder_assembles_and_a_lost_png_is_labelled_again(tmp_pa
     assert store.committed_stems() == {"a", "c"} and not store.has_success()  # b is done again by a rerun
     _commit_labelled(store, "run-b", "b")
     assert assemble(str(out), categories, "run-b")["images"] == 3
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 100])
+def test_the_json_written_in_chunks_is_the_whole_dict_dumped(rows_per_chunk):
+    categories = CategoryMap.from_dicts(CLASSES + [{"id": 7, "name": "car, auto", "isthing": True}], "classes")
+    segment = {"id": 3, "category_id": 7, "category_name": "car", "isthing": True, "score": 0.25, "area": 4,
+               "bbox": [0.0, 1.0, 2.0, 2.0]}
+    rows = [{"image_id": f"i{k}", "stem": f"s{k}", "image_path": f"C:\\pool\\s{k}.jpg", "height": 3, "width": 4,
+             "file_name": f"s{k}.png", "segments": [{**segment, "id": j + 1} for j in range(k % 3)]}
+            for k in range(5)]
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    expected = {
+        "images": [{"id": r["image_id"], "file_name": f"{r['stem']}.jpg", "height": 3, "width": 4} for r in rows],
+        "annotations": [{"image_id": r["image_id"], "file_name": r["file_name"], "segments_info": [
+            {"id": s["id"], "category_id": 7, "iscrowd": 0, "isthing": 1, "area": 4, "bbox": s["bbox"],
+             "score": 0.25} for s in r["segments"]]} for r in rows],
+        "categories": [c.to_dict() for c in categories.categories]}
+    assert b"".join(panoptic_json_chunks(table, categories, rows_per_chunk)) == json.dumps(expected).encode()
+    assert b"".join(panoptic_json_chunks(table.slice(0, 0), categories)) == json.dumps(
+        {"images": [], "annotations": [], "categories": expected["categories"]}).encode()
+    flat = segments_table(table).to_pylist()
+    assert [(f["stem"], f["segment_id"]) for f in flat] == [(r["stem"], s["id"]) for r in rows for s in r["segments"]]
+    assert all(f["image_path"].endswith(f"{f['stem']}.jpg") and f["score"] == 0.25 for f in flat)
 
 
 def test_a_killed_first_manifest_write_does_not_block_a_rerun(tmp_path):

@@ -36,7 +36,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +112,23 @@ def writing(path: str) -> Iterator[None]:
         raise output_error(path, err) from err
 
 
-def _write_file(path: str, data: bytes) -> None:
-    """Write ``data`` to a new local file, flushed to disk (the rename that follows publishes it whole)."""
+def _chunks(data: bytes | Iterable[bytes]) -> Iterable[bytes]:
+    return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def _write_file(path: str, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or chunks of them) to a new local file, flushed to disk (the rename that
+    follows publishes it whole)."""
     with open(path, "wb") as out:
-        out.write(data)
+        for chunk in _chunks(data):
+            out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
 
 
-def write_atomic(path: str | Path, data: bytes, fs: pafs.FileSystem | None = None) -> None:
+def write_atomic(path: str | Path, data: bytes | Iterable[bytes], fs: pafs.FileSystem | None = None) -> None:
     """Replace ``path`` (local when ``fs`` is None) by ``data`` through a temporary file beside it and a rename.
+    ``data`` may come in chunks (an iterable of bytes), so that a large file is never whole in memory.
 
     Readers see the old file or the new one, never part of one. A failed write raises OutputError and
     leaves nothing; a killed one leaves a temporary file that :func:`remove_temporaries` deletes.
@@ -138,7 +145,8 @@ def write_atomic(path: str | Path, data: bytes, fs: pafs.FileSystem | None = Non
         else:
             fs.create_dir(folder, recursive=True)
             with fs.open_output_stream(tmp) as out:
-                out.write(data)
+                for chunk in _chunks(data):
+                    out.write(chunk)
             fs.move(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):

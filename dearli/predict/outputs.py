@@ -17,10 +17,12 @@ whose PNG is gone is uncommitted (a rerun labels that image again) rather than p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -81,34 +83,59 @@ def _write_table(store: CacheStore, name: str, table: pa.Table) -> None:
     write_atomic(store.path(name), parquet_bytes(table), store.fs)
 
 
+def read_table(store: CacheStore) -> pa.Table:
+    """Every committed image row (ROW_SCHEMA), sorted by stem: the first copy of a stem in part order, as
+    readers do. The rows stay in Arrow's columns: a few hundred bytes an image, not Python objects."""
+    tables = [pq.read_table(path, filesystem=store.fs).cast(ROW_SCHEMA) for path in store.part_files()]
+    if not tables:
+        return ROW_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    first: dict[str, int] = {}
+    for index, stem in enumerate(table.column("stem").to_pylist()):
+        first.setdefault(stem, index)
+    return table.take(pa.array([first[stem] for stem in sorted(first)], pa.int64()))
+
+
 def read_rows(store: CacheStore) -> list[dict[str, Any]]:
-    """Every committed image row, sorted by stem (first copy of a stem in part order, as readers do)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for path in store.part_files():
-        for row in pq.read_table(path, filesystem=store.fs).to_pylist():
-            rows.setdefault(row["stem"], row)
-    return [rows[stem] for stem in sorted(rows)]
+    """Every committed image row as a dict, sorted by stem (see :func:`read_table`)."""
+    return read_table(store).to_pylist()
 
 
-def panoptic_json(rows: list[dict[str, Any]], categories: Any) -> dict[str, Any]:
-    """The COCO panoptic dict of committed rows; segments carry their ``score`` beside the COCO keys."""
-    images, annotations = [], []
-    for row in rows:
-        images.append({"id": row["image_id"], "file_name": row["image_path"].replace("\\", "/").rsplit("/", 1)[-1],
-                       "height": row["height"], "width": row["width"]})
-        infos = [{"id": s["id"], "category_id": s["category_id"], "iscrowd": 0, "isthing": int(s["isthing"]),
-                  "area": s["area"], "bbox": s["bbox"], "score": s["score"]} for s in row["segments"]]
-        annotations.append({"image_id": row["image_id"], "file_name": row["file_name"], "segments_info": infos})
-    return {"images": images, "annotations": annotations,
-            "categories": [c.to_dict() for c in categories.categories]}
+def _image_entry(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["image_id"], "file_name": row["image_path"].replace("\\", "/").rsplit("/", 1)[-1],
+            "height": row["height"], "width": row["width"]}
 
 
-def segments_table(rows: list[dict[str, Any]]) -> pa.Table:
-    flat = [{"image_id": row["image_id"], "stem": row["stem"], "image_path": row["image_path"],
-             "segment_id": s["id"], **{k: s[k] for k in ("category_id", "category_name", "isthing", "score",
-                                                         "area", "bbox")}}
-            for row in rows for s in row["segments"]]
-    return pa.Table.from_pylist(flat, schema=SEGMENTS_SCHEMA)
+def _annotation_entry(row: dict[str, Any]) -> dict[str, Any]:
+    infos = [{"id": s["id"], "category_id": s["category_id"], "iscrowd": 0, "isthing": int(s["isthing"]),
+              "area": s["area"], "bbox": s["bbox"], "score": s["score"]} for s in row["segments"]]
+    return {"image_id": row["image_id"], "file_name": row["file_name"], "segments_info": infos}
+
+
+def panoptic_json_chunks(table: pa.Table, categories: Any, rows_per_chunk: int = 2048) -> Iterator[bytes]:
+    """The COCO panoptic JSON of committed rows (segments carry their ``score`` beside the COCO keys), in
+    chunks of ``rows_per_chunk`` images: the text ``json.dumps`` gives the whole dict, never whole in memory."""
+    for entry, opening in ((_image_entry, '{"images": ['), (_annotation_entry, '], "annotations": [')):
+        yield opening.encode()
+        separator = ""
+        for batch in table.to_batches(max_chunksize=rows_per_chunk):
+            items = [json.dumps(entry(row)) for row in batch.to_pylist()]
+            if items:
+                yield (separator + ", ".join(items)).encode()
+                separator = ", "
+    yield f'], "categories": {json.dumps([c.to_dict() for c in categories.categories])}}}'.encode()
+
+
+def segments_table(table: pa.Table) -> pa.Table:
+    """One row per segment (SEGMENTS_SCHEMA) of the image rows in ``table``, flattened in Arrow."""
+    segments = table.column("segments").combine_chunks()
+    parents = pc.list_parent_indices(segments)
+    flat = pc.list_flatten(segments)
+    columns = {name: table.column(name).take(parents) for name in ("image_id", "stem", "image_path")}
+    columns["segment_id"] = flat.field("id")
+    for name in ("category_id", "category_name", "isthing", "score", "area", "bbox"):
+        columns[name] = flat.field(name)
+    return pa.table(columns, schema=SEGMENTS_SCHEMA)
 
 
 def _png_files(store: CacheStore) -> list[pafs.FileInfo]:
@@ -116,26 +143,16 @@ def _png_files(store: CacheStore) -> list[pafs.FileInfo]:
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
-def _remove_orphan_pngs(store: CacheStore, keep: set[str]) -> int:
-    """Delete the files of panoptic/ no committed row names (an image whose part was never committed, a
+def _remove_orphan_pngs(store: CacheStore, keep: set[str], files: list[pafs.FileInfo]) -> int:
+    """Delete the ``files`` of panoptic/ no committed row names (an image whose part was never committed, a
     killed write's temporary file); returns how many."""
     removed = 0
-    for info in _png_files(store):
+    for info in files:
         if info.base_name not in keep:
             with writing(info.path):
                 store.fs.delete_file(info.path)
             removed += 1
     return removed
-
-
-def _drop_rows_without_png(store: CacheStore, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Uncommit the rows whose PNG is missing (a rerun labels them again); returns those rows."""
-    present = {info.base_name for info in _png_files(store)}
-    missing = [row for row in rows if row["file_name"] not in present]
-    if missing:
-        store.drop_rows({row["stem"] for row in missing})
-        store.clear_success()
-    return missing
 
 
 def assemble(uri: str, categories: Any, run_id: str) -> dict[str, Any]:
@@ -147,14 +164,20 @@ def assemble(uri: str, categories: Any, run_id: str) -> dict[str, Any]:
     """
     store = CacheStore(uri)
     store.require_lease(run_id)
-    rows = read_rows(store)
-    missing = {row["stem"] for row in _drop_rows_without_png(store, rows)}
-    rows = [row for row in rows if row["stem"] not in missing]
-    _remove_orphan_pngs(store, {row["file_name"] for row in rows})
-    write_atomic(store.path(PANOPTIC_JSON), json.dumps(panoptic_json(rows, categories)).encode(), store.fs)
-    segments = segments_table(rows)
+    table = read_table(store)
+    files = _png_files(store)
+    present = {info.base_name for info in files}
+    has_png = pa.array([name in present for name in table.column("file_name").to_pylist()], pa.bool_())
+    missing = sorted(table.filter(pc.invert(has_png)).column("stem").to_pylist())
+    if missing:  # uncommitted: a rerun labels them again
+        store.drop_rows(set(missing))
+        store.clear_success()
+        table = table.filter(has_png)
+    _remove_orphan_pngs(store, set(table.column("file_name").to_pylist()), files)
+    write_atomic(store.path(PANOPTIC_JSON), panoptic_json_chunks(table, categories), store.fs)
+    segments = segments_table(table)
     _write_table(store, SEGMENTS_FILE, segments)
     errors = store.read_errors().sort_by("stem")
     _write_table(store, ERRORS_FILE, errors)
-    return {"images": len(rows), "segments": segments.num_rows, "failed": errors.num_rows,
-            "missing": sorted(missing)}
+    return {"images": table.num_rows, "segments": segments.num_rows, "failed": errors.num_rows,
+            "missing": missing}
