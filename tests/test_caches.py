@@ -396,3 +396,13 @@ def test_a_full_disk_stops_a_batch_instead_of_failing_its_images(tmp_path, monke
     status = Echo(store.uri, "r1")(_batch("c"))
     assert list(status["status"]) == ["stale"] and "another run took over" in status["reason"][0]
     assert store.committed_stems() == {"a", "b"}
+
+
+def test_a_large_job_goes_in_a_bounded_number_of_blocks():
+    from dearli.caches.job import BLOCKS_PER_ACTOR, MAX_BLOCKS, input_blocks
+
+    assert input_blocks(20, 8, 2) == 3  # few parts: one block each, as before
+    assert input_blocks(10_000, 8, 2) == MAX_BLOCKS  # 1250 parts: the driver keeps 200 blocks, not 1250
+    assert input_blocks(100_000, 8, 2) == MAX_BLOCKS
+    assert input_blocks(100_000, 8, 100) == 100 * BLOCKS_PER_ACTOR  # every actor still gets several
+    assert input_blocks(100, 8, 100) == 13 and input_blocks(0, 8, 1) == 1

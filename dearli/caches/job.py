@@ -32,6 +32,8 @@ MAX_ATTEMPTS = 3  # pools in a row that may lose actors before committing anythi
 RETRY_WAIT_S = 10.0  # before a pool that follows one lost without progress (doubling): Ray's node health
 # checks notice a lost node in ~15-30 s by default, and a pool started sooner may be placed on it again
 PROGRESS_STEPS = 10  # progress lines per run (every 10% of the images)
+MAX_BLOCKS = 200  # Ray Data blocks a job splits its images into, at most (see input_blocks)
+BLOCKS_PER_ACTOR = 4  # ... but at least this many an actor, so that no actor waits on another's last block
 
 
 
@@ -101,6 +103,15 @@ def _on_ray(worker_cls: type) -> type:
     return NodeRecordingWorker
 
 
+def input_blocks(images: int, images_per_part: int, actors: int) -> int:
+    """How many Ray Data blocks ``images`` rows go in: one per part while there are at most MAX_BLOCKS parts,
+    else MAX_BLOCKS (at least BLOCKS_PER_ACTOR a actor). Ray Data keeps the metadata of every block in the
+    driver, so a block per 8-image part made the driver grow with the dataset; an actor still commits a
+    part per ``images_per_part`` images of a block."""
+    parts = math.ceil(images / images_per_part)
+    return max(1, min(parts, max(MAX_BLOCKS, BLOCKS_PER_ACTOR * actors)))
+
+
 def _pool(todo: list[dict[str, Any]], worker_cls: type, constructor_kwargs: dict[str, Any], actors: int,
           gpus: float, images_per_part: int, resources: dict[str, float] | None = None) -> Any:
     """The Ray Data pipeline: ``todo`` rows -> actor pool of ``worker_cls`` -> status rows.
@@ -109,7 +120,7 @@ def _pool(todo: list[dict[str, Any]], worker_cls: type, constructor_kwargs: dict
     """
     import ray
 
-    blocks = math.ceil(len(todo) / images_per_part)
+    blocks = input_blocks(len(todo), images_per_part, actors)
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
     with warnings.catch_warnings():
         # max_restarts has no named parameter yet; the generic remote-args route warns it will change.
