@@ -207,7 +207,8 @@ def test_a_burn_in_step_asks_for_no_label_and_makes_no_strong_view(instant_ray, 
     loop = StudentLoop.__new__(StudentLoop)  # the state _train_step reads, without Ray Train
     loop.cfg, loop.rank, loop.world, loop.device = cfg, 0, 1, torch.device("cpu")
     loop.loop = SimpleNamespace(step=0)  # the TrainLoop's step counter
-    loop.ddp = loop.criterion = loop.optimizer = loop.scaler = loop.criterion_u = None
+    loop.ddp = loop.criterion_u = None
+    loop.parts = SimpleNamespace(criterion=None, optimizer=None, scaler=None)
     loop.window, loop.teacher_nodes, loop.teacher_peak_mb, loop.teacher_gpu_peak_mb = {}, set(), 0.0, 0.0
     teacher = _Teacher()
     loop.feed = _feed(teacher, burn_in=2, prefetch=1, per_step=4)
