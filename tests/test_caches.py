@@ -406,3 +406,17 @@ def test_a_large_job_goes_in_a_bounded_number_of_blocks():
     assert input_blocks(100_000, 8, 2) == MAX_BLOCKS
     assert input_blocks(100_000, 8, 100) == 100 * BLOCKS_PER_ACTOR  # every actor still gets several
     assert input_blocks(100, 8, 100) == 13 and input_blocks(0, 8, 1) == 1
+
+
+def test_a_file_written_in_chunks_is_published_whole_locally_and_through_a_filesystem(tmp_path):
+    import pyarrow.fs as pafs
+
+    from dearli.caches.store import write_atomic
+
+    chunks = [b"{", b'"a": 1', b"", b"}"]
+    write_atomic(tmp_path / "local.json", iter(chunks))
+    assert (tmp_path / "local.json").read_bytes() == b'{"a": 1}'
+    remote = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # the non-local branch
+    write_atomic("out/remote.json", iter(chunks), remote)
+    assert (tmp_path / "out" / "remote.json").read_bytes() == b'{"a": 1}'
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["local.json", "out", "remote.json"]  # no temporary left
