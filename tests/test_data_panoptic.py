@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from dearli.data.classes import coco_objects_categories, load_class_names, read_
 from dearli.data.coco_format import id2rgb
 from dearli.data.dataset import load_dataset
 from dearli.data.panoptic import Category, CategoryMap, parse_synonyms
+from dearli.data.panoptic_records import PanopticRecord, RecordTable, SegmentInfo
 from dearli.errors import DataError
 
 
@@ -107,6 +109,43 @@ def test_integer_image_ids_and_subset(tmp_path):
     assert [r.stem for r in split.exclude(["000000000285"])] == ["000000000139", "000000000632"]
     with pytest.raises(DataError, match="000000000001"):
         split.subset(["000000000001"])
+
+
+def _record(k, segments):
+    """Record ``k``: odd ones have integer ids, record 2 has no annotation."""
+    image = Path(f"/data/images/sub dir/img_{k}.jpg")
+    return PanopticRecord(image_id=k if k % 2 else f"id-{k}", stem=f"img_{k}", image_path=image,
+                          panoptic_path=None if k == 2 else image.with_suffix(".png"), height=10 + k, width=20 + k,
+                          segments_info=segments, semantic_path=None if k == 2 else image.with_name(f"sem_{k}.png"))
+
+
+def test_a_record_table_gives_back_every_field_of_the_records_it_keeps():
+    seg = [SegmentInfo(id=k + 1, category_id=92 - k, label=k % 4, iscrowd=k == 3, area=1000 * k + 7,
+                       bbox=(0.5 * k, 1.25, 3.0 + k, 1e-7 * k)) for k in range(6)]
+    records = [_record(0, tuple(seg[:3])), _record(1, ()), _record(2, (seg[3],)), _record(3, tuple(seg[4:]))]
+    table = RecordTable.from_records(records)
+    assert len(table) == 4 and list(table) == records and table.stems == [r.stem for r in records]
+    assert table[-1] == records[3] and table[1:3] == records[1:3]
+    assert all(type(v) is int for s in table[0].segments_info for v in (s.id, s.category_id, s.label, s.area))
+    assert table[2].segments_info[0].iscrowd is True and table[2].panoptic_path is None
+    assert list(table.take([3, 0, 3])) == [records[3], records[0], records[3]]
+    with pytest.raises(IndexError):
+        table[4]
+    with pytest.raises(IndexError):
+        table[-5]
+
+
+def test_a_split_keeps_its_records_in_columns_through_subset_and_exclude(tmp_path):
+    split = load_dataset(small_dataset(tmp_path / "ds", n_train=5, n_val=1)).split("train")
+    assert isinstance(split.records, RecordTable)
+    records = list(split)
+    sub = split.subset(["train_003", "train_000"])
+    assert isinstance(sub.records, RecordTable) and list(sub) == [records[3], records[0]]
+    assert sub.record("train_000") == records[0] and not sub.has("train_001")
+    rest = split.exclude(["train_001", "train_004"])
+    assert list(rest) == [records[0], records[2], records[3]]
+    assert rest.load_target(rest.record("train_002")).segment_ids.tolist() == [
+        s.id for s in records[2].segments_info]
 
 
 @pytest.fixture

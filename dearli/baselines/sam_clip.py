@@ -51,7 +51,7 @@ def run_sam_clip(info, split_name: str, sam_uri: str, clip_uri: str, out_dir: st
     """
     split = info.split(split_name)
     sam = read_sam_cache(sam_uri)
-    missing = [r.stem for r in split.records if r.stem not in sam]
+    missing = [stem for stem in split.stems if stem not in sam]
     if missing:
         raise DataError(sam_uri, f"{len(missing)} image(s) of split '{split_name}' are not in the SAM cache "
                                  f"(e.g. {', '.join(missing[:3])}); run 'dearli cache sam' for them")

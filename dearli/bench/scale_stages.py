@@ -143,7 +143,7 @@ def _labeled_and_unlabeled(world: Path) -> tuple[list[str], list[str]]:
     info = load_dataset(world)
     labeled = labeled_stems(info, cfg)
     labeled_set = set(labeled)
-    return labeled, [r.stem for r in info.split(cfg.data.train_split).records if r.stem not in labeled_set]
+    return labeled, [stem for stem in info.split(cfg.data.train_split).stems if stem not in labeled_set]
 
 
 def ssl_split_stage(world: Path, n: int) -> dict[str, Any]:

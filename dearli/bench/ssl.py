@@ -87,7 +87,7 @@ def _teacher_rate(cfg, requests: int, repeats: int) -> Spread:
     from dearli.training.ema import trainable_state
 
     info = load_dataset(cfg.data.dataset)
-    stems = [r.stem for r in info.split(cfg.data.train_split).records]
+    stems = info.split(cfg.data.train_split).stems
     # the teacher actors alone, each on a GPU (or a share of one) where the cluster has GPUs
     gpus = cfg.ssl.teacher_gpus if cfg.ssl.teacher_gpus >= 0 else gpu_share(cluster_gpus(), cfg.ssl.teacher_actors)
     store, teachers = start_teacher_pool(cfg, 0.25, gpus)

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from dearli.data.coco_format import VOID_ID, rgb2id
+from dearli.data.panoptic_records import PanopticRecord, RecordTable
 from dearli.errors import DataError
 
 
@@ -136,32 +137,6 @@ class CategoryMap:
         return self.categories[self.to_contiguous(dataset_id)]
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """One entry of ``segments_info``; ``category_id`` is the dataset id, ``label`` the training id."""
-
-    id: int
-    category_id: int
-    label: int
-    iscrowd: bool
-    area: int
-    bbox: tuple[float, float, float, float]  # x, y, width, height
-
-
-@dataclass(frozen=True, slots=True)
-class PanopticRecord:
-    """One image of a split. ``panoptic_path`` is None for an image without annotation."""
-
-    image_id: int | str
-    stem: str
-    image_path: Path
-    panoptic_path: Path | None
-    height: int
-    width: int
-    segments_info: tuple[SegmentInfo, ...] = ()
-    semantic_path: Path | None = None
-
-
 @dataclass(frozen=True)
 class PanopticTarget:
     """Decoded panoptic ground truth of one image.
@@ -216,17 +191,20 @@ def read_segment_map(record: PanopticRecord, json_path: str | Path) -> np.ndarra
 
 @dataclass
 class PanopticSplit:
-    """The records of one split plus the category map used to label them."""
+    """The records of one split plus the category map used to label them. ``records`` may be given as any
+    sequence of records; the split keeps them in columns (:class:`RecordTable`)."""
 
     name: str
     json_path: Path
     categories: CategoryMap
-    records: list[PanopticRecord]
+    records: Sequence[PanopticRecord]
     _by_stem: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.records, RecordTable):
+            self.records = RecordTable.from_records(self.records)
         if not self._by_stem:
-            self._by_stem = {rec.stem: i for i, rec in enumerate(self.records)}
+            self._by_stem = {stem: i for i, stem in enumerate(self.records.stems)}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -236,7 +214,12 @@ class PanopticSplit:
 
     @property
     def stems(self) -> list[str]:
-        return [rec.stem for rec in self.records]
+        return list(self._table.stems)
+
+    @property
+    def _table(self) -> RecordTable:
+        assert isinstance(self.records, RecordTable)  # __post_init__ made it one
+        return self.records
 
     def has(self, stem: str) -> bool:
         return stem in self._by_stem
@@ -255,21 +238,21 @@ class PanopticSplit:
         """
         path, lines = getattr(stems, "path", None), getattr(stems, "line_numbers", None)
         names = tuple(getattr(stems, "labeled", stems))
-        records = []
+        indices = []
         for index, stem in enumerate(names):
             if stem not in self._by_stem:
                 if path is not None and lines is not None:
                     raise DataError(path, f"line {lines[index]}: image '{stem}' is not in split "
                                           f"'{self.name}' ({self.json_path})")
                 raise DataError(self.json_path, f"no image with stem '{stem}' in split '{self.name}'")
-            records.append(self.records[self._by_stem[stem]])
-        return PanopticSplit(self.name, self.json_path, self.categories, records)
+            indices.append(self._by_stem[stem])
+        return PanopticSplit(self.name, self.json_path, self.categories, self._table.take(indices))
 
     def exclude(self, stems: Iterable[str]) -> PanopticSplit:
         """A split without ``stems`` (order kept); used for the unlabeled part of a partition."""
         drop = set(stems)
-        kept = [rec for rec in self.records if rec.stem not in drop]
-        return PanopticSplit(self.name, self.json_path, self.categories, kept)
+        kept = (i for i, stem in enumerate(self._table.stems) if stem not in drop)
+        return PanopticSplit(self.name, self.json_path, self.categories, self._table.take(kept))
 
     def load_image(self, record: PanopticRecord) -> np.ndarray:
         """H×W×3 uint8 RGB image; DataError if unreadable, truncated or not the JSON's size."""

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dearli.data.panoptic import CategoryMap, PanopticRecord, PanopticSplit, SegmentInfo
+from dearli.data.panoptic import CategoryMap, PanopticSplit
+from dearli.data.panoptic_records import PanopticRecord, RecordTable, SegmentInfo
 from dearli.errors import DataError
 
 
@@ -31,8 +32,8 @@ def _image_key(image_id: Any) -> str:
 
 def parse_records(data: dict[str, Any], json_path: Path, image_dir: Path, panoptic_dir: Path,
                    semantic_dir: Path | None, cats: CategoryMap,
-                   problems: list[DataError] | None) -> list[PanopticRecord]:
-    """Join ``images`` with ``annotations`` into records, validating every field."""
+                   problems: list[DataError] | None) -> RecordTable:
+    """Join ``images`` with ``annotations`` into records (kept in columns), validating every field."""
     images, annotations = data.get("images"), data.get("annotations", [])
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise DataError(json_path, "'images' and 'annotations' must be lists")
@@ -41,7 +42,7 @@ def parse_records(data: dict[str, Any], json_path: Path, image_dir: Path, panopt
         if not isinstance(ann, dict) or "image_id" not in ann or "file_name" not in ann:
             raise DataError(json_path, f"annotation without 'image_id'/'file_name': {str(ann)[:200]}")
         by_image[_image_key(ann["image_id"])] = ann
-    records, stems = [], set()
+    records, stems = RecordTable(), set()
     for image in images:
         ann = by_image.pop(_image_key(image.get("id")), None) if isinstance(image, dict) else None
         try:

@@ -21,7 +21,8 @@ from dearli.data.classes import (
     vocabulary_matches,
 )
 from dearli.data.dataset import DATASET_FILE, SplitSpec, load_dataset, write_dataset_yaml
-from dearli.data.panoptic import Category, CategoryMap, PanopticRecord, read_segment_map
+from dearli.data.panoptic import Category, CategoryMap, read_segment_map
+from dearli.data.panoptic_records import PanopticRecord
 from dearli.data.writing import (
     parallel_map,
     refuse_existing,

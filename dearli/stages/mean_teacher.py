@@ -53,7 +53,7 @@ def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, 
     info = load_dataset(cfg.data.dataset)
     labeled = labeled_stems(info, cfg)
     labeled_set = set(labeled)  # once: per record it made the filter O(images × labeled)
-    unlabeled = [r.stem for r in info.split(cfg.data.train_split).records if r.stem not in labeled_set]
+    unlabeled = [stem for stem in info.split(cfg.data.train_split).stems if stem not in labeled_set]
     if not unlabeled:
         from dearli.errors import DataError
 

@@ -30,7 +30,7 @@ def labeled_stems(info: Any, cfg: Config) -> list[str]:
     """The training images with labels: the partition's list, or the whole train split."""
     split = info.split(cfg.data.train_split)
     if not cfg.data.partition:
-        return [r.stem for r in split.records]
+        return split.stems
     return list(info.partition(cfg.data.partition).labeled)
 
 
