@@ -253,3 +253,22 @@ def test_a_teacher_without_truth_stats_reads_no_annotation_and_still_labels(synt
     assert len(opened) == len(stems) and scored["truth"]["images"] == len(stems)
     assert np.array_equal(scored["images"], result["images"]) and np.array_equal(scored["panoptic"],
                                                                                 result["panoptic"])
+
+
+def test_a_worker_takes_the_drivers_train_split_and_does_not_parse_the_json(synth, tmp_path):
+    import pickle
+    import shutil
+
+    from dearli.errors import DataError
+    from dearli.stages.ray_train import worker_dataset
+
+    dataset = shutil.copytree(synth, tmp_path / "ds")
+    cfg = load_config("tiny", [f"data.dataset={dataset}"])
+    parsed = load_dataset(dataset).split("train")
+    shared = pickle.loads(pickle.dumps(parsed))  # as the object store hands it over, stem index rebuilt
+    assert list(shared) == list(parsed) and shared.record(parsed.stems[-1]) == parsed.records[-1]
+    (dataset / "annotations" / "panoptic_train.json").write_text("{ not json")
+    info = worker_dataset(cfg, shared)
+    assert info.split("train") is shared and info.categories.names == parsed.categories.names
+    with pytest.raises(DataError, match="panoptic_train.json"):  # without the driver's split, the JSON is read
+        worker_dataset(cfg).split("train")

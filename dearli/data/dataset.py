@@ -106,6 +106,15 @@ class DatasetInfo:
             self._cache[name] = split
         return split
 
+    def adopt_split(self, name: str, split: PanopticSplit) -> None:
+        """Use ``split``, parsed elsewhere from this dataset (a Ray driver's), as split ``name``: the JSON is
+        not parsed again here."""
+        if name not in self.splits:
+            raise DataError(self.source, f"no split '{name}' (available: {', '.join(self.splits)})")
+        self._cache[name] = split
+        if self._categories is None:
+            self._categories = split.categories
+
     def partition_names(self) -> list[str]:
         return [] if self.partitions_dir is None else partition_names(self.partitions_dir)
 

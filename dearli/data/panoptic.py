@@ -206,6 +206,10 @@ class PanopticSplit:
         if not self._by_stem:
             self._by_stem = {stem: i for i, stem in enumerate(self.records.stems)}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (e.g. into Ray's object store) without the stem index, which unpickling rebuilds.
+        return PanopticSplit, (self.name, self.json_path, self.categories, self.records)
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -60,12 +60,13 @@ def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, 
         raise DataError(cfg.data.dataset, f"partition {cfg.data.partition!r} leaves no unlabeled image")
     run_dir = ray_train.prepare_stage_dir(run_dir, cfg, resume)
     runtime.ensure_ray()
+    train_split = ray_train.share_train_split(info, cfg)  # the workers and teachers read it, not the JSON
     fraction = len(labeled) / (len(labeled) + len(unlabeled))
     worker_gpus, teacher_gpus = ray_train.ssl_gpus(cfg, runtime.cluster_gpus())
     # A run that already holds its last checkpoint takes no step, it only finishes its evaluation: the
     # teacher pool (actors, and GPUs on a cluster) would wait for requests that never come.
     finished = resume and checkpoint_path(run_dir, cfg.train.max_steps).is_file()
-    store, teachers = (None, []) if finished else start_teacher_pool(cfg, fraction, teacher_gpus)
+    store, teachers = (None, []) if finished else start_teacher_pool(cfg, fraction, teacher_gpus, train_split)
     if cfg.ssl.oracle_labels:
         echo(f"[{STAGE}] *** {ORACLE_WARNING} ***")
     echo(_finishing_line(cfg, run_dir) if finished else _plan_line(cfg, labeled, unlabeled, len(teachers), run_dir))
@@ -73,8 +74,8 @@ def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=ray_train.loop_config(cfg, run_dir, tracking=tracking, init=init, evaluate=evaluate,
-                                             labeled=labeled,
-                                             unlabeled=unlabeled, teachers=teachers, store=store),
+                                             labeled=labeled, unlabeled=unlabeled, teachers=teachers,
+                                             store=store, train_split=train_split),
         scaling_config=ray_train.scaling_config(cfg, worker_gpus),
         run_config=ray_train.run_config(cfg, run_dir, STAGE),
         datasets={"labeled": labeled_ds},

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from dearli.config_io import from_dict, to_dict
 from dearli.errors import DearliError
 from dearli.runtime import cluster_has_gpus, gpu_share, quiet
 from dearli.training.run_dir import prepare_run_dir
+
+if TYPE_CHECKING:
+    from dearli.data.dataset import DatasetInfo
 
 
 def train_uses_gpu(cfg: Config, cluster_has_gpu: bool) -> bool:
@@ -113,6 +116,29 @@ def prepare_stage_dir(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
 def loop_config(cfg: Config, run_dir: Path, **extra: Any) -> dict[str, Any]:
     """The picklable ``train_loop_config``: the resolved config as a dict, the run dir, anything else."""
     return {"cfg": to_dict(cfg), "run_dir": str(run_dir), **extra}
+
+
+def share_train_split(info: DatasetInfo, cfg: Config) -> Any:
+    """The train split, parsed here once, in Ray's object store (an ObjectRef for :func:`worker_dataset`): every
+    Train worker and teacher actor reads it from there instead of parsing the JSON again (about 10 s and a
+    few hundred MiB at 10^5 images)."""
+    import ray
+
+    return ray.put(info.split(cfg.data.train_split))
+
+
+def worker_dataset(cfg: Config, train_split: Any = None) -> DatasetInfo:
+    """The dataset of ``cfg`` in a worker or actor, its train split the driver's (:func:`share_train_split`:
+    an ObjectRef, or the split itself when Ray passed it by value); None parses it here when asked for."""
+    import ray
+
+    from dearli.data.dataset import load_dataset
+
+    info = load_dataset(cfg.data.dataset)
+    if train_split is not None:
+        split = ray.get(train_split) if isinstance(train_split, ray.ObjectRef) else train_split
+        info.adopt_split(cfg.data.train_split, split)
+    return info
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,6 @@ class StudentLoop:
     """State of one worker: student (DDP), rank 0's EMA teacher, optimiser, data and pseudo-label feed."""
 
     def __init__(self, config: dict[str, Any]):
-        from dearli.data.dataset import load_dataset
         from dearli.training.mean_teacher import unlabeled_criterion
         from dearli.training.parts import build_training_parts
 
@@ -74,7 +73,7 @@ class StudentLoop:
         self.run_dir, self.rank, self.world, self.device = worker.run_dir, worker.rank, worker.world, worker.device
         self.teacher_peak_mb = 0.0  # the largest peak memory a teacher actor reported with its labels
         self.teacher_gpu_peak_mb = 0.0  # ... and of GPU memory, on CUDA
-        self.info = load_dataset(cfg.data.dataset)
+        self.info = ray_train.worker_dataset(cfg, config.get("train_split"))
         self.split = self.info.split(cfg.data.train_split)
         parts = build_training_parts(cfg, self.info.categories.synonyms, self.info.categories.num_classes,
                                      self.device, cfg.train.max_steps, cfg.ssl.precision == "amp")

@@ -59,10 +59,10 @@ class WeightsStore:
 class TeacherWorker:
     """One teacher model; ``label(requests, step)`` -> weak views + pseudo-labels (see :meth:`label`)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float):
-        from dearli.data.dataset import load_dataset
+    def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float, train_split: Any = None):
         from dearli.model.m2f_lang import build_m2f_lang
         from dearli.runtime import quiet
+        from dearli.stages.ray_train import worker_dataset
 
         quiet()
         self.cfg: Config = from_dict(Config, cfg_dict)
@@ -71,7 +71,7 @@ class TeacherWorker:
         self.store = ray.get_actor(store_name)
         self.labeled_fraction = labeled_fraction
         self.device = resolve_device()  # the actor's own GPU when it was given one
-        info = load_dataset(self.cfg.data.dataset)
+        info = worker_dataset(self.cfg, train_split)  # the driver's parse (share_train_split), or this one
         self.split = info.split(self.cfg.data.train_split)
         self.thing_ids = self.split.categories.thing_ids
         # A random (tiny) backbone built here is replaced by the student's at the first load (see
@@ -232,9 +232,11 @@ def load_published_weights(model: torch.nn.Module, state: dict[str, torch.Tensor
         torch.nn.Module.load_state_dict(model, state, strict=False)
 
 
-def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float) -> tuple[Any, list[Any]]:
+def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float,
+                       train_split: Any = None) -> tuple[Any, list[Any]]:
     """The weights store and ``ssl.teacher_actors`` teacher actors (restarted and retried on failure) with
-    ``gpus`` GPUs each (``ray_train.ssl_gpus``)."""
+    ``gpus`` GPUs each (``ray_train.ssl_gpus``); ``train_split``: the driver's shared split
+    (``ray_train.share_train_split``), else each actor parses the JSON."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The store lives with the driver (as Ray Train's controller does): a restarted store would be empty, and
@@ -250,7 +252,7 @@ def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float) -> tup
     if cfg.ssl.teacher_resources:
         options["resources"] = dict(cfg.ssl.teacher_resources)
     cfg_dict = to_dict(cfg)
-    teachers = [actor_cls.options(**options).remote(cfg_dict, store_name, labeled_fraction)
+    teachers = [actor_cls.options(**options).remote(cfg_dict, store_name, labeled_fraction, train_split)
                 for _ in range(cfg.ssl.teacher_actors)]
     return store, teachers
 

@@ -36,6 +36,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
     from ray.train.torch import TorchTrainer
 
     from dearli.caches.readers import read_sam_cache, without_masks
+    from dearli.data.dataset import load_dataset
 
     cfg = ray_train.with_absolute_paths(cfg)
     sam_cache = sam_cache if "://" in str(sam_cache) else str(Path(sam_cache).expanduser().resolve())
@@ -49,6 +50,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
                         "cache.pred_iou_thresh / cache.stability_score_thresh, and build the cache again")
     run_dir = ray_train.prepare_stage_dir(run_dir, cfg, resume)
     runtime.ensure_ray()
+    train_split = ray_train.share_train_split(load_dataset(cfg.data.dataset), cfg)
     parts = reader.store.part_files()
     # Ray Data pushes the column selection down into the Parquet scan: the other columns are never read.
     dataset = runtime.read_parquet(parts, filesystem=reader.store.fs).select_columns(
@@ -61,7 +63,8 @@ def run_warmup(cfg: Config, run_dir: str | Path, sam_cache: str, resume: bool = 
          f"{cfg.train.num_workers} worker(s); run dir {run_dir}")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=ray_train.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader)),
+        train_loop_config=ray_train.loop_config(cfg, run_dir, tracking=tracking, num_images=len(reader),
+                                             train_split=train_split),
         scaling_config=ray_train.scaling_config(cfg),
         run_config=ray_train.run_config(cfg, run_dir, STAGE),
         datasets={"sam": dataset},
@@ -80,7 +83,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     from ray.train.torch import prepare_model
 
     from dearli.caches.readers import decode_masks
-    from dearli.data.dataset import load_dataset
     from dearli.training.data import resumable_batches
     from dearli.training.hooks import Periodic, PeriodicCheckpointer
     from dearli.training.loop import TrainLoop
@@ -90,7 +92,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     worker = ray_train.start_worker(config, STAGE)
     cfg, run_dir, rank, world, device = (warmup_config(worker.cfg), worker.run_dir, worker.rank, worker.world,
                                          worker.device)
-    info = load_dataset(cfg.data.dataset)
+    info = ray_train.worker_dataset(cfg, config.get("train_split"))
     split = info.split(cfg.data.train_split)
     parts = build_training_parts(cfg, info.categories.synonyms, info.categories.num_classes, device,
                                  cfg.warmup.max_steps, cfg.train.amp)
