@@ -232,7 +232,9 @@ def test_a_teacher_without_truth_stats_reads_no_annotation_and_still_labels(synt
     from dearli.stages import teacher as teacher_module
 
     monkeypatch.setattr(runtime, "quiet", lambda: None)
-    monkeypatch.setattr(teacher_module.ray, "get_actor", lambda name: None)
+    store = SimpleNamespace(train_split=SimpleNamespace(remote=lambda: []))  # holds no shared split
+    monkeypatch.setattr(teacher_module.ray, "get_actor", lambda name: store)
+    monkeypatch.setattr(teacher_module.ray, "get", lambda value: value)
     monkeypatch.setattr(teacher_module.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "n"))
     cfg = load_config("tiny", [f"data.dataset={synth}", *FAST, "ssl.truth_stats=false"])
     worker = teacher_module.TeacherWorker(to_dict(cfg), "store", 0.5)

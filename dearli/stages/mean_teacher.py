@@ -43,12 +43,7 @@ def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, 
     from dearli.stages.teacher import start_teacher_pool, stop_teacher_pool
     from dearli.training.supervised import labeled_stems
 
-    if cfg.ssl.burn_in_steps >= cfg.train.max_steps:
-        from dearli.errors import ConfigError
-
-        raise ConfigError(f"ssl.burn_in_steps: {cfg.ssl.burn_in_steps} burn-in steps leave none of the "
-                          f"{cfg.train.max_steps} steps (train.max_steps) to the unlabeled images; lower it "
-                          "(ssl.burn_in_steps=0 turns it off)")
+    _check_schedule(cfg)
     cfg, init = ray_train.with_absolute_paths(cfg), ray_train.absolute(init)
     info = load_dataset(cfg.data.dataset)
     labeled = labeled_stems(info, cfg)
@@ -91,6 +86,15 @@ def run_mean_teacher(cfg: Config, run_dir: str | Path, init: str | None = None, 
     for variant, summary in metrics.items():
         echo(f"[{STAGE}] {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     return {"step": cfg.train.max_steps, "checkpoint": str(final), "metrics": metrics, "run_dir": str(run_dir)}
+
+
+def _check_schedule(cfg: Config) -> None:
+    if cfg.ssl.burn_in_steps >= cfg.train.max_steps:
+        from dearli.errors import ConfigError
+
+        raise ConfigError(f"ssl.burn_in_steps: {cfg.ssl.burn_in_steps} burn-in steps leave none of the "
+                          f"{cfg.train.max_steps} steps (train.max_steps) to the unlabeled images; lower it "
+                          "(ssl.burn_in_steps=0 turns it off)")
 
 
 def _plan_line(cfg: Config, labeled: list[str], unlabeled: list[str], teachers: int, run_dir: Path) -> str:

@@ -41,11 +41,20 @@ from dearli.stages.costs import peak_gpu_mb, peak_rss_mb
 @ray.remote(num_cpus=0)
 class WeightsStore:
     """Newest published teacher weights: (version, [ObjectRef]) — the ref travels in a list so it is not
-    resolved on the way."""
+    resolved on the way. It also hands the teachers the driver's parsed train split (the same way)."""
 
     def __init__(self) -> None:
         self.version = -1
         self.ref = None
+        self.split_refs: list = []
+
+    def share_split(self, refs: list) -> None:
+        # A method, not a constructor argument: Ray warns that an actor restarted from constructor arguments
+        # in the object store may fail to read them back.
+        self.split_refs = refs
+
+    def train_split(self) -> list:
+        return self.split_refs
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> int:
         if version > self.version:
@@ -59,7 +68,7 @@ class WeightsStore:
 class TeacherWorker:
     """One teacher model; ``label(requests, step)`` -> weak views + pseudo-labels (see :meth:`label`)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float, train_split: Any = None):
+    def __init__(self, cfg_dict: dict[str, Any], store_name: str, labeled_fraction: float):
         from dearli.model.m2f_lang import build_m2f_lang
         from dearli.runtime import quiet
         from dearli.stages.ray_train import worker_dataset
@@ -71,7 +80,9 @@ class TeacherWorker:
         self.store = ray.get_actor(store_name)
         self.labeled_fraction = labeled_fraction
         self.device = resolve_device()  # the actor's own GPU when it was given one
-        info = worker_dataset(self.cfg, train_split)  # the driver's parse (share_train_split), or this one
+        # The driver's parse when the store holds it (start_teacher_pool), else this actor's (a restarted store).
+        shared = ray.get(self.store.train_split.remote())
+        info = worker_dataset(self.cfg, shared[0] if shared else None)
         self.split = info.split(self.cfg.data.train_split)
         self.thing_ids = self.split.categories.thing_ids
         # A random (tiny) backbone built here is replaced by the student's at the first load (see
@@ -245,6 +256,8 @@ def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float,
     store_name = f"dearli-teacher-weights-{uuid.uuid4().hex[:8]}"
     store = WeightsStore.options(name=store_name, max_restarts=-1, max_task_retries=-1,
                                  scheduling_strategy=here).remote()
+    if train_split is not None:
+        ray.get(store.share_split.remote([train_split]))  # before any teacher asks for it
     actor_cls = ray.remote(TeacherWorker)
     # SPREAD: interchangeable actors over as many nodes as offer their resources, so a lost node takes few.
     options: dict[str, Any] = {"num_cpus": cfg.ssl.teacher_cpus, "num_gpus": gpus, "max_restarts": -1,
@@ -252,7 +265,7 @@ def start_teacher_pool(cfg: Config, labeled_fraction: float, gpus: float,
     if cfg.ssl.teacher_resources:
         options["resources"] = dict(cfg.ssl.teacher_resources)
     cfg_dict = to_dict(cfg)
-    teachers = [actor_cls.options(**options).remote(cfg_dict, store_name, labeled_fraction, train_split)
+    teachers = [actor_cls.options(**options).remote(cfg_dict, store_name, labeled_fraction)
                 for _ in range(cfg.ssl.teacher_actors)]
     return store, teachers
 

@@ -48,6 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="requests must carry 'Authorization: Bearer TOKEN', or basic auth with TOKEN as "
                         "password (Label Studio's ML backend settings), 401 otherwise; default: $DEARLI_SERVE_TOKEN, "
                         "else no token")
+    _label_studio_options(parser)
+    parser.add_argument("--allow-diagnostic", action="store_true",
+                        help="serve a diagnostic model anyway (a run with ssl.oracle_labels, whose student trained on "
+                        "the ground truth of its unlabeled images: refused by default)")
+    parser.add_argument("--detach", action="store_true",
+                        help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
+    parser.set_defaults(handler=_run)
+
+
+def _label_studio_options(parser: argparse.ArgumentParser) -> None:
     ls = parser.add_argument_group(
         "Label Studio ML backend", "Where /predict may read task images from: data: URIs always; Label Studio's "
         "own /data/... paths and URLs of --label-studio-url with its token; http(s) URLs of --fetch-hosts only "
@@ -72,12 +82,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("--jobs-address", default="", metavar="URL",
                     help="Ray's job API for --train-command (http://head:8265); default: Ray's own lookup "
                     "($RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, which also win over this option, else this cluster)")
-    parser.add_argument("--allow-diagnostic", action="store_true",
-                        help="serve a diagnostic model anyway (a run with ssl.oracle_labels, whose student trained on "
-                        "the ground truth of its unlabeled images: refused by default)")
-    parser.add_argument("--detach", action="store_true",
-                        help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
-    parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
