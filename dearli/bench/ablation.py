@@ -242,16 +242,24 @@ def table_metrics(entries: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_cell(b: Bench, budget: str, seed: int, row: Row) -> dict[str, Any]:
     """Train (or reuse) and evaluate one row at one budget and seed; its recorded result on a rerun."""
+    from dearli.stages.tracking import StepLogger
+
     cell_dir = b.out / budget / f"seed_{seed}" / row.key
     name = f"{budget_label(budget)} seed {seed} row {row.number} ({row.title})"
     if (cell_dir / CELL_FILE).is_file():
+        cell = json.loads((cell_dir / CELL_FILE).read_text())
+        if "like_for_like" not in cell:  # recorded before every model was evaluated both ways
+            cell["like_for_like"] = like_for_like(b, cell["checkpoint"], cell_dir, cell["alpha_eval"], cell["summary"])
+            write_json(cell_dir / CELL_FILE, cell)
         echo(f"[ablation] {name}: done before, skipped")
-        return json.loads((cell_dir / CELL_FILE).read_text())
+        return cell
     echo(f"[ablation] {name}")
     with b.tracker.stage(f"{budget}/seed_{seed}/{row.key}") as spec:
         trained = train_row(b, budget, seed, row, spec)
         alpha = 0.0 if row.number == 1 else b.settings["alpha_clip"]
-        cell = evaluate_cell(b, trained["checkpoint"], cell_dir, alpha, spec)
+        cell, step = evaluate_cell(b, trained["checkpoint"], cell_dir / "eval", alpha)
+        StepLogger(cell_dir / "metrics.jsonl", spec).log(step, cell["summary"], prefix="eval/")
+    cell["like_for_like"] = like_for_like(b, trained["checkpoint"], cell_dir, alpha, cell["summary"])
     cell.update(row=row.number, budget=budget, seed=seed, train_seconds=trained["seconds"])
     write_json(cell_dir / CELL_FILE, cell)
     echo(f"[ablation] {name}: PQ {cell['summary']['PQ']:.1f}, mIoU {cell['summary']['mIoU']:.1f} "
@@ -307,20 +315,32 @@ def warmup(b: Bench, budget: str, seed: int) -> dict[str, Any]:
     return once(run_dir.with_suffix(".json"), compute)
 
 
-def evaluate_cell(b: Bench, checkpoint: str, cell_dir: Path, alpha: float, spec: Any) -> dict[str, Any]:
-    """Evaluate the checkpoint's model (an SSL checkpoint's is the teacher) on the val split with ``alpha``."""
+def evaluate_cell(b: Bench, checkpoint: str, eval_dir: Path, alpha: float) -> tuple[dict[str, Any], int]:
+    """Evaluate the checkpoint's model (an SSL checkpoint's is the teacher) on the val split with ``alpha``
+    into ``eval_dir``; returns (the cell's numbers, the checkpoint's step)."""
     from dearli.predict.worker import load_predictor
-    from dearli.stages.tracking import StepLogger
     from dearli.training.evaluator import evaluate_model
 
-    eval_dir = cell_dir / "eval"
     if eval_dir.exists():  # an evaluation interrupted before its cell was recorded: redo it
         shutil.rmtree(eval_dir)
     started = time.perf_counter()
     model, cfg = load_predictor(checkpoint, b.info.categories)
     metrics = evaluate_model(model, cfg.model, b.info, cfg.data.val_split, eval_dir, alpha_clip=alpha,
                              progress=False, gt_cache_dir=b.out / "gt_cache")
-    StepLogger(cell_dir / "metrics.jsonl", spec).log(cfg.train.max_steps, metrics["summary"], prefix="eval/")
     per_class = {str(cid): 100 * v["pq"] for cid, v in metrics["pq"]["per_class"].items()}
-    return {"summary": metrics["summary"], "per_class_pq": per_class, "alpha_eval": alpha,
+    cell = {"summary": metrics["summary"], "per_class_pq": per_class, "alpha_eval": alpha,
             "checkpoint": str(checkpoint), "eval_seconds": time.perf_counter() - started}
+    return cell, cfg.train.max_steps
+
+
+def like_for_like(b: Bench, checkpoint: str, cell_dir: Path, alpha: float,
+                  summary: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The cell's model both ways: {"without": its summary at α 0, "with": at the bench's α}. ``summary`` is
+    its evaluation at ``alpha``; the other one is made here, into ``eval_alpha_<α>/``."""
+    ensemble = b.settings["alpha_clip"]
+    other = ensemble if alpha == 0.0 else 0.0
+    if other == alpha:  # the bench's α is 0: one evaluation is both
+        return {"without": summary, "with": summary}
+    second = evaluate_cell(b, checkpoint, cell_dir / f"eval_alpha_{other:g}", other)[0]["summary"]
+    both = {alpha: summary, other: second}
+    return {"without": both[0.0], "with": both[ensemble]}

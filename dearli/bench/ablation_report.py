@@ -21,6 +21,8 @@ from typing import Any
 
 METRICS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU")
 GROUPS = ("rare", "common", "frequent")
+# Every row's model evaluated both ways (the cell's "like_for_like"): PQ without and with the ensemble.
+BOTH_WAYS = {"PQ_without_ensemble": "without", "PQ_with_ensemble": "with"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def summarise(cells: dict[tuple[str, int, int], dict[str, Any]], budgets: list[s
             columns = {m: {s: c["summary"][m] for s, c in found.items()} for m in METRICS}
             columns.update({f"PQ_{g}": {s: group_pq(c["per_class_pq"], groups[budget][g]) for s, c in found.items()}
                             for g in GROUPS})
+            columns.update({name: {s: c["like_for_like"][way]["PQ"] for s, c in found.items() if "like_for_like" in c}
+                            for name, way in BOTH_WAYS.items()})
             for name, by_seed in columns.items():
                 entry["mean"][name], entry["spread"][name] = mean_spread(by_seed.values())
                 entry["per_seed"][name] = {str(s): v for s, v in by_seed.items()}
@@ -123,10 +127,7 @@ def summarise(cells: dict[tuple[str, int, int], dict[str, Any]], budgets: list[s
 
 
 def _cell(entry: dict[str, Any], name: str) -> str:
-    mean, spread = entry["mean"][name], entry["spread"][name]
-    if not math.isfinite(mean):
-        return "–"
-    return f"{mean:.1f} ± {spread:.1f}" if len(entry["seeds"]) > 1 else f"{mean:.1f}"
+    return _value((entry["mean"][name], entry["spread"][name]), len(entry["seeds"]) > 1)
 
 
 def _table(entries: list[dict[str, Any]], columns: tuple[str, ...], names: tuple[str, ...]) -> list[str]:
@@ -135,6 +136,42 @@ def _table(entries: list[dict[str, Any]], columns: tuple[str, ...], names: tuple
         lines.append(f"| {e['row']}. {e['title']} | {budget_label(e['budget'])} | "
                      + " | ".join(_cell(e, c) for c in columns) + " |")
     return lines
+
+
+def paired_gain(entry: dict[str, Any], below: dict[str, Any], name: str) -> tuple[float, float]:
+    """(mean, spread) over the seeds both entries have of ``entry``'s ``name`` minus ``below``'s, seed by seed."""
+    mine, theirs = entry["per_seed"].get(name, {}), below["per_seed"].get(name, {})
+    return mean_spread(mine[s] - theirs[s] for s in mine if s in theirs)
+
+
+def like_for_like_table(entries: list[dict[str, Any]], alpha: float) -> list[str]:
+    """Each row's model without and with the ensemble, and its gain over the model of the row listed above it
+    at the same budget, seed by seed. Row 2 is row 1's model, so it is not listed."""
+    lines = ["| row | budget | PQ without | gain | PQ with ensemble | gain |", "|---|---|---:|---:|---:|---:|"]
+    above: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e["row"] == 2 or not math.isfinite(e["mean"].get("PQ_without_ensemble", math.nan)):
+            continue
+        cells = []
+        for name in BOTH_WAYS:
+            gain = paired_gain(e, above[e["budget"]], name) if e["budget"] in above else (math.nan, math.nan)
+            cells += [_cell(e, name), _value(gain, len(e["seeds"]) > 1, signed=True)]
+        lines.append(f"| {e['row']}. {e['title']} | {budget_label(e['budget'])} | " + " | ".join(cells) + " |")
+        above[e["budget"]] = e
+    if len(lines) == 2:
+        return []
+    return ["Like for like: every row's model evaluated without the ensemble (α 0) and with it (α = "
+            f"{alpha}), and what the row adds to the model above it, seed by seed (mean ± spread of the "
+            "differences; row 2 is row 1's model evaluated with the ensemble, so it is not a row here).", "",
+            *lines, ""]
+
+
+def _value(value: tuple[float, float], spread: bool, signed: bool = False) -> str:
+    mean, sd = value
+    if not math.isfinite(mean):
+        return "–"
+    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+    return f"{text} ± {sd:.1f}" if spread else text
 
 
 def markdown(entries: list[dict[str, Any]], settings: dict[str, Any], groups: dict[str, dict[str, list[int]]],
@@ -149,6 +186,7 @@ def markdown(entries: list[dict[str, Any]], settings: dict[str, Any], groups: di
         f"(rows 2 and up at evaluation, rows 4 and up in the teacher); seeds {', '.join(map(str, seeds))}: mean "
         "± sample standard deviation over seeds. Mean-Teacher rows report the teacher. PQ, SQ, RQ and mIoU in %.", "",
         *_table(entries, METRICS, METRICS), "",
+        *like_for_like_table(entries, settings["alpha_clip"]),
         "What each row adds over the row above:", "",
         *[f"{n}. **{ROW_BY_NUMBER[n].title}**: {ROW_BY_NUMBER[n].adds}." for n in rows], "",
         "PQ by class-frequency group (the paper's Fig. 5): the classes of the validation ground truth sorted "
