@@ -144,7 +144,8 @@ def served(ray_local, small_world, tmp_path_factory):
     (one request held, two queued): (url, checkpoint)."""
     from ray import serve
 
-    from dearli.predict.serve import ServeOptions, build_app, start
+    from dearli.predict.serve import build_app, start
+    from dearli.predict.serve_options import ServeOptions
 
     checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("run"), small_world,
                                  ["model.inference.test_short_side=64", "model.ensemble.alpha_clip=0.4"],
@@ -248,7 +249,8 @@ def test_hostile_load_gets_no_5xx_and_every_good_request_is_answered_right_or_42
 def replica(small_world, tmp_path_factory):
     """The deployment's class itself, in this process (no Ray): a tiny random checkpoint, a token, and a
     0.5 s request timeout; (replica, an image file)."""
-    from dearli.predict.serve import LabelingService, ServeOptions
+    from dearli.predict.serve import LabelingService
+    from dearli.predict.serve_options import ServeOptions
     from dearli.predict.worker import model_payload
     from dearli.training.checkpoint import load_checkpoint
 

@@ -191,7 +191,8 @@ def backend(ray_local, small_world, tmp_path_factory):
     --fetch-hosts; (url, checkpoint, model version, image host)."""
     from ray import serve
 
-    from dearli.predict.serve import ServeOptions, build_app, start
+    from dearli.predict.serve import build_app, start
+    from dearli.predict.serve_options import ServeOptions
 
     checkpoint = tiny_checkpoint(small_world, tmp_path_factory.mktemp("run"))
     version = "dearli-" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
@@ -356,7 +357,8 @@ def test_label_studio_gets_predictions_from_dearli_serve(backend, label_studio, 
     from ray import serve
 
     from dearli.predict.label_studio_api import Client
-    from dearli.predict.serve import ServeOptions, build_app
+    from dearli.predict.serve import build_app
+    from dearli.predict.serve_options import ServeOptions
 
     url, checkpoint, version, _ = backend
     info = load_dataset(small_world)

@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from dearli.data.dataset import load_dataset
     from dearli.errors import ConfigError
-    from dearli.predict.serve import APP_NAME, ServeOptions, build_app, start
+    from dearli.predict.serve import APP_NAME, build_app, start
+    from dearli.predict.serve_options import ServeOptions
     from dearli.runtime import ensure_ray
 
     counts = [1] if args.hostile else [int(c) for c in args.replicas.split(",") if c.strip()]

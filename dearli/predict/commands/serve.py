@@ -87,7 +87,8 @@ def _label_studio_options(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from dearli.predict.serve import ServeOptions, payload_app, serving_payload, start
+    from dearli.predict.serve import payload_app, serving_payload, start
+    from dearli.predict.serve_options import ServeOptions
     from dearli.runtime import ensure_ray
 
     options = ServeOptions(replicas=args.replicas, max_replicas=args.max_replicas,
