@@ -129,6 +129,9 @@ def test_a_record_table_gives_back_every_field_of_the_records_it_keeps():
     assert all(type(v) is int for s in table[0].segments_info for v in (s.id, s.category_id, s.label, s.area))
     assert table[2].segments_info[0].iscrowd is True and table[2].panoptic_path is None
     assert list(table.take([3, 0, 3])) == [records[3], records[0], records[3]]
+    assert list(table.take([-1])) == [records[3]]
+    with pytest.raises(IndexError):
+        table.take([4])
     with pytest.raises(IndexError):
         table[4]
     with pytest.raises(IndexError):

@@ -85,8 +85,9 @@ class RecordTable(Sequence[PanopticRecord]):
 
     def take(self, indices: Iterable[int]) -> RecordTable:
         """A new table of the records at ``indices``, in that order (copied column by column)."""
-        out = RecordTable()
-        for i in indices:
+        out, positions = RecordTable(), range(len(self))
+        for index in indices:
+            i = positions[index]  # negative counts from the end; out of range raises IndexError
             out.image_ids.append(self.image_ids[i])
             out.stems.append(self.stems[i])
             out._image_paths.append(self._image_paths[i])
