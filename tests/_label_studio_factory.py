@@ -83,33 +83,40 @@ def drop_annotations(json_path: Path, stems: set[str]) -> None:
     json_path.write_text(json.dumps(data))
 
 
-def ground_truth(split, stem: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The annotation of ``stem`` in a PanopticSplit: its segment map and (segment id, category id) pairs."""
+def ground_truth(split, stem: str) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The annotation of ``stem`` in a PanopticSplit: its segment map and (segment id, category id, iscrowd)."""
     from dearli.data.panoptic import read_segment_map
 
     record = split.record(stem)
-    return read_segment_map(record, split.json_path), [(s.id, s.category_id) for s in record.segments_info]
+    return (read_segment_map(record, split.json_path),
+            [(s.id, s.category_id, int(s.iscrowd)) for s in record.segments_info])
 
 
-def canonical(segment_map: np.ndarray, segments: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-    """An annotation without its segment ids and order: sorted (category id, mask bytes), to compare two."""
-    return sorted((category_id, np.packbits(segment_map == seg_id).tobytes()) for seg_id, category_id in segments)
+def canonical(segment_map: np.ndarray, segments: list[tuple[int, ...]]) -> list[tuple[int, int, bytes]]:
+    """An annotation without its segment ids and order: sorted (category id, iscrowd, mask bytes), to compare
+    two. ``segments``: (segment id, category id[, iscrowd]) tuples, iscrowd 0 when left out."""
+    return sorted((entry[1], entry[2] if len(entry) > 2 else 0, np.packbits(segment_map == entry[0]).tobytes())
+                  for entry in segments)
 
 
-def annotator_results(items: dict[str, tuple[np.ndarray, list[tuple[int, int]]]], categories: CategoryMap,
+def annotator_results(items: dict[str, tuple[np.ndarray, list[tuple[int, int, int]]]], categories: CategoryMap,
                       encode) -> dict[str, list[dict]]:
     """What an annotator who draws the ground truth submits: per stem, one brush region per segment of its
-    annotation (``items``: stem -> :func:`ground_truth`), labelled with the class's display name;
-    ``encode`` turns a list of masks into their brush RLEs (e.g. the SDK's, ``_label_studio.brush_rles``)."""
+    annotation (``items``: stem -> :func:`ground_truth`), labelled with the class's display name, and for a
+    crowd segment the per-region "crowd" choice; ``encode`` turns a list of masks into their brush RLEs (e.g.
+    the SDK's, ``_label_studio.brush_rles``)."""
     masks, where = [], []
     for stem, (segment_map, segments) in items.items():
-        for seg_id, category_id in segments:
+        for seg_id, category_id, iscrowd in segments:
             masks.append(segment_map == seg_id)
-            where.append((stem, seg_id, category_id, segment_map.shape))
+            where.append((stem, seg_id, category_id, iscrowd, segment_map.shape))
     results: dict[str, list[dict]] = {stem: [] for stem in items}
-    for (stem, seg_id, category_id, (height, width)), rle in zip(where, encode(masks)):
+    for (stem, seg_id, category_id, iscrowd, (height, width)), rle in zip(where, encode(masks)):
+        size = {"original_width": width, "original_height": height, "image_rotation": 0}
         results[stem].append({
-            "id": f"gt{seg_id}", "from_name": "label", "to_name": "image", "type": "brushlabels",
-            "original_width": width, "original_height": height, "image_rotation": 0,
+            "id": f"gt{seg_id}", "from_name": "label", "to_name": "image", "type": "brushlabels", **size,
             "value": {"format": "rle", "rle": rle, "brushlabels": [categories.category(category_id).name]}})
+        if iscrowd:
+            results[stem].append({"id": f"gt{seg_id}", "from_name": "crowd", "to_name": "image", "type": "choices",
+                                  **size, "value": {"choices": ["crowd"]}})
     return results

@@ -13,7 +13,7 @@ each step's wall time. Then ``dearli train --partition NEW`` trains on the resul
         --new-partition 1_8_plus25 --work DIR --screenshot docs/label-studio-task.png
 
 The import rewrites the annotations of the suggested images in the dataset's train split (from the
-ground truth, through Label Studio: crowd flags are not carried, an annotation tool has none).
+ground truth, through Label Studio: its crowd segments as regions with the per-region "crowd" choice).
 """
 
 from __future__ import annotations

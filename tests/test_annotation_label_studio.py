@@ -16,7 +16,7 @@ from _panoptic_factory import DEFAULT_CATEGORIES, FakeImage, random_image, write
 
 from dearli.annotation import dataset_import
 from dearli.annotation.label_studio import class_names, label_config, task_for_image
-from dearli.annotation.label_studio_results import PROBLEM_KINDS, Region, latest_annotation, task_stem
+from dearli.annotation.label_studio_results import PROBLEM_KINDS, Region, annotated_images, latest_annotation, task_stem
 from dearli.annotation.panoptic_regions import paint_regions
 from dearli.cli import main
 from dearli.data.dataset import load_dataset
@@ -286,6 +286,9 @@ def test_every_unusable_region_is_listed(world, capsys):
         {**brush, "id": "covered", "value": {**brush["value"], "brushlabels": ["car"]}},
         {**brush, "id": "cover"},  # paints the same pixels later
         {"id": "bad-polygon", "type": "polygonlabels", "value": {"points": [[1, 2]], "polygonlabels": ["car"]}},
+        {**brush, "id": "stuff-crowd", "value": {**brush["value"], "rle": encode_mask(np.eye(24, 32, dtype=bool)),
+                                                 "brushlabels": ["wall"]}},
+        {"id": "stuff-crowd", "type": "choices", "from_name": "crowd", "value": {"choices": ["crowd"]}},
     ]
     tasks[1]["data"] = {"image": "/data/local-files/?d=pool/elsewhere.jpg"}  # not in the dataset
     tasks[2]["annotations"][0]["was_cancelled"] = True  # nothing else: not annotated
@@ -303,7 +306,7 @@ def test_every_unusable_region_is_listed(world, capsys):
                 ("undecodable", "broken"), ("no-label", "two-labels"), ("unsupported", "choice"),
                 ("hidden", "covered"), ("undecodable", "bad-polygon"), ("not-in-dataset", "elsewhere"),
                 ("not-annotated", PSEUDO[2]), ("unknown-class", "only"), ("nothing-usable", PSEUDO[3]),
-                ("no-image", "#"), ("superseded", PSEUDO[0])}
+                ("no-image", "#"), ("superseded", PSEUDO[0]), ("crowd-stuff", "stuff-crowd")}
     found = {(kind, "#" if kind == "no-image" else where) for kind, where in found}
     assert expected <= found and {k for k, _ in found} == set(PROBLEM_KINDS)
     assert f"{len(rows)} task(s) or region(s) not imported" in out and "unknown-class 2" in out
@@ -426,6 +429,25 @@ def test_later_regions_win_and_stuff_classes_merge():
     assert class_lookup(cats)("girl").id == 3 and class_lookup(cats)("unicorn") is None
 
 
+def test_a_crowd_choice_makes_a_crowd_thing_and_is_listed_on_stuff():
+    cats = CategoryMap.from_dicts(DEFAULT_CATEGORIES, "classes")
+    car, sky, car2 = np.zeros((3, 4, 6), bool)
+    car[:2, :2], sky[3], car2[:2, 4:] = True, True, True
+    results = [{"id": rid, "type": "brushlabels", "value": {"format": "rle", "rle": encode_mask(mask),
+                                                             "brushlabels": [name]}}
+               for rid, name, mask in (("car", "car", car), ("sky", "sky", sky), ("car2", "car", car2))]
+    results += [{"id": "car", "type": "choices", "from_name": "crowd", "value": {"choices": ["Crowd"]}},
+                {"id": "sky", "type": "choices", "from_name": "crowd", "value": {"choices": ["crowd"]}},
+                {"id": "car2", "type": "choices", "from_name": "crowd", "value": {"choices": []}}]
+    images, problems = annotated_images([{"id": 1, "data": {"image": "a.jpg"}, "annotations": [{"result": results}]}],
+                                        lambda stem: (4, 6))
+    assert problems == [] and [(r.region_id, r.crowd) for r in images[0].regions] == \
+        [("car", True), ("sky", True), ("car2", False)]
+    segment_map, infos, problems = paint_regions(images[0].regions, (4, 6), class_lookup(cats))
+    assert [(i["category_id"], i["iscrowd"]) for i in infos] == [(17, 1), (92, 0), (17, 0)]
+    assert [(p.kind, p.region) for p in problems] == [("crowd-stuff", "sky")]
+
+
 def test_classes_sharing_a_display_name_cannot_be_labels():
     cats = CategoryMap.from_dicts([{"id": 1, "name": "car, auto", "isthing": 1},
                                    {"id": 2, "name": "car, cart", "isthing": 1}], "classes")
@@ -438,6 +460,8 @@ def test_label_config_escapes_class_names():
     view = ET.fromstring(config)
     assert [label.get("value") for label in view.iter("Label")] == ["a & b", 'say "hi"', "<tag>"]
     assert view.find("BrushLabels").get("toName") == view.find("Image").get("name") == "image"
+    crowd = view.find("Choices")
+    assert (crowd.get("name"), crowd.get("perRegion"), crowd.find("Choice").get("value")) == ("crowd", "true", "crowd")
 
 
 def test_a_task_scores_its_prediction_by_the_mean_segment_score():

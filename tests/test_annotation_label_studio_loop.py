@@ -29,13 +29,13 @@ from dearli.data.synth.writer import write_synth_dataset
 from dearli.predict.label_studio_api import Client
 
 
-def _with_mistakes(stem: str, segment_map: np.ndarray, segments: list[tuple[int, int]],
+def _with_mistakes(stem: str, segment_map: np.ndarray, segments: list[tuple[int, int, int]],
                    categories: CategoryMap) -> FakeImage:
     """The ground truth with a thing of the wrong class, its last segment missed (left unlabeled) and a
-    spurious 6×6 thing in the top-left corner."""
-    seg, classes = segment_map.copy(), dict(segments)
+    spurious 6×6 thing in the top-left corner; no crowds (a model predicts none)."""
+    seg, classes = segment_map.copy(), {seg_id: cat for seg_id, cat, _ in segments}
     things = [c.id for c in categories.categories if c.isthing]
-    first_thing = next(seg_id for seg_id, cat in segments if categories.category(cat).isthing)
+    first_thing = next(seg_id for seg_id, cat, _ in segments if categories.category(cat).isthing)
     classes[first_thing] = next(c for c in things if c != classes[first_thing])
     missed = segments[-1][0]
     seg[seg == missed] = 0
@@ -66,6 +66,11 @@ def test_pseudo_labels_go_through_label_studio_and_the_corrections_come_back(lab
     pool = [s for s in split.stems if s not in base][:3]
     corrected, untouched = pool[:2], pool[2]  # the annotator submits two tasks and leaves the third
     truth = {stem: ground_truth(split, stem) for stem in pool}
+    # the annotator also marks a thing of the first corrected image as a crowd (Label Studio's per-region
+    # "crowd" choice of the exported config): the flag must come back as COCO's iscrowd
+    segment_map, segments = truth[corrected[0]]
+    crowd = next(k for k, (_, cat, _) in enumerate(segments) if categories.category(cat).isthing)
+    truth[corrected[0]] = (segment_map, [(s, c, int(k == crowd)) for k, (s, c, _) in enumerate(segments)])
     drop_annotations(split.json_path, set(pool))  # the pool starts unlabeled
     mistaken = [_with_mistakes(stem, *truth[stem], categories) for stem in pool]
     labels = write_pseudo_labels(tmp_path / "pseudo", mistaken, data / "images" / "train",
@@ -128,6 +133,7 @@ def test_pseudo_labels_go_through_label_studio_and_the_corrections_come_back(lab
     split = after.split("train")
     for stem in corrected:
         assert canonical(*ground_truth(split, stem)) == canonical(*truth[stem]), stem
+    assert sum(s.iscrowd for s in split.record(corrected[0]).segments_info) == 1
     assert not split.record(untouched).segments_info  # pushed, never annotated: still unlabeled
     for stem in base:  # the base partition's own annotations are as they were
         assert split.record(stem).segments_info

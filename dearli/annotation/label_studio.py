@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from dearli.data.coco_format import rgb2id
-from dearli.data.label_studio_format import FROM_NAME, TO_NAME, segment_regions
+from dearli.data.label_studio_format import CROWD_CHOICE, CROWD_NAME, FROM_NAME, TO_NAME, segment_regions
 from dearli.data.panoptic import CategoryMap
 from dearli.errors import DataError
 
@@ -39,11 +39,15 @@ STEM_KEY = "dearli_stem"  # task data field naming the image for the import
 
 
 def label_config(names: Sequence[str], polygons: bool = False) -> str:
-    """Label Studio's labeling config XML: one image, one brush (or polygon) labels tag with ``names``."""
+    """Label Studio's labeling config XML: one image, one brush (or polygon) labels tag with ``names``, and
+    a per-region "crowd" choice (COCO's ``iscrowd``: a group of things too many to tell apart, one region)."""
     tag = "PolygonLabels" if polygons else "BrushLabels"
     labels = "".join(f"    <Label value={quoteattr(name)}/>\n" for name in names)
     return (f'<View>\n  <Image name="{TO_NAME}" value="${TO_NAME}" zoom="true"/>\n'
-            f'  <{tag} name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </{tag}>\n</View>\n')
+            f'  <{tag} name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </{tag}>\n'
+            f'  <Choices name="{CROWD_NAME}" toName="{TO_NAME}" perRegion="true" choice="multiple">\n'
+            f'    <Choice value="{CROWD_CHOICE}" hint="a group of things of this class, too many to draw one by '
+            f'one"/>\n  </Choices>\n</View>\n')
 
 
 def image_url(path: str | Path, image_root: str, document_root: Path) -> str:

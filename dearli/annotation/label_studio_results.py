@@ -11,8 +11,10 @@ dearli's export writes) or in two results sharing an ``id`` (``brush`` or ``poly
 config with separate ``<Brush>``/``<Polygon>`` and ``<Labels>`` tags makes); both read the same.
 
 Brush regions are decoded from their RLE (a pixel belongs to the region when its alpha is at least 128),
-polygon regions rasterised (a pixel belongs when its centre lies inside). Whatever cannot be used is returned
-as a :class:`Problem` saying what and why, never dropped silently.
+polygon regions rasterised (a pixel belongs when its centre lies inside). A region is a crowd (COCO's
+``iscrowd``) when a per-region ``choices`` result with its ``id`` has the choice "crowd" selected (the
+export's config has that tag). Whatever cannot be used is returned as a :class:`Problem` saying what and
+why, never dropped silently.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 
 from dearli.annotation.label_studio import STEM_KEY
-from dearli.data.label_studio_format import BRUSH, POLYGON, TO_NAME
+from dearli.data.label_studio_format import BRUSH, CROWD_CHOICE, CROWD_NAME, POLYGON, TO_NAME
 from dearli.data.label_studio_rle import RleError, decode_mask
 from dearli.data.polygon import polygon_mask
 from dearli.errors import DataError
@@ -45,6 +47,7 @@ PROBLEM_KINDS = {
     "empty-mask": "a region without a pixel",
     "unknown-class": "a label that names no class of the dataset",
     "hidden": "a region whose every pixel a later region painted over",
+    "crowd-stuff": "a crowd flag on a region of a stuff class (stuff has no instances): imported without it",
     "nothing-usable": "an annotation without a usable region: the image is not imported",
 }
 
@@ -69,11 +72,12 @@ class Problem:
 
 @dataclass
 class Region:
-    """One usable region: its id in the annotation, its class label, its H×W bool mask."""
+    """One usable region: its id in the annotation, its class label, its H×W bool mask, whether a crowd."""
 
     region_id: str
     label: str
     mask: np.ndarray
+    crowd: bool = False
 
 
 @dataclass
@@ -208,18 +212,45 @@ def combine_split_regions(results: list[Any]) -> list[Any]:
                     and r["id"] in used)]
 
 
+def crowd_regions(results: list[Any]) -> tuple[set[str], list[Any]]:
+    """The ids of the regions marked crowd, and the results without the per-region crowd choices.
+
+    A crowd choice is a ``choices`` result with a region's ``id`` from the "crowd" tag or with the choice
+    "crowd" (any case); the region is a crowd when that choice is selected. Other choices results stay (an
+    "unsupported" region later)."""
+    crowd, rest = set(), []
+    for result in results:
+        marked = _crowd_choice(result)
+        if marked is None:
+            rest.append(result)
+        elif marked:
+            crowd.add(result["id"])
+    return crowd, rest
+
+
+def _crowd_choice(result: Any) -> bool | None:
+    """None if ``result`` is no per-region crowd choice, else whether it selects "crowd"."""
+    if not (isinstance(result, dict) and result.get("type") == "choices" and isinstance(result.get("id"), str)):
+        return None
+    choices = result["value"].get("choices") if isinstance(result.get("value"), dict) else None
+    choices = choices if isinstance(choices, list) else []
+    selected = any(isinstance(c, str) and c.casefold() == CROWD_CHOICE for c in choices)
+    return selected if selected or result.get("from_name") == CROWD_NAME else None
+
+
 def _regions(annotation: dict[str, Any], size: tuple[int, int], task: Any, stem: str,
              problems: list[Problem]) -> list[Region]:
     results = annotation.get("result")
+    crowd, results = crowd_regions(results) if isinstance(results, list) else (set(), [])
     regions = []
-    for k, result in enumerate(combine_split_regions(results) if isinstance(results, list) else []):
+    for k, result in enumerate(combine_split_regions(results)):
         region_id, label = f"#{k + 1}", None
         try:
             if not isinstance(result, dict):
                 raise RegionError("unsupported", f"a result entry is not an object: {str(result)[:60]}")
             region_id = str(result.get("id", region_id))
             label = region_label(result)
-            regions.append(Region(region_id, label, region_mask(result, *size)))
+            regions.append(Region(region_id, label, region_mask(result, *size), region_id in crowd))
         except RegionError as err:
             problems.append(Problem(err.kind, err.detail, task, stem, region_id, label))
     return regions

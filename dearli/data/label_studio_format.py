@@ -20,6 +20,8 @@ FROM_NAME = "label"  # the name of the labels tag in the config
 TO_NAME = "image"  # the name of the image tag
 BRUSH = "brushlabels"
 POLYGON = "polygonlabels"
+CROWD_NAME = "crowd"  # the per-region choices tag of the config
+CROWD_CHOICE = "crowd"  # its choice: the region is a crowd (COCO's iscrowd)
 
 
 def _region(region_id: str, kind: str, value: dict[str, Any], name: str, score: float, size: tuple[int, int],
