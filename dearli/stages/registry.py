@@ -116,6 +116,23 @@ def resolve_checkpoint(ref: str, tracking_uri: str | None = None) -> str:
     return resolve_model(ref, tracking_uri)[0]
 
 
+def pinned_reference(ref: str, tracking_uri: str | None = None) -> str:
+    """``models:/NAME/N`` that ``models:/NAME/latest`` or ``models:/NAME@alias`` names now (a fixed version
+    or another reference is returned as it is); nothing is downloaded. DataError naming the store."""
+    if not ref.startswith("models:/"):
+        return ref
+    _parse_model_ref(ref)
+    from mlflow.exceptions import MlflowException
+
+    from dearli.config import DEFAULT_WORKDIR
+
+    uri = tracking_uri or resolve_tracking_uri(DEFAULT_WORKDIR)
+    try:
+        return _artifact_uri(mlflow_client(uri), ref)[1]
+    except MlflowException as err:
+        raise DataError(ref, f"cannot look it up in the MLflow store {uri}: {err.message.splitlines()[0]}") from None
+
+
 def resolve_model(ref: str, tracking_uri: str | None = None) -> tuple[str, dict[str, str]]:
     """(local checkpoint file, tags of the model version) for ``ref`` as :func:`resolve_checkpoint` reads
     it; the tags are {} for a path and for references other than ``models:/``."""

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the ground truth of its unlabeled images: refused by default)")
     parser.add_argument("--detach", action="store_true",
                         help="return once deployed, leaving the endpoint on the cluster (with RAY_ADDRESS)")
+    parser.add_argument("--follow", type=float, default=0.0, metavar="SECONDS",
+                        help="with --checkpoint models:/NAME/latest (or @ALIAS): look the registry up every SECONDS "
+                        "and serve each new version as it is registered (a diagnostic one is skipped); default: off")
     parser.set_defaults(handler=_run)
 
 
@@ -100,12 +103,14 @@ def _run(args: argparse.Namespace) -> int:
                            fetch_hosts=args.fetch_hosts, files_root=args.files_root,
                            train_command=args.train_command, jobs_address=args.jobs_address)
     options.validate()
-    payload = serving_payload(args.checkpoint, args.allow_diagnostic)  # a refused model starts no Ray
+    follower = _follower(args, options)
+    # a refused model starts no Ray
+    payload = follower.first() if follower else serving_payload(args.checkpoint, args.allow_diagnostic)
     ensure_ray()
     url = start(payload_app(payload, args.classes, options), args.host, args.port, options.request_timeout_s)
     guard = "with a token" if options.token else "without a token: anyone who reaches the port can use it"
-    print(f"serving {args.checkpoint} at {url} (POST an image; GET the classes; a Label Studio ML backend), {guard}",
-          flush=True)
+    what = f"{args.checkpoint} ({follower.served}, followed every {args.follow:g} s)" if follower else args.checkpoint
+    print(f"serving {what} at {url} (POST an image; GET the classes; a Label Studio ML backend), {guard}", flush=True)
     if args.detach:
         return 0
 
@@ -115,8 +120,29 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(args.follow or 3600)
+            said = follower.poll() if follower else None
+            if said:
+                print(f"dearli serve: {said}", flush=True)
     except KeyboardInterrupt:
         print("stopping the endpoint", flush=True)
         serve.shutdown()
     return 0
+
+
+def _follower(args: argparse.Namespace, options: object):
+    """The :class:`~dearli.predict.model_follower.ModelFollower` of ``--follow``, or None without it."""
+    from dearli.errors import ConfigError
+    from dearli.predict.model_follower import ModelFollower
+    from dearli.predict.serve import payload_app, start
+
+    if not args.follow:
+        return None
+    if args.follow < 0 or args.detach:
+        raise ConfigError("--follow: give a positive number of seconds, and no --detach (the command follows the "
+                          "registry for as long as it runs)")
+
+    def deploy(payload: dict) -> None:
+        start(payload_app(payload, args.classes, options), args.host, args.port, options.request_timeout_s)
+
+    return ModelFollower(args.checkpoint, deploy, args.allow_diagnostic)
