@@ -36,6 +36,34 @@ def test_only_a_moving_reference_can_be_followed():
             ModelFollower(ref, deploy=lambda payload: None)
 
 
+def test_a_version_that_fails_to_deploy_or_a_registry_away_keeps_the_served_model(monkeypatch):
+    versions = iter(["models:/d/1", "models:/d/2", "models:/d/2", OSError("connection refused"), "models:/d/3"])
+
+    def lookup(ref, uri=None):
+        found = next(versions)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    deployed = []
+
+    def deploy(payload):
+        if payload["model_version"] == "v2":
+            raise RuntimeError("--classes: the checkpoint's dataset cannot be read here\nmore")
+        deployed.append(payload["model_version"])
+
+    monkeypatch.setattr("dearli.stages.registry.pinned_reference", lookup)
+    monkeypatch.setattr("dearli.predict.serve.serving_payload",
+                        lambda ref, allow=False: {"model_version": "v" + ref.rsplit("/", 1)[1]})
+    follower = ModelFollower("models:/d/latest", deploy)
+    assert follower.first() == {"model_version": "v1"} and follower.served == "models:/d/1"
+    assert follower.poll() == ("models:/d/2 could not be deployed (--classes: the checkpoint's dataset cannot be "
+                               "read here); still serving models:/d/1")
+    assert follower.poll() is None  # skipped: not tried again
+    assert follower.poll().startswith("cannot look up models:/d/latest (OSError: connection refused)")
+    assert follower.poll() == "now serving models:/d/3 (v3), was models:/d/1" and deployed == ["v3"]
+
+
 def _register(url: str, folder: Path, dataset: Path, seed: int, tags: dict[str, str] | None = None) -> str:
     """A tiny checkpoint (weights of ``seed``) registered as a new version of NAME; its ``model_version``."""
     checkpoint = tiny_checkpoint(folder / "run", dataset, record_dataset=True, seed=seed)

@@ -4,8 +4,9 @@ The endpoint is given a moving reference, ``models:/NAME/latest`` or ``models:/N
 pins it to a version (``models:/NAME/N``) and serves that; every poll it looks the reference up again
 (nothing is downloaded unless the version changed) and, when it names another version, reads that one and
 hands it to ``deploy``: a Ray Serve redeployment, which replaces the replicas while requests keep being
-answered. A version that cannot be served (a diagnostic, a broken download) is skipped once, with a line
-saying why, and the endpoint keeps its model. So the Train button of a Label Studio project connected to the
+answered. A version that cannot be served (a diagnostic, a broken download, a failed deployment) is skipped
+once, with a line saying why, and the endpoint keeps its model; a registry out of reach is said and tried
+again at the next poll. So the Train button of a Label Studio project connected to the
 endpoint ends with the endpoint serving the model that run registered, with its new ``model_version``.
 """
 
@@ -54,8 +55,9 @@ class ModelFollower:
 
         try:
             pinned = pinned_reference(self.ref, self.tracking_uri)
-        except DataError as err:
-            return f"cannot look up {self.ref} ({err.problem}); still serving {self.served}"
+        except Exception as err:  # noqa: BLE001 - a registry that is away for a while must not end the endpoint
+            why = err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+            return f"cannot look up {self.ref} ({why}); still serving {self.served}"
         if pinned == self.served or pinned in self.skipped:
             return None
         try:
@@ -63,6 +65,11 @@ class ModelFollower:
         except DataError as err:
             self.skipped.add(pinned)
             return f"{pinned} is not served ({err.problem}); still serving {self.served}"
-        self.deploy(payload)
+        try:
+            self.deploy(payload)
+        except Exception as err:  # noqa: BLE001 - e.g. its class list cannot be read here: keep the served model
+            self.skipped.add(pinned)
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            return f"{pinned} could not be deployed ({first}); still serving {self.served}"
         previous, self.served = self.served, pinned
         return f"now serving {pinned} ({payload['model_version']}), was {previous}"

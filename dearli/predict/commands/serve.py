@@ -138,9 +138,9 @@ def _follower(args: argparse.Namespace, options: object):
 
     if not args.follow:
         return None
-    if args.follow < 0 or args.detach:
-        raise ConfigError("--follow: give a positive number of seconds, and no --detach (the command follows the "
-                          "registry for as long as it runs)")
+    if not 0 < args.follow < 86400 or args.detach:
+        raise ConfigError("--follow: give a number of seconds between 0 and 86400, and no --detach (the command "
+                          "follows the registry for as long as it runs)")
 
     def deploy(payload: dict) -> None:
         start(payload_app(payload, args.classes, options), args.host, args.port, options.request_timeout_s)
